@@ -1,0 +1,350 @@
+"""Configuration: frozen attrs classes, one per section of the TOML file (SPEC §10).
+
+Loading merges, in rising precedence, the TOML file, ``TRIO_CHAT_<SECTION>_<KEY>`` environment
+variables and command-line flags; an unknown key or a bad value raises :class:`ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import cattrs
+from attrs import validators as v
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn, override
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    # typed loosely so that one validator serves int and float fields alike
+    _Validator = Callable[[object, attrs.Attribute[Any], Any], None]
+
+__all__ = [
+    "AdminConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "HeartbeatConfig",
+    "LimitsConfig",
+    "RedisConfig",
+    "ServerConfig",
+    "SessionConfig",
+    "load_config",
+]
+
+_positive: _Validator = v.gt(0)
+_non_negative: _Validator = v.ge(0)
+_port: _Validator = v.and_(v.ge(0), v.le(65535))
+
+
+def default_instance_id() -> str:
+    """Return ``<host>-<pid>-<rand>``, unique per process start."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _path(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+
+
+# Only signing algorithms: "none" would accept unsigned tokens.
+_JWT_ALGORITHMS = frozenset(
+    f"{family}{bits}" for family in ("HS", "RS", "PS", "ES") for bits in (256, 384, 512)
+) | {"EdDSA"}
+
+
+def _jwt_algorithms(
+    _inst: object, _attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    for name in value:
+        if name not in _JWT_ALGORITHMS:
+            raise ValueError(
+                f"unsupported algorithm {name!r} (allowed: {', '.join(sorted(_JWT_ALGORITHMS))})"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8765, validator=_port)
+    instance_id: str = attrs.field(factory=default_instance_id, validator=v.min_len(1))
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
+    path: str = attrs.field(default="/", validator=_path)
+
+
+@attrs.frozen(kw_only=True)
+class RedisConfig:
+    url: str = "memory://"
+    #: seconds a single command or pipeline may take before Redis counts as unreachable
+    command_timeout: float = attrs.field(default=2.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class AuthConfig:
+    jwt_secret: str | None = attrs.field(default=None, repr=False)
+    jwt_algorithms: tuple[str, ...] = attrs.field(
+        default=("HS256",), converter=tuple, validator=[v.min_len(1), _jwt_algorithms]
+    )
+    jwt_public_key_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = attrs.field(default=5.0, validator=_non_negative)
+    refresh_window: float = attrs.field(default=30.0, validator=_non_negative)
+    require_record: bool = False
+    allow_query_token: bool = True
+    cookie_name: str = "trio_chat_token"
+    session_key: str | None = None
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    cache_ttl: float = attrs.field(default=1.0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    ttl: float = attrs.field(default=60.0, validator=_positive)
+    instance_ttl: float = attrs.field(default=15.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class HeartbeatConfig:
+    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    ping_timeout: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class LimitsConfig:
+    max_message_bytes: int = attrs.field(default=65536, validator=_positive)
+    max_rooms_per_session: int = attrs.field(default=100, validator=_positive)
+    max_sessions_per_user: int = attrs.field(default=20, validator=_positive)
+    max_connections: int = attrs.field(default=10000, validator=_positive)
+    send_rate: float = attrs.field(default=20.0, validator=_positive)
+    send_burst: int = attrs.field(default=40, validator=_positive)
+    outbound_queue: int = attrs.field(default=256, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class AdminConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8766, validator=_port)
+    api_key: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole configuration, passed explicitly to everything that needs a part of it."""
+
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    redis: RedisConfig = attrs.Factory(RedisConfig)
+    auth: AuthConfig = attrs.Factory(AuthConfig)
+    session: SessionConfig = attrs.Factory(SessionConfig)
+    heartbeat: HeartbeatConfig = attrs.Factory(HeartbeatConfig)
+    limits: LimitsConfig = attrs.Factory(LimitsConfig)
+    admin: AdminConfig = attrs.Factory(AdminConfig)
+
+
+def _type_of(field: attrs.Attribute[Any]) -> type[Any]:
+    assert field.type is not None, "every field is annotated and resolve_types() ran"
+    return field.type
+
+
+# Field types are strings until resolved (``from __future__ import annotations``).
+_SECTIONS = {field.name: _type_of(field) for field in attrs.fields(attrs.resolve_types(Config))}
+for _cls in _SECTIONS.values():
+    attrs.resolve_types(_cls)
+_ENV_PREFIX = "TRIO_CHAT_"
+_ENV_NAMES = {
+    f"{_ENV_PREFIX}{section}_{field.name}".upper(): (section, field)
+    for section, cls in _SECTIONS.items()
+    for field in attrs.fields(cls)
+}
+_BOOLS = dict.fromkeys(("true", "1", "yes", "on"), True) | dict.fromkeys(
+    ("false", "0", "no", "off"), False
+)
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
+) -> Config:
+    """Build the configuration from, in rising precedence, a file, the environment and flags.
+
+    Args:
+        path: a TOML file with one table per section; None reads no file.
+        env: the environment to read ``TRIO_CHAT_<SECTION>_<KEY>`` from; None means
+            :data:`os.environ`. A ``TRIO_CHAT_`` name that is no known key is an error.
+        overrides: typed values by section and key, from the command line.
+
+    Returns:
+        The validated configuration; keys given nowhere keep their defaults.
+
+    Raises:
+        ConfigError: a one-line message naming the ``section.key`` at fault and its source.
+    """
+    layers: list[tuple[Mapping[str, object], str]] = []
+    if path is not None:
+        layers.append((_read_toml(path), f"in {path}"))
+    layers.extend(_env_layers(os.environ if env is None else env))
+    if overrides:
+        layers.append((overrides, "from the command line"))
+
+    data: dict[str, dict[str, object]] = {}
+    # where each section and key was last set, to name it in an error
+    sources: dict[str, str] = {}
+    for layer, source in layers:
+        for section, table in layer.items():
+            if not isinstance(table, Mapping):
+                raise _error(section, f"expected a table, got {table!r}", source)
+            data.setdefault(section, {}).update(table)
+            sources[section] = source
+            sources.update((f"{section}.{key}", source) for key in table)
+    try:
+        return _converter.structure(data, Config)
+    except ClassValidationError as exc:
+        key, message = next(_problems(exc))
+        raise _error(key, message, sources.get(key) or sources[key.partition(".")[0]]) from None
+
+
+def _error(key: str, message: str, source: str) -> ConfigError:
+    return ConfigError(f"config error: {key}: {message} ({source})")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from exc
+
+
+def _env_layers(env: Mapping[str, str]) -> Iterator[tuple[Mapping[str, object], str]]:
+    for name, raw in env.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        source = f"from {name}"
+        if name not in _ENV_NAMES:
+            # name the key as it would be if the section existed: SERVER_BOGUS -> server.bogus
+            unknown = name.removeprefix(_ENV_PREFIX).lower().replace("_", ".", 1)
+            raise _error(unknown, "unknown key", source)
+        section, field = _ENV_NAMES[name]
+        try:
+            value = _parse_env(raw, _type_of(field))
+        except ValueError as exc:
+            raise _error(f"{section}.{field.name}", str(exc), source) from None
+        yield {section: {field.name: value}}, source
+
+
+def _parse_env(raw: str, type_: object) -> object:
+    """Turn an environment string into the value a TOML file would hold for this type."""
+    if type_ is bool:
+        if (flag := _BOOLS.get(raw.strip().lower())) is None:
+            raise ValueError(f"expected true/false, yes/no, on/off or 1/0, got {raw!r}")
+        return flag
+    if type_ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if type_ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+    if type_ == tuple[str, ...]:
+        if raw.lstrip().startswith("["):
+            try:
+                return json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"expected a JSON array: {exc}") from None
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw  # str and str | None
+
+
+# Strict hooks: cattrs' defaults would call int()/bool()/str() on anything, turning 1.5 into 1
+# and "no" into True.
+def _int(value: object, _: object) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"expected an integer, got {value!r}")
+
+
+def _float(value: object, _: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"expected a number, got {value!r}")
+
+
+def _bool(value: object, _: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"expected true or false, got {value!r}")
+
+
+def _str(value: object, _: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected a string, got {value!r}")
+
+
+def _strings(value: object, _: object) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(_str(item, str) for item in value)
+    raise TypeError(f"expected a list of strings, got {value!r}")
+
+
+def _checked(field: attrs.Attribute[Any]) -> Callable[[object, object], object]:
+    """Structure one field and run its validator, so that cattrs reports a failure under the
+    field's key; raised from the constructor it would only name the section."""
+
+    def structure(value: object, _: object) -> object:
+        value = _converter.structure(value, _type_of(field))
+        if field.validator is not None:
+            field.validator(None, field, value)
+        return value
+
+    return structure
+
+
+def _problems(exc: BaseException, key: str = "") -> Iterator[tuple[str, str]]:
+    """Flatten a cattrs error tree into (``section.key``, message) pairs.
+
+    Unlike :func:`cattrs.transform_error`, this keeps the names of unknown keys apart from
+    the message, so that they can be reported as ``section.key``.
+    """
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for inner, note in with_notes:
+            yield from _problems(inner, f"{key}.{note.name}".lstrip("."))
+        for inner in without:
+            yield from _problems(inner, key)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        for name in sorted(exc.extra_fields):
+            yield f"{key}.{name}".lstrip("."), "unknown key" if key else "unknown section"
+    else:
+        yield key, str(exc)
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+for _type, _hook in ((int, _int), (float, _float), (bool, _bool), (str, _str)):
+    _converter.register_structure_hook(_type, _hook)
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
+for _cls in _SECTIONS.values():
+    _overrides: dict[str, Any] = {
+        f.name: override(struct_hook=_checked(f)) for f in attrs.fields(_cls)
+    }
+    _converter.register_structure_hook(_cls, make_dict_structure_fn(_cls, _converter, **_overrides))

@@ -1,0 +1,44 @@
+"""The one small tree of trio-chat's own errors.
+
+Library errors (PyJWT, coredis, trio-websocket) are turned into these at the boundary, so the
+rest of the code catches narrow types of ours.
+"""
+
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    """Base class of every error trio-chat raises on purpose."""
+
+
+class ConfigError(ChatError):
+    """The configuration has an unknown key or a bad value; the message names the key."""
+
+
+class BackendUnavailable(ChatError):
+    """The store (Redis) could not be reached or did not answer in time."""
+
+
+class AuthError(ChatError):
+    """A credential was refused at the handshake.
+
+    Attributes:
+        status: the HTTP status of the refusal (401, 403, 429, 503).
+        code: the machine-readable ``error`` field of the JSON body.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(ChatError):
+    """A client frame was refused; answered with an ``error`` frame of this ``code``."""
+
+    def __init__(self, code: str, message: str, ref: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
