@@ -1,0 +1,205 @@
+"""Handshake authentication (SPEC §5): finding the credential, verifying the JWT, and judging
+a user's ``auth:<uid>`` record. Pure functions and one small verifier class; no I/O.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from http.cookies import CookieError, SimpleCookie
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import jwt
+
+from ._errors import AuthError, ConfigError
+from ._messages import USER_ID
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from ._config import AuthConfig
+
+logger = logging.getLogger(__name__)
+
+SUBPROTOCOL = "trio-chat.v1"
+_BEARER_SUBPROTOCOL = "bearer."
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
+@attrs.frozen
+class Identity:
+    """Who a verified credential belongs to, and what its token allows."""
+
+    user_id: str
+    issued_at: int
+    expires_at: int
+    #: fnmatch patterns of the rooms the user may join; None means any room
+    rooms: tuple[str, ...] | None = None
+
+    def may_join(self, room: str) -> bool:
+        return self.rooms is None or any(fnmatch.fnmatchcase(room, p) for p in self.rooms)
+
+
+@attrs.frozen
+class HandshakeInfo:
+    """The parts of an upgrade request authentication looks at."""
+
+    path: str
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]
+    subprotocols: tuple[str, ...]
+
+    @classmethod
+    def from_request(
+        cls, target: str, headers: Iterable[tuple[bytes, bytes]], subprotocols: Iterable[str]
+    ) -> HandshakeInfo:
+        split = urlsplit(target)
+        merged: dict[str, str] = {}
+        for name, value in headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            # repeated headers are joined as HTTP allows; cookies with "; " as browsers do
+            sep = "; " if key == "cookie" else ", "
+            merged[key] = f"{merged[key]}{sep}{text}" if key in merged else text
+        return cls(split.path, parse_qs(split.query), merged, tuple(subprotocols))
+
+
+def find_token(info: HandshakeInfo, config: AuthConfig) -> str | None:
+    """Return the credential, first found wins: header, subprotocol, query, cookie."""
+    scheme, _, value = info.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for proto in info.subprotocols:
+        if proto.startswith(_BEARER_SUBPROTOCOL) and len(proto) > len(_BEARER_SUBPROTOCOL):
+            return proto[len(_BEARER_SUBPROTOCOL) :]
+    if config.allow_query_token and (values := info.query.get("token")):
+        return values[0]
+    if cookie_header := info.headers.get("cookie"):
+        try:
+            cookies: SimpleCookie = SimpleCookie(cookie_header)
+        except CookieError:
+            return None
+        if (morsel := cookies.get(config.cookie_name)) is not None and morsel.value:
+            return morsel.value
+    return None
+
+
+def origin_allowed(info: HandshakeInfo, config: AuthConfig) -> bool:
+    """Browsers always send ``Origin``; clients that send none are not browsers, and an
+    origin check only guards against cross-site pages, so they pass."""
+    origin = info.headers.get("origin")
+    return not config.allowed_origins or origin is None or origin in config.allowed_origins
+
+
+class TokenVerifier:
+    """Verifies JWTs with the configured algorithms and keys only (never ``none``).
+
+    Raises:
+        ConfigError: at construction, when an allowed algorithm has no key configured.
+    """
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._config = config
+        self._keys: dict[str, Any] = {}
+        public_key: str | None = None
+        if config.jwt_public_key_file is not None:
+            try:
+                public_key = Path(config.jwt_public_key_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"auth.jwt_public_key_file: cannot read: {exc}") from exc
+        for alg in config.jwt_algorithms:
+            key = config.jwt_secret if alg in _HMAC else public_key
+            if not key:
+                which = "auth.jwt_secret" if alg in _HMAC else "auth.jwt_public_key_file"
+                raise ConfigError(f"{which}: required to verify {alg} tokens")
+            self._keys[alg] = key
+
+    def verify(self, token: str) -> Identity:
+        """Return the token's identity, or raise :class:`AuthError` (401)."""
+        config = self._config
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+            if alg not in self._keys:
+                raise AuthError(401, "invalid_token", "token algorithm not accepted")
+            claims = jwt.decode(
+                token,
+                self._keys[alg],
+                algorithms=[alg],
+                issuer=config.issuer,
+                audience=config.audience,
+                leeway=config.leeway,
+                options={
+                    "require": ["exp", "iat", "sub"],
+                    "verify_aud": config.audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthError(401, "token_expired", "token has expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(401, "invalid_token", f"invalid token: {exc}") from exc
+        return _identity(claims)
+
+
+def _identity(claims: dict[str, Any]) -> Identity:
+    sub, iat, exp = claims["sub"], claims["iat"], claims["exp"]
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
+        raise AuthError(401, "invalid_token", "'sub' is not a valid user id")
+    rooms = claims.get("rooms")
+    if rooms is not None and not (
+        isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)
+    ):
+        raise AuthError(401, "invalid_token", "'rooms' must be a list of patterns")
+    return Identity(sub, int(iat), int(exp), None if rooms is None else tuple(rooms))
+
+
+@attrs.frozen
+class AuthRecord:
+    """``auth:<uid>`` as the rest of the code reads it (SPEC §3)."""
+
+    status: str = "active"
+    not_before: float = 0.0
+    muted_until: float = 0.0
+    roles: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hash(cls, fields: Mapping[str, str]) -> AuthRecord:
+        return cls(
+            status=fields.get("status", "active"),
+            not_before=_seconds(fields, "not_before"),
+            muted_until=_seconds(fields, "muted_until"),
+            roles=tuple(r for r in fields.get("roles", "").split(",") if r),
+        )
+
+
+def _seconds(fields: Mapping[str, str], name: str) -> float:
+    raw = fields.get(name)
+    if not raw:
+        return 0.0
+    try:
+        return float(raw)
+    except ValueError:
+        # Another service wrote garbage: ignoring one field beats locking everyone out.
+        logger.warning("auth record field %s=%r is not a number; ignored", name, raw)
+        return 0.0
+
+
+#: why a record refuses an identity -> (handshake status, error code, close code, logout reason)
+REFUSALS: dict[str, tuple[int, str, int, str]] = {
+    "banned": (403, "banned", 4403, "banned"),
+    "revoked": (401, "token_revoked", 4401, "revoked"),
+    "no_record": (401, "not_logged_in", 4000, "logout"),
+}
+
+
+def judge(record: AuthRecord | None, identity: Identity, *, require_record: bool) -> str | None:
+    """Return why ``record`` refuses ``identity`` (a key of :data:`REFUSALS`), or None."""
+    if record is None:
+        return "no_record" if require_record else None
+    if record.status == "banned":
+        return "banned"
+    if identity.issued_at < record.not_before:
+        return "revoked"
+    return None

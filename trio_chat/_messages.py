@@ -1,0 +1,168 @@
+"""The wire protocol (SPEC §6): client frames parsed into typed messages, server frames encoded.
+
+No I/O here. Parsing raises :class:`ProtocolError` with the ``error`` code the client receives.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any, TypeAlias
+
+import attrs
+
+from ._errors import ProtocolError
+
+JSONValue: TypeAlias = Any
+"""Any value ``json.loads`` can return; ``data`` of a message is passed through untouched."""
+
+ROOM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: user ids are chosen by the token issuer; they only have to be safe inside key names
+USER_ID = re.compile(r"[^\s{}]{1,256}")
+
+BAD_REQUEST = "bad_request"
+UNKNOWN_TYPE = "unknown_type"
+NOT_IN_ROOM = "not_in_room"
+FORBIDDEN = "forbidden"
+MUTED = "muted"
+RATE_LIMITED = "rate_limited"
+TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+
+@attrs.frozen
+class Join:
+    room: str
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Leave:
+    room: str
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Send:
+    room: str
+    data: JSONValue
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Direct:
+    to: str
+    data: JSONValue
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Refresh:
+    token: str
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Ping:
+    ref: JSONValue = None
+
+
+ClientMessage: TypeAlias = Join | Leave | Send | Direct | Refresh | Ping
+
+
+def parse_client_message(raw: str | bytes) -> ClientMessage:
+    """Parse one client frame.
+
+    Raises:
+        ProtocolError: ``bad_request`` for invalid JSON, a non-object or a missing/ill-typed
+            field; ``unknown_type`` for a type this server does not know. ``ref`` is carried
+            in the error whenever the frame had one.
+    """
+    try:
+        frame = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(BAD_REQUEST, "frame is not valid JSON") from exc
+    if not isinstance(frame, dict):
+        raise ProtocolError(BAD_REQUEST, "frame must be a JSON object")
+    ref = frame.get("ref")
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_REQUEST, "frame needs a string 'type'", ref)
+    match kind:
+        case "join":
+            return Join(_room(frame, ref), ref)
+        case "leave":
+            return Leave(_room(frame, ref), ref)
+        case "send":
+            return Send(_room(frame, ref), _data(frame, ref), ref)
+        case "direct":
+            return Direct(_string(frame, "to", USER_ID, ref), _data(frame, ref), ref)
+        case "refresh":
+            return Refresh(_string(frame, "token", None, ref), ref)
+        case "ping":
+            return Ping(ref)
+    raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", ref)
+
+
+def _string(frame: dict[str, Any], field: str, pattern: re.Pattern[str] | None, ref: Any) -> str:
+    value = frame.get(field)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(BAD_REQUEST, f"'{field}' must be a non-empty string", ref)
+    if pattern is not None and not pattern.fullmatch(value):
+        raise ProtocolError(BAD_REQUEST, f"'{field}' is not a valid id", ref)
+    return value
+
+
+def _room(frame: dict[str, Any], ref: Any) -> str:
+    value = frame.get("room")
+    if not isinstance(value, str) or not ROOM_ID.fullmatch(value):
+        raise ProtocolError(BAD_REQUEST, "'room' must be 1-128 chars of [A-Za-z0-9_.:-]", ref)
+    return value
+
+
+def _data(frame: dict[str, Any], ref: Any) -> JSONValue:
+    if "data" not in frame:
+        raise ProtocolError(BAD_REQUEST, "'data' is required", ref)
+    return frame["data"]
+
+
+# --- server frames ---------------------------------------------------------------------------
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(kind: str, ref: JSONValue = None, **fields: JSONValue) -> str:
+    """Encode one server frame; ``ref`` is echoed only when the client sent one."""
+    frame: dict[str, JSONValue] = {"type": kind, **fields}
+    if ref is not None:
+        frame["ref"] = ref
+    return _encoder.encode(frame)
+
+
+def error_frame(exc: ProtocolError) -> str:
+    return encode("error", exc.ref, code=exc.code, message=exc.message)
+
+
+def dumps(value: JSONValue) -> str:
+    """Compact JSON, used for Pub/Sub payloads and Redis fields."""
+    return _encoder.encode(value)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_message_id() -> str:
+    """The one place message ids are made: opaque, unique, roughly time-ordered strings.
+
+    (SPEC §11: they will become Redis Stream ids; nothing may parse them.)
+    """
+    return f"{now_ms():x}-{secrets.token_hex(6)}"
+
+
+def new_session_id() -> str:
+    """128 random bits, url-safe."""
+    return secrets.token_urlsafe(16)
