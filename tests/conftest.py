@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from _redis_server import RedisServer, free_port
+
+from trio_chat._backends import open_backend
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from trio_chat._store import Backend
+
+#: generous for a local server; the tests about timeouts open their own backend
+COMMAND_TIMEOUT = 2.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # coredis 6.9 never closes the anyio buffers of a connection that failed to connect, and the
+    # garbage collector warns about them, in a test or after it, whenever Redis was unreachable
+    message, module = "Unclosed <MemoryObject", "anyio.streams.memory"
+    config.addinivalue_line("filterwarnings", f"ignore:{message}:ResourceWarning:{module}")
+    warnings.filterwarnings("ignore", message, ResourceWarning, module)  # outside tests
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh, empty redis-server of this test's own, on a free port (never 6379)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not on PATH: `make test` installs Debian's redis-server "
+            "(or run `make redis-server`)"
+        )
+    with tempfile.TemporaryDirectory(prefix="trio-chat-redis-") as directory:
+        server = RedisServer(binary, Path(directory), free_port())
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    # only the redis variant starts a server
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+async def backend(backend_url: str) -> AsyncIterator[Backend]:
+    """An open backend of each kind, for the contract tests."""
+    async with open_backend(backend_url, command_timeout=COMMAND_TIMEOUT) as opened:
+        yield opened

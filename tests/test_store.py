@@ -1,0 +1,477 @@
+"""The store contract: the memory and Redis backends answer every Batch command alike.
+
+Tests taking ``backend`` run on both; tests taking ``redis_server`` kill, pause and restart a
+real redis-server of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import trio
+from coredis.exceptions import WrongTypeError
+
+from trio_chat._backends import open_backend
+from trio_chat._errors import BackendUnavailable, ConfigError
+from trio_chat._memory import MemoryBackend
+from trio_chat._redis import RedisBackend, open_redis_backend
+from trio_chat._store import Batch
+
+TIME_LIMIT = 5  # seconds, for any one test
+
+
+async def take(subscription, count):
+    received = []
+    async for message in subscription.messages():
+        received.append(message)
+        if len(received) == count:
+            return received
+    raise AssertionError(f"messages() ended after {received}")
+
+
+async def read(backend, key="key"):
+    batch = Batch()
+    value = batch.get(key)
+    await backend.execute(batch)
+    return value.value
+
+
+async def write(backend, value, key="key"):
+    batch = Batch()
+    batch.set(key, value)
+    await backend.execute(batch)
+
+
+async def fail_inside(context):
+    async with context:
+        raise LookupError("mine")
+
+
+async def open_and_close(context):
+    async with context:
+        pass
+
+
+# --- keys and values, on both backends
+
+
+async def test_strings(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        missing = batch.get("s")
+        first = batch.set("s", "v1")
+        taken = batch.set("s", "v2", nx=True)
+        value = batch.get("s")
+        fresh = batch.set("n", "x", nx=True)
+        await backend.execute(batch)
+        assert missing.value is None
+        assert first.value is True
+        assert taken.value is False
+        assert value.value == "v1"
+        assert fresh.value is True
+
+
+async def test_delete_and_exists_count_like_redis(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        batch.set("a", "1")
+        batch.sadd("b", "m")
+        mentions = batch.exists("a", "b", "a", "nope")  # a key counts once per mention
+        deleted = batch.delete("a", "a", "nope")  # ... but is deleted once
+        left = batch.exists("a", "b")
+        await backend.execute(batch)
+        assert (mentions.value, deleted.value, left.value) == (3, 1, 1)
+        assert type(mentions.value) is int
+
+
+async def test_expire_and_ttl(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        batch.set("plain", "v")
+        batch.set("short", "v", ex=0.1)
+        batch.hset("hash", {"f": "v"})
+        on_missing = batch.expire("nope", 10)
+        on_hash = batch.expire("hash", 10)
+        ttls = [batch.ttl(key) for key in ("nope", "plain", "hash", "short")]
+        await backend.execute(batch)
+        assert on_missing.value is False
+        assert on_hash.value is True
+        missing, plain, hashed, short = (ttl.value for ttl in ttls)
+        assert missing is None
+        assert plain is None
+        assert isinstance(hashed, float)
+        assert 9 < hashed <= 10
+        assert 0 < short <= 0.1
+
+        await trio.sleep(0.15)
+        batch = Batch()
+        value = batch.get("short")
+        exists = batch.exists("short", "plain")
+        ttl = batch.ttl("short")
+        await backend.execute(batch)
+        assert value.value is None
+        assert exists.value == 1
+        assert ttl.value is None
+
+
+async def test_set_drops_the_ttl_and_hset_keeps_it(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        batch.set("s", "v", ex=10)
+        batch.set("s", "w")
+        batch.hset("h", {"a": "1"})
+        batch.expire("h", 10)
+        batch.hset("h", {"b": "2"})
+        string_ttl = batch.ttl("s")
+        hash_ttl = batch.ttl("h")
+        await backend.execute(batch)
+        assert string_ttl.value is None
+        assert 9 < hash_ttl.value <= 10
+
+
+async def test_hashes(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        added = batch.hset("h", {"a": "1", "b": "2"})
+        updated = batch.hset("h", {"b": "3", "c": "4"})
+        field = batch.hget("h", "b")
+        no_field = batch.hget("h", "zz")
+        no_hash = batch.hget("nope", "a")
+        everything = batch.hgetall("h")
+        nothing = batch.hgetall("nope")
+        removed = batch.hdel("h", "a", "a", "zz")
+        rest = batch.hgetall("h")
+        await backend.execute(batch)
+        assert (added.value, updated.value) == (2, 1)
+        assert field.value == "3"
+        assert no_field.value is None
+        assert no_hash.value is None
+        assert everything.value == {"a": "1", "b": "3", "c": "4"}
+        assert type(everything.value) is dict
+        assert nothing.value == {}
+        assert removed.value == 1
+        assert rest.value == {"b": "3", "c": "4"}
+
+
+async def test_sets(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        added = batch.sadd("s", "a", "a", "b")
+        again = batch.sadd("s", "b", "c")
+        members = batch.smembers("s")
+        size = batch.scard("s")
+        removed = batch.srem("s", "a", "zz")
+        nothing = batch.smembers("nope")
+        no_size = batch.scard("nope")
+        await backend.execute(batch)
+        assert (added.value, again.value) == (2, 1)
+        assert members.value == {"a", "b", "c"}
+        assert type(members.value) is set
+        assert size.value == 3
+        assert removed.value == 1
+        assert nothing.value == set()
+        assert no_size.value == 0
+
+
+async def test_sorted_sets(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        added = batch.zadd("z", {"x": 2, "b": 2, "c": 1, "d": 5.5})
+        updated = batch.zadd("z", {"a": 3, "d": 0.5})  # d moves
+        everything = batch.zrangebyscore("z", -math.inf, math.inf)
+        middle = batch.zrangebyscore("z", 2, 3)  # inclusive; equal scores by member
+        trimmed = batch.zremrangebyscore("z", -math.inf, 1)
+        removed = batch.zrem("z", "a", "zz")
+        size = batch.zcard("z")
+        rest = batch.zrangebyscore("z", 0, 10)
+        nothing = batch.zrangebyscore("nope", 0, 10)
+        await backend.execute(batch)
+        assert (added.value, updated.value) == (4, 1)
+        assert everything.value == ["d", "c", "b", "x", "a"]
+        assert type(everything.value) is list
+        assert middle.value == ["b", "x", "a"]
+        assert trimmed.value == 2
+        assert removed.value == 1
+        assert size.value == 2
+        assert rest.value == ["b", "x"]
+        assert nothing.value == []
+
+
+async def test_an_emptied_key_disappears_with_its_ttl(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        batch.hset("h", {"f": "v"})
+        batch.sadd("s", "m")
+        batch.zadd("z", {"m": 1})
+        for key in ("h", "s", "z"):
+            batch.expire(key, 60)
+        batch.hdel("h", "f")
+        batch.srem("s", "m")
+        batch.zremrangebyscore("z", 0, 1)
+        gone = batch.exists("h", "s", "z")
+        batch.hset("h", {"f": "v"})
+        batch.sadd("s", "m")
+        batch.zadd("z", {"m": 1})
+        ttls = [batch.ttl(key) for key in ("h", "s", "z")]
+        await backend.execute(batch)
+        assert gone.value == 0
+        assert [ttl.value for ttl in ttls] == [None, None, None]
+
+
+async def test_nothing_to_act_on_answers_zero(backend):
+    with trio.fail_after(TIME_LIMIT):
+        batch = Batch()
+        replies = [
+            batch.delete(),
+            batch.exists(),
+            batch.hset("k", {}),
+            batch.hdel("k"),
+            batch.sadd("k"),
+            batch.srem("k"),
+            batch.zadd("k", {}),
+            batch.zrem("k"),
+            batch.exists("k"),
+        ]
+        await backend.execute(batch)
+        assert [reply.value for reply in replies] == [0] * len(replies)
+
+
+async def test_wrong_type_raises(backend):
+    with trio.fail_after(TIME_LIMIT):
+        await write(backend, "v", key="s")
+        batch = Batch()
+        batch.sadd("s", "m")
+        with pytest.raises((TypeError, WrongTypeError), match="wrong kind of value"):
+            await backend.execute(batch)
+
+
+async def test_errors_raised_inside_are_not_wrapped(backend):
+    with trio.fail_after(TIME_LIMIT):
+        with pytest.raises(LookupError, match="mine"):
+            await fail_inside(backend.subscription())
+
+
+# --- Pub/Sub, on both backends
+
+
+async def test_published_messages_arrive_in_order(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as subscription:
+            await subscription.subscribe("chat:a")
+            batch = Batch()
+            counts = [batch.publish("chat:a", str(n)) for n in range(5)]
+            elsewhere = batch.publish("chat:b", "x")
+            await backend.execute(batch)
+            assert [count.value for count in counts] == [1] * 5
+            assert elsewhere.value == 0
+            assert await take(subscription, 5) == [("chat:a", str(n)) for n in range(5)]
+
+
+async def test_every_subscription_receives_and_is_counted(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as one, backend.subscription() as two:
+            await one.subscribe("c")
+            await two.subscribe("c", "d")
+            batch = Batch()
+            to_both = batch.publish("c", "x")
+            to_two = batch.publish("d", "y")
+            await backend.execute(batch)
+            assert (to_both.value, to_two.value) == (2, 1)
+            assert await take(one, 1) == [("c", "x")]
+            assert await take(two, 2) == [("c", "x"), ("d", "y")]
+
+
+async def test_unsubscribe_stops_delivery(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as subscription:
+            await subscription.subscribe("a", "b")
+            await subscription.unsubscribe("a")
+            await subscription.unsubscribe()  # no channel: nothing changes
+            batch = Batch()
+            to_a = batch.publish("a", "1")
+            to_b = batch.publish("b", "2")
+            await backend.execute(batch)
+            assert (to_a.value, to_b.value) == (0, 1)
+            assert await take(subscription, 1) == [("b", "2")]
+        batch = Batch()
+        after_close = batch.publish("b", "3")
+        await backend.execute(batch)
+        assert after_close.value == 0
+
+
+# --- opening
+
+
+async def test_open_backend_schemes(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend("memory://", command_timeout=1) as backend:
+            assert isinstance(backend, MemoryBackend)
+            assert backend.url == "memory://"
+        async with open_backend(f"unix://{redis_server.unix_socket}", command_timeout=1) as unix:
+            await write(unix, "over a unix socket")
+            assert await read(unix) == "over a unix socket"
+        with pytest.raises(ConfigError, match=r"redis\.url: unsupported scheme 'http'"):
+            await open_and_close(open_backend("http://127.0.0.1/", command_timeout=1))
+        with pytest.raises(ConfigError, match=r"redis\.url: .*integer"):
+            await open_and_close(open_backend("redis://127.0.0.1:port/0", command_timeout=1))
+
+
+async def test_the_url_never_shows_the_password(redis_server):
+    url = f"redis://:secret@127.0.0.1:{redis_server.port}/0"  # any password opens a nopass server
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(url, command_timeout=1) as backend:
+            assert backend.url == redis_server.url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:secret@127.0.0.1:{port}/0", "redis://127.0.0.1:{port}/0"),
+        ("rediss://user:secret@127.0.0.1:{port}/0", "rediss://user@127.0.0.1:{port}/0"),
+        ("redis://127.0.0.1:{port}/0?password=secret&db=0", "redis://127.0.0.1:{port}/0?db=0"),
+        ("unix://:secret@{socket}", "unix://{socket}"),
+    ],
+)
+async def test_opening_an_unreachable_redis_fails_naming_it(redis_server, url, shown):
+    redis_server.kill()
+    where = {"port": redis_server.port, "socket": redis_server.unix_socket}
+    with trio.fail_after(TIME_LIMIT), pytest.raises(BackendUnavailable) as info:
+        await open_and_close(open_backend(url.format(**where), command_timeout=1))
+    assert shown.format(**where) in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+# --- Redis going away
+
+
+async def test_execute_fails_while_redis_is_down_then_recovers(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.5) as backend:
+            names_it = re.escape(redis_server.url)
+            for attempt in range(3):  # a client that failed is replaced; recovery is every time
+                await write(backend, f"attempt {attempt}")
+                redis_server.kill()
+                for _ in range(2):
+                    with pytest.raises(BackendUnavailable, match=names_it):
+                        await read(backend)
+                redis_server.start()
+                assert await read(backend) is None  # an empty server
+                await write(backend, "back")
+                assert await read(backend) == "back"
+
+
+async def test_execute_gives_up_on_a_paused_redis_within_the_timeout(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.3) as backend:
+            await write(backend, "kept")
+            redis_server.pause()
+            try:
+                for _ in range(2):  # on a pooled connection, then connecting afresh
+                    started = trio.current_time()
+                    with pytest.raises(BackendUnavailable):
+                        await read(backend)
+                    assert trio.current_time() - started < 0.3 + 0.2
+            finally:
+                redis_server.resume()
+            assert await read(backend) == "kept"
+
+
+async def test_recovers_from_what_coredis_pool_loses(redis_server, monkeypatch):
+    # coredis's pool never gets back a connection that died in use or was cancelled halfway:
+    # with room for one connection, a single such loss would block it for good
+    new_client = RedisBackend._new_client
+    monkeypatch.setattr(
+        RedisBackend,
+        "_new_client",
+        lambda self, **options: new_client(self, **{"max_connections": 1, **options}),
+    )
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.3) as backend:
+            await write(backend, "kept")
+            for _ in range(3):
+                redis_server.pause()
+                with trio.move_on_after(0.1):  # the caller gives up; the batch runs to its timeout
+                    with pytest.raises(BackendUnavailable):
+                        await read(backend)
+                redis_server.resume()
+                assert await read(backend) == "kept"
+
+
+async def test_messages_raise_when_redis_is_killed(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.5) as backend:
+            async with backend.subscription() as subscription:
+                await subscription.subscribe("c")
+                redis_server.kill()
+                with pytest.raises(BackendUnavailable, match="lost the Pub/Sub connection"):
+                    await take(subscription, 1)
+                with pytest.raises(BackendUnavailable):
+                    await subscription.subscribe("d")
+            with pytest.raises(BackendUnavailable):
+                await open_and_close(backend.subscription())
+
+            redis_server.start()
+            async with backend.subscription() as subscription:  # the owner subscribes again
+                await subscription.subscribe("c")
+                batch = Batch()
+                batch.publish("c", "again")
+                await backend.execute(batch)
+                assert await take(subscription, 1) == [("c", "again")]
+
+
+async def test_a_paused_redis_is_noticed_by_a_silent_subscription(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_redis_backend(
+            redis_server.url, command_timeout=0.3, ping_interval=0.5
+        ) as backend:
+            async with backend.subscription() as subscription:
+                await subscription.subscribe("c")
+                redis_server.pause()
+                try:
+                    with pytest.raises(BackendUnavailable):
+                        await subscription.subscribe("d")
+                    with pytest.raises(BackendUnavailable):
+                        await open_and_close(backend.subscription())
+                    # coredis PINGs a connection silent for ping_interval (1 s at least)
+                    with trio.fail_after(1 + 0.3 + 0.5):
+                        with pytest.raises(BackendUnavailable):
+                            await take(subscription, 1)
+                finally:
+                    redis_server.resume()
+
+
+async def test_errors_raised_inside_open_backend_are_not_wrapped(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        with pytest.raises(LookupError, match="mine"):
+            await fail_inside(open_backend(redis_server.url, command_timeout=1))
+
+
+# --- memory only: trio's clock
+
+
+async def test_memory_keys_expire_on_trio_clock(autojump_clock):
+    backend = MemoryBackend()
+    await write(backend, "v")
+    batch = Batch()
+    batch.expire("key", 60)
+    await backend.execute(batch)
+    await trio.sleep(59)
+    batch = Batch()
+    ttl = batch.ttl("key")
+    await backend.execute(batch)
+    assert ttl.value == pytest.approx(1)
+    await trio.sleep(2)
+    assert await read(backend) is None
+
+
+async def test_memory_sweeps_expired_keys_nobody_reads(autojump_clock):
+    backend = MemoryBackend()
+    batch = Batch()
+    for n in range(100):
+        batch.set(f"key:{n}", "v", ex=1)
+    await backend.execute(batch)
+    await trio.sleep(2)
+    await backend.execute(Batch())
+    assert not backend._keyspace._values  # private, but it is what would leak

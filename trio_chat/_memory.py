@@ -1,0 +1,272 @@
+"""The ``memory://`` backend: Redis's semantics for every :class:`Batch` command, in one process.
+
+It lets ``trio-chat serve`` run with no Redis, and the contract tests hold it to the same replies
+as the real thing. Keys expire on :func:`trio.current_time`, so trio's ``MockClock`` drives them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+if TYPE_CHECKING:
+    import builtins
+    from collections.abc import AsyncIterator, Mapping, Sized
+
+    from ._store import Batch
+
+# Redis's own wording; the Redis backend raises coredis's WrongTypeError with the same text.
+_WRONGTYPE = "Operation against a key holding the wrong kind of value"
+# seconds between purges of every expired key, on top of the purge of each key read
+_SWEEP_INTERVAL = 1.0
+
+
+# One class per Redis type, so that a hash and a sorted set (both dicts) never pass for each other.
+class _Hash(dict[str, str]):
+    pass
+
+
+class _Set(set[str]):
+    pass
+
+
+class _SortedSet(dict[str, float]):
+    """member -> score"""
+
+
+_Value = str | _Hash | _Set | _SortedSet
+_V = TypeVar("_V", str, _Hash, _Set, _SortedSet)
+_Container = TypeVar("_Container", _Hash, _Set, _SortedSet)
+_T = TypeVar("_T")
+
+
+def _duration(seconds: float) -> float:
+    # the Redis backend sends whole milliseconds, at least one
+    return max(seconds, 0.001)
+
+
+class _Keyspace:
+    """The key commands of :class:`Batch`, one method each, named after the command."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, _Value] = {}
+        self._deadlines: dict[str, float] = {}  # key -> trio time at which it expires
+        self._next_sweep = -math.inf
+
+    def sweep(self) -> None:
+        """Drop every expired key, at most once per ``_SWEEP_INTERVAL``."""
+        now = trio.current_time()
+        if now >= self._next_sweep:
+            for key in [key for key, deadline in self._deadlines.items() if deadline <= now]:
+                self._remove(key)
+            self._next_sweep = now + _SWEEP_INTERVAL
+
+    def _live(self, key: str) -> _Value | None:
+        deadline = self._deadlines.get(key)
+        if deadline is not None and deadline <= trio.current_time():
+            self._remove(key)
+        return self._values.get(key)
+
+    def _remove(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._deadlines.pop(key, None)
+
+    def _read(self, key: str, kind: type[_V]) -> _V | None:
+        value = self._live(key)
+        if value is None:
+            return None
+        if not isinstance(value, kind):
+            raise TypeError(_WRONGTYPE)
+        return value
+
+    def _container(self, key: str, kind: type[_Container]) -> _Container:
+        container = self._read(key, kind)
+        if container is None:
+            container = self._values[key] = kind()
+        return container
+
+    def _prune(self, key: str, container: Sized) -> None:
+        # like Redis, a key whose last member went away is deleted, and its TTL with it
+        if not container:
+            self._remove(key)
+
+    def _update(self, key: str, container: dict[str, _T], mapping: Mapping[str, _T]) -> int:
+        added = len(mapping.keys() - container.keys())
+        container.update(mapping)
+        self._prune(key, container)
+        return added
+
+    def _pop(self, key: str, container: dict[str, _T], names: tuple[str, ...]) -> int:
+        removed = sum(container.pop(name, None) is not None for name in set(names))
+        self._prune(key, container)
+        return removed
+
+    # strings
+    def get(self, key: str) -> str | None:
+        return self._read(key, str)
+
+    def set(self, key: str, value: str, ex: float | None, nx: bool) -> bool:
+        if nx and self._live(key) is not None:
+            return False
+        self._remove(key)  # SET drops the old value's TTL too
+        self._values[key] = value
+        if ex is not None:
+            self._deadlines[key] = trio.current_time() + _duration(ex)
+        return True
+
+    # keys
+    def delete(self, *keys: str) -> int:
+        deleted = 0
+        for key in keys:
+            if self._live(key) is not None:
+                self._remove(key)
+                deleted += 1
+        return deleted
+
+    def exists(self, *keys: str) -> int:
+        return sum(self._live(key) is not None for key in keys)
+
+    def expire(self, key: str, seconds: float) -> bool:
+        if self._live(key) is None:
+            return False
+        self._deadlines[key] = trio.current_time() + _duration(seconds)
+        return True
+
+    def ttl(self, key: str) -> float | None:
+        if self._live(key) is None or key not in self._deadlines:
+            return None
+        return self._deadlines[key] - trio.current_time()
+
+    # hashes
+    def hset(self, key: str, mapping: Mapping[str, str]) -> int:
+        return self._update(key, self._container(key, _Hash), mapping)
+
+    def hget(self, key: str, field: str) -> str | None:
+        return (self._read(key, _Hash) or _Hash()).get(field)
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        return dict(self._read(key, _Hash) or {})
+
+    def hdel(self, key: str, *fields: str) -> int:
+        return self._pop(key, self._container(key, _Hash), fields)
+
+    # sets
+    def sadd(self, key: str, *members: str) -> int:
+        container = self._container(key, _Set)
+        size = len(container)
+        container.update(members)
+        self._prune(key, container)
+        return len(container) - size
+
+    def srem(self, key: str, *members: str) -> int:
+        container = self._container(key, _Set)
+        size = len(container)
+        container.difference_update(members)
+        self._prune(key, container)
+        return size - len(container)
+
+    def smembers(self, key: str) -> builtins.set[str]:  # `set` is the SET command here
+        return set(self._read(key, _Set) or ())
+
+    def scard(self, key: str) -> int:
+        return len(self._read(key, _Set) or ())
+
+    # sorted sets
+    def zadd(self, key: str, mapping: Mapping[str, float]) -> int:
+        return self._update(key, self._container(key, _SortedSet), mapping)
+
+    def zrem(self, key: str, *members: str) -> int:
+        return self._pop(key, self._container(key, _SortedSet), members)
+
+    def zrangebyscore(self, key: str, low: float, high: float) -> list[str]:
+        scores = self._read(key, _SortedSet) or _SortedSet()
+        # Redis orders equal scores by member
+        ordered = sorted(scores.items(), key=lambda item: (item[1], item[0]))
+        return [member for member, score in ordered if low <= score <= high]
+
+    def zremrangebyscore(self, key: str, low: float, high: float) -> int:
+        container = self._container(key, _SortedSet)
+        doomed = [member for member, score in container.items() if low <= score <= high]
+        for member in doomed:
+            del container[member]
+        self._prune(key, container)
+        return len(doomed)
+
+    def zcard(self, key: str) -> int:
+        return len(self._read(key, _SortedSet) or ())
+
+
+class _MemorySubscription:
+    """A subscriber's channels and the messages published to them since it subscribed.
+
+    The buffer is unbounded so that a publisher never blocks (nor waits for a slow reader), like
+    coredis's buffer behind a Redis subscription: the reader, one per instance, must keep up.
+    """
+
+    def __init__(self) -> None:
+        self.channels: set[str] = set()
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](math.inf)
+
+    def deliver(self, channel: str, message: str) -> None:
+        self._send.send_nowait((channel, message))
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe; messages published from now on are delivered."""
+        await trio.lowlevel.checkpoint()
+        self.channels.update(channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """Unsubscribe; messages already delivered for these channels are still read."""
+        await trio.lowlevel.checkpoint()
+        self.channels.difference_update(channels)
+
+    def messages(self) -> AsyncIterator[tuple[str, str]]:
+        """``(channel, message)`` in publishing order; ends when the subscription is closed."""
+        return self._receive
+
+
+class MemoryBackend:
+    """An in-process store and Pub/Sub with Redis's semantics; see :mod:`trio_chat._store`.
+
+    Differences from Redis: a command on a key of the wrong type raises :class:`TypeError` (Redis:
+    coredis's ``WrongTypeError``) and stops the batch there; a batch runs atomically.
+    """
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._keyspace = _Keyspace()
+        self._subscriptions: set[_MemorySubscription] = set()
+
+    async def execute(self, batch: Batch) -> None:
+        """Run every command of ``batch`` and fill in its reply; never unavailable."""
+        await trio.lowlevel.checkpoint()  # a real round trip is one too
+        self._keyspace.sweep()
+        for command in batch.commands:
+            if command.name == "publish":
+                command.reply.set(self._publish(*command.args))
+            else:
+                command.reply.set(getattr(self._keyspace, command.name)(*command.args))
+
+    def _publish(self, channel: str, message: str) -> int:
+        receivers = [sub for sub in self._subscriptions if channel in sub.channels]
+        for subscription in receivers:
+            subscription.deliver(channel, message)
+        return len(receivers)
+
+    @asynccontextmanager
+    async def subscription(self) -> AsyncIterator[_MemorySubscription]:
+        """A subscriber that receives until the context exits; then ``messages()`` ends."""
+        subscription = _MemorySubscription()
+        self._subscriptions.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscriptions.discard(subscription)
+            subscription.close()

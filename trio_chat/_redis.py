@@ -1,0 +1,398 @@
+"""The Redis backend, over coredis (an anyio-based client that runs on trio).
+
+A batch is one non-transactional pipeline on a pooled connection; a subscription is a connection
+of its own. Every round trip is bounded by ``command_timeout``, and every way of not getting an
+answer (connection refused or lost, timeout, a paused server) becomes
+:class:`~trio_chat._errors.BackendUnavailable`. Nothing retries in the background: the next call
+after a failure connects again, so the backend recovers by itself once Redis is back.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import coredis
+import trio
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.patterns.pubsub import PubSub
+from coredis.retry import NoRetryPolicy
+
+from ._errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+    from coredis.patterns.pipeline import Pipeline
+
+    from ._store import Batch, Command
+
+# What "Redis did not answer" looks like: coredis's ConnectionError (also raised for a server
+# still loading its data), OSError (TimeoutError is one), and our own trio.fail_after.
+_UNAVAILABLE = (RedisConnectionError, OSError, trio.TooSlowError)
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """Turn a lost connection or a timeout, bare or grouped by a task group, into ours."""
+    try:
+        yield
+    except* _UNAVAILABLE as group:
+        error = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        detail = ": ".join(filter(None, (type(error).__name__, str(error))))
+        raise BackendUnavailable(f"{what}: {detail}") from group
+
+
+@contextmanager
+def _own_errors() -> Iterator[None]:
+    """Give the caller back its own exception from the nursery that ran the caller's code.
+
+    A nursery wraps even one exception of its body in an ExceptionGroup; unwrapped, callers
+    catch the same exceptions as with the memory backend, which has no nursery.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        context = error.__context__
+        try:
+            raise error
+        finally:
+            error.__context__ = context  # not the group, which was only its wrapper
+
+
+def _without_password(url: str) -> str:
+    """``url`` for logs and messages: no password, in the authority or as a query argument."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    query = urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"]
+    )
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
+    """Queue ``command`` on ``pipe``; None when it names nothing to act on (its reply is 0).
+
+    Redis refuses e.g. ``SREM key`` with no member as a syntax error; the memory backend just
+    answers 0, and so do we, without sending it.
+    """
+    match command.name, command.args:
+        case "get", (key,):
+            return pipe.get(key)
+        case "set", (key, value, ex, nx):
+            return pipe.set(
+                key,
+                value,
+                px=None if ex is None else _milliseconds(ex),
+                condition=coredis.PureToken.NX if nx else None,
+            )
+        case (("delete" | "exists"), ()):
+            return None
+        case "delete", keys:
+            return pipe.delete(keys)
+        case "exists", keys:
+            return pipe.exists(keys)
+        case "expire", (key, seconds):
+            return pipe.pexpire(key, _milliseconds(seconds))
+        case "ttl", (key,):
+            return pipe.pttl(key)
+        case (("hset" | "zadd"), (_, mapping)) if not mapping:
+            return None
+        case (("hdel" | "sadd" | "srem" | "zrem"), (_,)):
+            return None
+        case "hset", (key, mapping):
+            return pipe.hset(key, mapping)
+        case "hget", (key, field):
+            return pipe.hget(key, field)
+        case "hgetall", (key,):
+            return pipe.hgetall(key)
+        case "hdel", (key, *fields):
+            return pipe.hdel(key, fields)
+        case "sadd", (key, *members):
+            return pipe.sadd(key, members)
+        case "srem", (key, *members):
+            return pipe.srem(key, members)
+        case "smembers", (key,):
+            return pipe.smembers(key)
+        case "scard", (key,):
+            return pipe.scard(key)
+        case "zadd", (key, mapping):
+            return pipe.zadd(key, mapping)
+        case "zrem", (key, *members):
+            return pipe.zrem(key, members)
+        case "zrangebyscore", (key, low, high):
+            return pipe.zrangebyscore(key, low, high)
+        case "zremrangebyscore", (key, low, high):
+            return pipe.zremrangebyscore(key, low, high)
+        case "zcard", (key,):
+            return pipe.zcard(key)
+        case "publish", (channel, message):
+            return pipe.publish(channel, message)
+    raise ValueError(f"unsupported command {command.name}{command.args!r}")
+
+
+async def _pipeline(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        requests = [_queue(pipe, command) for command in commands]
+    return [0 if request is None else await request for request in requests]
+
+
+def _reply(name: str, value: Any) -> Any:
+    if name == "ttl":  # PTTL: -2 no such key, -1 no TTL
+        return None if value < 0 else value / 1000
+    if name == "zrangebyscore":
+        return list(value)
+    return value
+
+
+class RedisBackend:
+    """A :class:`~trio_chat._store.Backend` on Redis; open it with :func:`open_redis_backend`.
+
+    coredis 6.9's pool never gets back the slot of a connection that dies while in use, nor of
+    one that is cancelled while connecting or awaiting its reply; once every slot is lost it
+    waits forever for a free connection. So a batch is shielded from its caller's cancellation
+    (it is bounded by ``command_timeout`` anyway), and a client whose round trip failed (Redis
+    restarted, paused, slow) is not trusted again: it is replaced before the failure is
+    reported, and closed once the batches that were using it have ended.
+    """
+
+    def __init__(
+        self, url: str, nursery: trio.Nursery, *, command_timeout: float, ping_interval: float
+    ) -> None:
+        #: the URL without its password
+        self.url = _without_password(url)
+        self._secret_url = url
+        self._nursery = nursery  # holds the clients open
+        self._timeout = command_timeout
+        self._ping_interval = ping_interval
+        try:
+            self._client = self._new_client()
+        except ValueError as exc:  # e.g. a port or db that is not a number
+            raise ConfigError(f"redis.url: {exc}") from exc
+        self._retire = trio.Event()  # set when self._client is replaced
+
+    def _new_client(self, **options: Any) -> coredis.Redis[str]:
+        return coredis.Redis.from_url(
+            self._secret_url,
+            decode_components=True,  # so that a password may be %-encoded
+            decode_responses=True,
+            retry_policy=NoRetryPolicy(),  # a failure is reported at once; callers decide
+            connect_timeout=self._timeout,
+            stream_timeout=self._timeout,
+            **options,
+        )
+
+    async def _open(self) -> None:
+        await self._nursery.start(self._hold, self._client, self._retire)
+        await self._call(lambda client: client.ping())
+
+    async def _hold(
+        self,
+        client: coredis.Redis[str],
+        retire: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with client:
+            task_status.started()
+            await retire.wait()
+            # a batch that picked this client before it was replaced ends within the timeout
+            await trio.sleep(self._timeout)
+
+    async def _call(self, request: Callable[[coredis.Redis[str]], Awaitable[_T]]) -> _T:
+        """One round trip on the current client, shielded and bounded (see the class docs)."""
+        client = self._client
+        try:
+            with (
+                _unavailable(f"Redis at {self.url}"),
+                trio.fail_after(self._timeout, shield=True),
+            ):
+                return await request(client)
+        except BackendUnavailable:
+            if client is self._client:  # not replaced by another failed call meanwhile
+                await self._replace()
+            raise
+
+    async def _replace(self) -> None:
+        client, retire = self._new_client(), trio.Event()
+        # starting a client does no I/O, but it must not be skipped by a cancelled caller
+        with trio.move_on_after(self._timeout, shield=True):
+            await self._nursery.start(self._hold, client, retire)
+            self._retire.set()
+            self._client, self._retire = client, retire
+
+    async def execute(self, batch: Batch) -> None:
+        """Send ``batch`` as one non-transactional pipeline and fill in its replies.
+
+        It runs to its end, or to ``command_timeout``, even when the caller is cancelled
+        meanwhile (see the class docstring). A command on a key of the wrong type raises
+        coredis's ``WrongTypeError``, after the whole pipeline ran.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached or did not answer in time.
+        """
+        values = await self._call(partial(_pipeline, batch.commands))
+        for command, value in zip(batch.commands, values, strict=True):
+            command.reply.set(_reply(command.name, value))
+
+    @asynccontextmanager
+    async def subscription(self) -> AsyncIterator[_RedisSubscription]:
+        """Open a Pub/Sub connection of its own, read by a task of this context; see Backend.
+
+        Its own client too: replacing the batch client never disturbs it, and whatever coredis's
+        pool loses goes away with the subscription.
+
+        Raises:
+            BackendUnavailable: on entry, when Redis cannot be reached within the timeout.
+        """
+        subscription = _RedisSubscription(
+            self._new_client(max_connections=1),
+            self.url,
+            timeout=self._timeout,
+            ping_interval=self._ping_interval,
+        )
+        with _own_errors():
+            async with trio.open_nursery() as nursery:
+                with _unavailable(f"Redis at {self.url}"), trio.fail_after(self._timeout):
+                    await nursery.start(subscription.run)
+                try:
+                    yield subscription
+                finally:
+                    subscription.close()
+                    nursery.cancel_scope.cancel()
+
+
+class _RedisSubscription:
+    """One coredis Pub/Sub connection, with no retry: a lost connection ends ``messages()``."""
+
+    def __init__(
+        self, client: coredis.Redis[str], url: str, *, timeout: float, ping_interval: float
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._pubsub = PubSub[str](
+            client.connection_pool,
+            retry_policy=None,
+            ignore_subscribe_messages=True,
+            subscription_timeout=timeout,
+            unsubscription_timeout=timeout,
+            # a silent connection is checked with a PING (answered within the stream timeout),
+            # so a paused or vanished server is noticed even when nothing is published
+            max_idle_seconds=ping_interval,
+        )
+        # unbuffered: messages wait in coredis's own unbounded buffer until messages() reads
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](0)
+        self._lost: BaseException | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Hold the connection open and pass its messages on, until cancelled or lost."""
+        opened = False
+        try:
+            async with self._client, self._pubsub:
+                task_status.started()
+                opened = True
+                while True:
+                    message = await self._pubsub.get_message()
+                    if message is not None and message["type"] == "message":
+                        channel, data = message["channel"], message["data"]
+                        assert isinstance(channel, str)  # decode_responses=True
+                        assert isinstance(data, str)
+                        await self._send.send((channel, data))
+        except* _UNAVAILABLE as group:
+            if not opened:
+                raise
+            self._lost = group
+        finally:
+            self._send.close()
+
+    def close(self) -> None:
+        """Drop the connection, before the tasks that use it are cancelled.
+
+        Closed, it drops every subscription at once, where coredis would unsubscribe and wait
+        out its whole unsubscription timeout; and it is marked closed before coredis's cleanup
+        runs, which otherwise may write to it while it is being torn down.
+        """
+        self._pubsub.connection.invalidate()
+
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe and return once Redis acknowledged every channel.
+
+        Raises:
+            BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
+        """
+        if channels:
+            with _unavailable(f"cannot subscribe at {self._url}"):
+                await self._pubsub.subscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """Unsubscribe (none given: do nothing) and wait for Redis's acknowledgement.
+
+        Raises:
+            BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
+        """
+        if channels:
+            with _unavailable(f"cannot unsubscribe at {self._url}"):
+                await self._pubsub.unsubscribe(*channels)
+            # coredis only logs a missing acknowledgement; a channel still listed had none
+            if not self._pubsub.channels.keys().isdisjoint(channels):
+                raise BackendUnavailable(f"no acknowledgement of UNSUBSCRIBE from {self._url}")
+
+    def messages(self) -> AsyncIterator[tuple[str, str]]:
+        """``(channel, payload)`` in order; raises BackendUnavailable once the connection is lost.
+
+        An iterator rather than an async generator, which trio would warn about when a reader
+        stops early.
+        """
+        return self
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
+        return self
+
+    async def __anext__(self) -> tuple[str, str]:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self._lost is None:  # the subscription was closed
+                raise StopAsyncIteration from None
+            raise BackendUnavailable(f"lost the Pub/Sub connection to {self._url}") from self._lost
+
+
+@asynccontextmanager
+async def open_redis_backend(
+    url: str, *, command_timeout: float, ping_interval: float = 5.0
+) -> AsyncIterator[RedisBackend]:
+    """Connect to Redis at ``url`` (``redis://``, ``rediss://`` or ``unix://``) and PING it.
+
+    Args:
+        url: passed to coredis; query arguments such as ``?ssl_ca_certs=`` work.
+        command_timeout: the longest any round trip may take, connecting included.
+        ping_interval: how long a subscription may stay silent before it checks the server.
+
+    The backend, its connections and their tasks live in this context and close on exit.
+
+    Raises:
+        ConfigError: ``url`` cannot be parsed.
+        BackendUnavailable: Redis did not answer the PING within ``command_timeout``.
+    """
+    with _own_errors():
+        async with trio.open_nursery() as nursery:
+            backend = RedisBackend(
+                url, nursery, command_timeout=command_timeout, ping_interval=ping_interval
+            )
+            await backend._open()
+            yield backend
+            nursery.cancel_scope.cancel()
