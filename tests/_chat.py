@@ -1,0 +1,64 @@
+"""Helpers for tests that run real trio-chat instances: configs, tokens, servers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import jwt
+
+from trio_chat import Config, Server, serve
+from trio_chat._backends import open_backend
+from trio_chat._store import Backend, Batch
+
+if TYPE_CHECKING:
+    import trio
+
+SECRET = "test-secret-" + "s" * 64  # long enough for HS512 too
+
+
+def make_token(user: str, *, ttl: float = 3600, iat: float | None = None, **claims: Any) -> str:
+    now = time.time() if iat is None else iat
+    payload = {"sub": user, "iat": int(now), "exp": int(now + ttl), **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+def make_config(
+    redis_url: str = "memory://", instance_id: str = "test-1", **sections: Any
+) -> Config:
+    """A config for one test instance: ephemeral port, no admin API; ``sections`` maps a section
+    name to a dict of field overrides, e.g. ``limits={"outbound_queue": 4}``."""
+    config = Config()
+    changes: dict[str, Any] = {
+        "server": attrs.evolve(config.server, port=0, instance_id=instance_id),
+        "redis": attrs.evolve(config.redis, url=redis_url, command_timeout=0.5),
+        "auth": attrs.evolve(config.auth, jwt_secret=SECRET),
+        "admin": attrs.evolve(config.admin, enabled=False),
+    }
+    for name, fields in sections.items():
+        changes[name] = attrs.evolve(changes.get(name, getattr(config, name)), **fields)
+    return attrs.evolve(config, **changes)
+
+
+async def start(nursery: trio.Nursery, config: Config) -> Server:
+    server: Server = await nursery.start(serve, config)
+    return server
+
+
+async def read_hash(backend: Backend, key: str) -> dict[str, str]:
+    batch = Batch()
+    reply = batch.hgetall(key)
+    await backend.execute(batch)
+    return reply.value
+
+
+async def snapshot(backend: Backend, *keys: str) -> dict[str, int]:
+    """EXISTS of each key, for asserting what is and is not left behind."""
+    batch = Batch()
+    replies = {key: batch.exists(key) for key in keys}
+    await backend.execute(batch)
+    return {key: reply.value for key, reply in replies.items()}
+
+
+__all__ = ["SECRET", "make_config", "make_token", "open_backend", "read_hash", "snapshot", "start"]

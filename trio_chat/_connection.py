@@ -1,0 +1,480 @@
+"""One WebSocket connection from upgrade request to cleanup (SPEC §5, §6, §8).
+
+The handshake authenticates and registers the session, or refuses with an HTTP status and a
+JSON body. After the upgrade, the read loop turns each client frame into a reply queued on the
+session; Pub/Sub traffic arrives through the hub. Whatever ends the connection, the
+session's records are removed in a shielded, time-bounded ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, assert_never
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest
+
+from . import _keys as keys
+from ._auth import (
+    REFUSALS,
+    SUBPROTOCOL,
+    AuthRecord,
+    HandshakeInfo,
+    Identity,
+    TokenVerifier,
+    find_token,
+    judge,
+    origin_allowed,
+)
+from ._errors import AuthError, BackendUnavailable, ProtocolError
+from ._messages import (
+    FORBIDDEN,
+    INTERNAL,
+    MUTED,
+    NOT_IN_ROOM,
+    RATE_LIMITED,
+    TOO_LARGE,
+    UNAVAILABLE,
+    ClientMessage,
+    Direct,
+    Join,
+    Leave,
+    Ping,
+    Refresh,
+    Send,
+    dumps,
+    encode,
+    error_frame,
+    new_message_id,
+    new_session_id,
+    now_ms,
+    parse_client_message,
+)
+from ._registry import write_session
+from ._session import INTERNAL_ERROR, Session
+from ._store import Batch
+
+if TYPE_CHECKING:
+    from ._config import Config
+    from ._hub import Hub
+from ._limits import ABUSE_STRIKES, TokenBucket
+
+logger = logging.getLogger(__name__)
+
+#: how long cleanup I/O may take once a connection is over
+CLEANUP_TIMEOUT = 5.0
+TOKEN_EXPIRED_CLOSE = 4401
+HEARTBEAT_TIMEOUT_CLOSE = 4408
+RATE_LIMIT_CLOSE = 4429
+
+
+class SessionEnded(Exception):
+    """The session was closed while a frame was handled (revoked, banned...)."""
+
+
+class ConnectionHandler:
+    """Handles every upgrade request of one server; one call per connection.
+
+    Args:
+        config: the server configuration.
+        hub: this instance's hub; it must outlive every call.
+        verifier: the JWT verifier built from ``config.auth``.
+    """
+
+    def __init__(self, config: Config, hub: Hub, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.hub = hub
+        self.backend = hub.backend
+        self.verifier = verifier
+
+    async def __call__(self, request: WebSocketRequest) -> None:
+        """Authenticate, register, serve and clean up one connection.
+
+        Never raises (but Cancelled): an unexpected error closes the socket with 1011 and is
+        logged, and the session's records are removed all the same.
+        """
+        info = HandshakeInfo.from_request(
+            request.path, request.headers, request.proposed_subprotocols
+        )
+        remote = _remote(request)
+        if info.path != self.config.server.path:
+            await _reject(request, AuthError(404, "not_found", "no WebSocket endpoint here"))
+            return
+        try:
+            identity = await self._authenticate(info)
+        except AuthError as exc:
+            logger.info("refused %s: %s %s (%s)", remote, exc.status, exc.code, exc.message)
+            await _reject(request, exc)
+            return
+
+        session_id = new_session_id()
+        session: Session | None = None
+        try:
+            connected_at = now_ms()
+            try:
+                await self._register(session_id, identity, remote, connected_at)
+            except BackendUnavailable as exc:
+                logger.warning("refused %s: redis unreachable at registration: %s", remote, exc)
+                await _reject(request, AuthError(503, "unavailable", "store unreachable"))
+                return
+            subprotocol = SUBPROTOCOL if SUBPROTOCOL in info.subprotocols else None
+            ws = await request.accept(subprotocol=subprotocol)
+            session = Session(
+                session_id,
+                identity,
+                ws,
+                queue_size=self.config.limits.outbound_queue,
+                bucket=TokenBucket(self.config.limits.send_rate, self.config.limits.send_burst),
+                remote=remote,
+            )
+            session.connected_at_ms = connected_at
+            session.bucket = TokenBucket(
+                self.config.limits.send_rate, self.config.limits.send_burst
+            )
+            session.deliver(
+                encode(
+                    "welcome",
+                    session_id=session_id,
+                    user_id=identity.user_id,
+                    instance=self.hub.instance_id,
+                    expires_at=identity.expires_at,
+                    heartbeat=self.config.heartbeat.ping_interval,
+                )
+            )
+            self.hub.add(session)
+            logger.info(
+                "connected user=%s session=%s instance=%s remote=%s",
+                identity.user_id,
+                session_id,
+                self.hub.instance_id,
+                remote,
+            )
+            if self.hub.draining:
+                session.close(1001, "server shutting down")
+            await session.serve(
+                self._read_loop,
+                self._watch_expiry,
+                self._watch_pongs,
+                close_timeout=CLEANUP_TIMEOUT,
+            )
+        except (ConnectionClosed, trio.BrokenResourceError):
+            pass  # the client went away during the upgrade or the close
+        except Exception:
+            logger.exception("session %s crashed", session_id)
+            if session is not None:
+                with trio.move_on_after(1, shield=True):
+                    await session.ws.aclose(INTERNAL_ERROR, "internal error")
+        finally:
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await self._unregister(session_id, identity.user_id, session)
+            reason = session.close_request.reason if session and session.close_request else "closed"
+            logger.info(
+                "disconnected user=%s session=%s instance=%s reason=%s",
+                identity.user_id,
+                session_id,
+                self.hub.instance_id,
+                reason,
+            )
+
+    # --- handshake -----------------------------------------------------------------------------
+
+    async def _authenticate(self, info: HandshakeInfo) -> Identity:
+        config = self.config
+        if self.hub.draining:
+            raise AuthError(503, "draining", "server is shutting down")
+        if len(self.hub.sessions) >= config.limits.max_connections:
+            raise AuthError(429, "too_many_connections", "instance connection limit reached")
+        if not origin_allowed(info, config.auth):
+            raise AuthError(403, "origin_not_allowed", "origin not allowed")
+        token = find_token(info, config.auth)
+        if token is None:
+            raise AuthError(401, "missing_token", "no credential in the request")
+        identity = self.verifier.verify(token)
+        batch = Batch()
+        record_fields = batch.hgetall(keys.auth(identity.user_id))
+        live_sessions = batch.scard(keys.user_sessions(identity.user_id))
+        try:
+            await self.backend.execute(batch)
+        except BackendUnavailable as exc:
+            raise AuthError(503, "unavailable", "store unreachable") from exc
+        record = AuthRecord.from_hash(record_fields.value) if record_fields.value else None
+        if (
+            refusal := judge(record, identity, require_record=config.auth.require_record)
+        ) is not None:
+            status, code, _, _ = REFUSALS[refusal]
+            raise AuthError(status, code, f"user {refusal.replace('_', ' ')}")
+        if live_sessions.value >= config.limits.max_sessions_per_user:
+            raise AuthError(429, "too_many_sessions", "session limit for this user reached")
+        return identity
+
+    async def _register(
+        self, session_id: str, identity: Identity, remote: str, connected_at: int
+    ) -> None:
+        """Write the session's records in one round trip (SPEC §5)."""
+        batch = Batch()
+        write_session(
+            batch,
+            self.config,
+            session_id,
+            identity,
+            remote=remote,
+            connected_at=connected_at,
+            rooms=(),
+        )
+        await self.backend.execute(batch)
+
+    async def _unregister(self, session_id: str, user_id: str, session: Session | None) -> None:
+        emptied: list[str] = []
+        rooms: set[str] = set()
+        if session is not None:
+            rooms = set(session.rooms)
+            emptied = self.hub.discard(session)
+        batch = Batch()
+        batch.delete(keys.session(session_id))
+        batch.srem(keys.user_sessions(user_id), session_id)
+        batch.hdel(keys.instance_sessions(self.hub.instance_id), session_id)
+        for room in rooms:
+            batch.zrem(keys.room_presence(room), session_id)
+        try:
+            await self.backend.execute(batch)
+        except BackendUnavailable as exc:
+            # The TTLs and the reaper are the backstop (SPEC §8).
+            logger.warning("cleanup of session %s failed: %s", session_id, exc)
+        if emptied:
+            await self.hub.release_rooms(emptied)
+
+    # --- frames --------------------------------------------------------------------------------
+
+    async def _read_loop(self, session: Session) -> None:
+        while not session.closing:
+            raw = await session.ws.get_message()
+            try:
+                await self._handle(session, parse_client_message(raw))
+            except ProtocolError as exc:
+                session.deliver(error_frame(exc))
+            except SessionEnded:
+                return
+
+    async def _handle(self, session: Session, message: ClientMessage) -> None:
+        try:
+            match message:
+                case Join():
+                    await self._join(session, message)
+                case Leave():
+                    await self._leave(session, message)
+                case Send():
+                    await self._send(session, message)
+                case Direct():
+                    await self._direct(session, message)
+                case Refresh():
+                    await self._refresh(session, message)
+                case Ping():
+                    session.deliver(encode("pong", message.ref))
+                case _:
+                    assert_never(message)
+        except BackendUnavailable as exc:
+            logger.warning("session %s: %s failed: %s", session.id, type(message).__name__, exc)
+            raise ProtocolError(
+                UNAVAILABLE, "store unreachable; not delivered", message.ref
+            ) from exc
+        except (ProtocolError, SessionEnded, ConnectionClosed):
+            raise
+        except Exception as exc:
+            # A bug in one frame's handling must not end the connection, nor leak details.
+            logger.exception("session %s: error handling %r", session.id, message)
+            raise ProtocolError(INTERNAL, "internal error", message.ref) from exc
+
+    async def _authorize(self, session: Session, ref: object) -> None:
+        """Check ``auth:<uid>`` before acting for the session (SPEC §6)."""
+        record = await self.hub.auth_record(session.user_id)
+        refusal = judge(record, session.identity, require_record=self.config.auth.require_record)
+        if refusal is not None:
+            _, _, close_code, reason = REFUSALS[refusal]
+            session.close(close_code, reason, encode("logout", reason=reason))
+            raise SessionEnded(refusal)
+        if record is not None and record.muted_until > time.time():
+            raise ProtocolError(MUTED, f"muted until {int(record.muted_until)}", ref)
+
+    async def _join(self, session: Session, message: Join) -> None:
+        room = message.room
+        if room not in session.rooms:
+            if not session.identity.may_join(room):
+                raise ProtocolError(FORBIDDEN, "your token does not allow this room", message.ref)
+            if len(session.rooms) >= self.config.limits.max_rooms_per_session:
+                raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
+            await self._authorize(session, message.ref)
+            await self.hub.join(session, room)
+            batch = Batch()
+            batch.zadd(keys.room_presence(room), {session.id: now_ms()})
+            batch.expire(keys.room_presence(room), self.config.session.ttl)
+            batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
+            try:
+                await self.backend.execute(batch)
+            except BackendUnavailable:
+                await self.hub.leave(session, room)
+                raise
+        session.deliver(encode("joined", message.ref, room=room))
+
+    async def _leave(self, session: Session, message: Leave) -> None:
+        room = message.room
+        if room in session.rooms:
+            await self.hub.leave(session, room)
+            batch = Batch()
+            batch.zrem(keys.room_presence(room), session.id)
+            batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
+            try:
+                await self.backend.execute(batch)
+            except BackendUnavailable as exc:
+                # Left locally all the same; the stale presence entry ages out by score.
+                logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
+        session.deliver(encode("left", message.ref, room=message.room))
+
+    def _rate_limit(self, session: Session, ref: object) -> None:
+        if session.bucket.take():
+            return
+        if session.bucket.strikes >= ABUSE_STRIKES:
+            session.close(RATE_LIMIT_CLOSE, "rate limit exceeded repeatedly")
+            raise SessionEnded("rate limit")
+        raise ProtocolError(RATE_LIMITED, "slow down", ref)
+
+    async def _send(self, session: Session, message: Send) -> None:
+        if message.room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        self._rate_limit(session, message.ref)
+        await self._authorize(session, message.ref)
+        message_id, ts = new_message_id(), now_ms()
+        payload = self._payload(
+            message.ref, id=message_id, room=message.room, session=session, data=message.data, ts=ts
+        )
+        batch = Batch()
+        batch.publish(keys.room_channel(message.room), payload)
+        await self.backend.execute(batch)
+        session.deliver(encode("ack", message.ref, id=message_id, ts=ts))
+
+    async def _direct(self, session: Session, message: Direct) -> None:
+        self._rate_limit(session, message.ref)
+        await self._authorize(session, message.ref)
+        message_id, ts = new_message_id(), now_ms()
+        payload = self._payload(
+            message.ref,
+            type="direct",
+            id=message_id,
+            to=message.to,
+            session=session,
+            data=message.data,
+            ts=ts,
+        )
+        lookup = Batch()
+        session_ids = lookup.smembers(keys.user_sessions(message.to))
+        await self.backend.execute(lookup)
+        where = Batch()
+        owners = [where.hget(keys.session(s), "instance") for s in sorted(session_ids.value)]
+        if owners:
+            await self.backend.execute(where)
+        # Only the instances that hold the user's sessions hear about it.
+        instances = {owner.value for owner in owners if owner.value}
+        if instances:
+            publish = Batch()
+            for instance_id in sorted(instances):
+                publish.publish(keys.control_channel(instance_id), payload)
+            await self.backend.execute(publish)
+        session.deliver(encode("ack", message.ref, id=message_id, ts=ts))
+
+    def _payload(self, ref: object, *, session: Session, **fields: object) -> str:
+        """The Pub/Sub payload: ids and data, never a token (SPEC §4)."""
+        payload = dumps({**fields, "from": session.user_id, "session": session.id})
+        if len(payload) > self.config.limits.max_message_bytes:
+            raise ProtocolError(TOO_LARGE, "message too large for recipients", ref)
+        return payload
+
+    async def _refresh(self, session: Session, message: Refresh) -> None:
+        """Swap the session's token for a new one of the same user (SPEC §6, §8).
+
+        A refresh refused for any reason ends the session (``expired``, 4401). While one is
+        in flight the expiry watch waits for it, so a refresh received before the deadline wins.
+        """
+        session.refreshes_in_flight += 1
+        try:
+            try:
+                identity = self.verifier.verify(message.token)
+            except AuthError as exc:
+                raise self._end_expired(session, message.ref, exc.message) from exc
+            if identity.user_id != session.user_id:
+                raise self._end_expired(session, message.ref, "token is for another user")
+            record = await self.hub.auth_record(identity.user_id)
+            if judge(record, identity, require_record=self.config.auth.require_record):
+                raise self._end_expired(session, message.ref, "token revoked")
+            batch = Batch()
+            batch.hset(keys.session(session.id), {"token_exp": str(identity.expires_at)})
+            batch.expire(keys.session(session.id), self.config.session.ttl)
+            await self.backend.execute(batch)
+            session.identity = identity
+            changed, session.identity_changed = session.identity_changed, trio.Event()
+            changed.set()
+            session.deliver(encode("refreshed", message.ref, expires_at=identity.expires_at))
+        finally:
+            session.refreshes_in_flight -= 1
+
+    def _end_expired(self, session: Session, ref: object, why: str) -> SessionEnded:
+        session.deliver(encode("error", ref, code=FORBIDDEN, message=f"refresh refused: {why}"))
+        session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
+        return SessionEnded("refresh refused")
+
+    # --- watchers ------------------------------------------------------------------------------
+
+    async def _watch_expiry(self, session: Session) -> None:
+        """``token_expiring`` at ``exp - refresh_window``; at ``exp + leeway`` without a refresh,
+        ``logout {reason: "expired"}`` and 4401."""
+        auth = self.config.auth
+        warned_for = None
+        while True:
+            expires_at = session.identity.expires_at
+            changed = session.identity_changed
+            now = time.time()
+            if now >= expires_at + auth.leeway:
+                if session.refreshes_in_flight:
+                    await changed.wait()  # a refresh that arrived in time wins
+                    continue
+                session.close(
+                    TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired")
+                )
+                return
+            if warned_for != expires_at and now >= expires_at - auth.refresh_window:
+                session.deliver(encode("token_expiring", expires_at=expires_at))
+                warned_for = expires_at
+            wake_at = (
+                expires_at + auth.leeway
+                if warned_for == expires_at
+                else expires_at - auth.refresh_window
+            )
+            with trio.move_on_after(wake_at - now):
+                await changed.wait()
+
+    async def _watch_pongs(self, session: Session) -> None:
+        """Ping every ``heartbeat.ping_interval``; no pong within ``ping_timeout`` closes 4408."""
+        heartbeat = self.config.heartbeat
+        while True:
+            await trio.sleep(heartbeat.ping_interval)
+            with trio.move_on_after(heartbeat.ping_timeout) as waiting:
+                await session.ws.ping()
+            if waiting.cancelled_caught:
+                session.close(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout")
+                return
+
+
+def _remote(request: WebSocketRequest) -> str:
+    remote = request.remote
+    return str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+
+
+async def _reject(request: WebSocketRequest, error: AuthError) -> None:
+    body = json.dumps({"error": error.code, "message": error.message}).encode()
+    with trio.move_on_after(CLEANUP_TIMEOUT):
+        try:
+            await request.reject(
+                error.status, extra_headers=[(b"content-type", b"application/json")], body=body
+            )
+        except (ConnectionClosed, trio.BrokenResourceError):
+            pass

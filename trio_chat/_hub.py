@@ -1,0 +1,262 @@
+"""This instance's view of its sessions, and the Pub/Sub pump that feeds them.
+
+The hub keeps the local indexes (session id, user id, room → sessions), subscribes a room's
+channel when its first local member joins and unsubscribes after the last one leaves, and
+runs the pump: one task reading the Pub/Sub connection and handing each frame to local
+sessions with :meth:`Session.deliver`, which never blocks. A message is decoded and encoded
+once per instance, not once per recipient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import _keys as keys
+from ._auth import AuthRecord
+from ._errors import BackendUnavailable
+from ._messages import encode
+from ._store import Backend, Batch, Subscription
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ._config import Config
+    from ._session import Session
+
+logger = logging.getLogger(__name__)
+
+#: logout reasons (SPEC §4) -> close code (SPEC §7)
+LOGOUT_CLOSE_CODES = {"logout": 4000, "kicked": 4000, "banned": 4403, "revoked": 4401}
+
+
+class Hub:
+    """Local sessions, room subscriptions, auth-record cache and the Pub/Sub pump.
+
+    Args:
+        config: the server configuration.
+        backend: the connected store; it must outlive the hub's :meth:`run`.
+    """
+
+    def __init__(self, config: Config, backend: Backend) -> None:
+        self.config = config
+        self.backend = backend
+        self.instance_id = config.server.instance_id
+        self.sessions: dict[str, Session] = {}
+        self._by_user: defaultdict[str, set[Session]] = defaultdict(set)
+        self._by_room: defaultdict[str, set[Session]] = defaultdict(set)
+        self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
+        self._subscription: Subscription | None = None
+        self._subscribed: set[str] = set()
+        # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.
+        self._subscription_lock = trio.Lock()
+        self._pump_ready = trio.Event()
+        self.draining = False
+
+    @property
+    def base_channels(self) -> tuple[str, ...]:
+        return (keys.LOGOUT_CHANNEL, keys.CHANGED_CHANNEL, keys.control_channel(self.instance_id))
+
+    # --- local indexes -----------------------------------------------------------------------
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        self._by_user[session.user_id].add(session)
+
+    def discard(self, session: Session) -> list[str]:
+        """Forget ``session`` locally; return the rooms it left that now have no local member."""
+        self.sessions.pop(session.id, None)
+        _discard(self._by_user, session.user_id, session)
+        emptied = []
+        for room in session.rooms:
+            if not _discard(self._by_room, room, session):
+                emptied.append(room)
+        return emptied
+
+    def user_sessions(self, user_id: str) -> set[Session]:
+        return self._by_user.get(user_id, set())
+
+    def room_members(self, room: str) -> set[Session]:
+        return self._by_room.get(room, set())
+
+    # --- rooms ---------------------------------------------------------------------------------
+
+    async def join(self, session: Session, room: str) -> None:
+        """Add ``session`` to ``room`` locally, subscribing the room's channel first if needed.
+
+        Raises:
+            BackendUnavailable: the channel could not be subscribed; nothing was changed.
+        """
+        await self._subscribe(keys.room_channel(room))
+        session.rooms.add(room)
+        self._by_room[room].add(session)
+
+    async def leave(self, session: Session, room: str) -> None:
+        session.rooms.discard(room)
+        if not _discard(self._by_room, room, session):
+            await self.release_rooms([room])
+
+    async def release_rooms(self, rooms: Iterable[str]) -> None:
+        """Unsubscribe the channels of ``rooms`` that still have no local member."""
+        async with self._subscription_lock:
+            channels = [
+                keys.room_channel(r)
+                for r in rooms
+                if r not in self._by_room and keys.room_channel(r) in self._subscribed
+            ]
+            if not channels:
+                return
+            self._subscribed.difference_update(channels)
+            if self._subscription is not None:
+                try:
+                    await self._subscription.unsubscribe(*channels)
+                except BackendUnavailable:
+                    pass  # the pump reconnects and subscribes only what is still needed
+
+    async def _subscribe(self, channel: str) -> None:
+        async with self._subscription_lock:
+            if channel in self._subscribed:
+                return
+            if self._subscription is None:
+                raise BackendUnavailable("the Pub/Sub connection is down")
+            await self._subscription.subscribe(channel)
+            self._subscribed.add(channel)
+
+    # --- auth records --------------------------------------------------------------------------
+
+    async def auth_record(self, user_id: str) -> AuthRecord | None:
+        """``auth:<uid>``, from a local copy at most ``auth.cache_ttl`` seconds old.
+
+        Raises:
+            BackendUnavailable: the store could not be reached.
+        """
+        now = trio.current_time()
+        cached = self._auth_cache.get(user_id)
+        if cached is not None and now - cached[0] < self.config.auth.cache_ttl:
+            return cached[1]
+        batch = Batch()
+        reply = batch.hgetall(keys.auth(user_id))
+        await self.backend.execute(batch)
+        record = AuthRecord.from_hash(reply.value) if reply.value else None
+        if self.config.auth.cache_ttl > 0 and user_id in self._by_user:
+            self._auth_cache[user_id] = (now, record)
+        return record
+
+    def forget_auth(self, user_id: str) -> None:
+        self._auth_cache.pop(user_id, None)
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def close_all(self, code: int, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            session.close(code, reason)
+
+    # --- the pump ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one Pub/Sub connection subscribed to every channel this instance needs.
+
+        ``started()`` is called once the first connection is subscribed. On a lost connection
+        it reconnects with capped exponential backoff and jitter, then subscribes again.
+        Runs until cancelled.
+        """
+        delay = 0.0
+        while True:
+            try:
+                async with self.backend.subscription() as subscription:
+                    await self._resubscribe(subscription)
+                    if not self._pump_ready.is_set():
+                        self._pump_ready.set()
+                        task_status.started()
+                    delay = 0.0
+                    async for channel, payload in subscription.messages():
+                        self._dispatch(channel, payload)
+            except BackendUnavailable as exc:
+                if not self._pump_ready.is_set():
+                    raise
+                logger.warning("Pub/Sub connection lost (%s); reconnecting", exc)
+            finally:
+                self._subscription = None
+            delay = min(max(delay * 2, 0.05), 5.0)
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _resubscribe(self, subscription: Subscription) -> None:
+        async with self._subscription_lock:
+            channels = [*self.base_channels, *map(keys.room_channel, self._by_room)]
+            await subscription.subscribe(*channels)
+            self._subscribed = set(channels)
+            self._subscription = subscription
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+            if channel.startswith(keys.ROOM_CHANNEL_PREFIX):
+                self._deliver_room(channel.removeprefix(keys.ROOM_CHANNEL_PREFIX), event)
+            elif channel == keys.LOGOUT_CHANNEL:
+                self._logout(event)
+            elif channel == keys.CHANGED_CHANNEL:
+                self.forget_auth(str(event["user_id"]))
+            elif channel.startswith(keys.CONTROL_CHANNEL_PREFIX):
+                self._deliver_direct(event)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Another publisher's bad payload must not take the pump down.
+            logger.warning("ignored malformed payload on %s: %.200r", channel, payload)
+
+    def _deliver_room(self, room: str, event: dict[str, object]) -> None:
+        members = self._by_room.get(room)
+        if not members:
+            return
+        origin = event.get("session")
+        frame = encode(
+            "message",
+            id=event["id"],
+            room=room,
+            data=event["data"],
+            ts=event["ts"],
+            **{"from": event["from"]},
+        )
+        for session in list(members):
+            if session.id != origin:
+                session.deliver(frame)
+
+    def _deliver_direct(self, event: dict[str, object]) -> None:
+        if event.get("type") != "direct":
+            logger.warning("ignored unknown control message %.200r", event)
+            return
+        sessions = self._by_user.get(str(event["to"]))
+        if not sessions:
+            return
+        origin = event.get("session")
+        frame = encode(
+            "direct", id=event["id"], data=event["data"], ts=event["ts"], **{"from": event["from"]}
+        )
+        for session in list(sessions):
+            if session.id != origin:
+                session.deliver(frame)
+
+    def _logout(self, event: dict[str, object]) -> None:
+        user_id = str(event["user_id"])
+        self.forget_auth(user_id)
+        reason = str(event.get("reason", "logout"))
+        code = LOGOUT_CLOSE_CODES.get(reason, 4000)
+        only = event.get("session_id")
+        for session in list(self._by_user.get(user_id, ())):
+            if only is None or session.id == only:
+                session.close(code, reason, encode("logout", reason=reason))
+
+
+def _discard(index: defaultdict[str, set[Session]], key: str, session: Session) -> bool:
+    """Remove ``session`` from ``index[key]``; return False when that emptied the entry."""
+    members = index.get(key)
+    if members is None:
+        return False
+    members.discard(session)
+    if not members:
+        del index[key]
+        return False
+    return True

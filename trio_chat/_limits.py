@@ -1,0 +1,31 @@
+"""A per-session token bucket for ``send``/``direct`` (SPEC §10 ``limits.send_*``)."""
+
+from __future__ import annotations
+
+import trio
+
+#: rejected frames in a row after which the client counts as abusive and is closed (4429)
+ABUSE_STRIKES = 10
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; one token per frame."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = trio.current_time()
+        self.strikes = 0
+
+    def take(self) -> bool:
+        """Spend a token if there is one; count a strike when there is not."""
+        now = trio.current_time()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        return False

@@ -1,0 +1,100 @@
+"""Reaping dead instances (SPEC §8).
+
+An instance that died without cleaning up leaves its id in ``ws:instances`` and its sessions
+in ``ws:instance:<id>:sessions``; its ``ws:instance:<id>`` key expires after
+``session.instance_ttl``. Any live instance (or ``trio-chat clean``) that sees such an id takes
+the ``ws:reap:<id>`` lock, so exactly one of them removes the dead sessions from the users'
+sets and the rooms' presence, deletes their keys, and finally forgets the instance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import trio
+
+from . import _keys as keys
+from ._config import Config
+from ._errors import BackendUnavailable
+from ._store import Backend, Batch
+
+logger = logging.getLogger(__name__)
+
+#: how long a reaper may hold an instance's lock before another may try
+REAP_LOCK_SECONDS = 30.0
+
+
+async def sweep(backend: Backend, reaper_id: str) -> list[str]:
+    """Reap every registered instance whose liveness key has expired.
+
+    Returns:
+        The ids of the instances this call reaped (not those another reaper holds).
+
+    Raises:
+        BackendUnavailable: the store could not be reached.
+    """
+    listing = Batch()
+    members = listing.smembers(keys.INSTANCES)
+    await backend.execute(listing)
+    candidates = sorted(members.value - {reaper_id})
+    if not candidates:
+        return []
+    probe = Batch()
+    alive = [probe.exists(keys.instance(i)) for i in candidates]
+    await backend.execute(probe)
+    dead = [i for i, reply in zip(candidates, alive, strict=True) if not reply.value]
+    if not dead:
+        return []
+    locking = Batch()
+    locks = [locking.set(keys.reap_lock(i), reaper_id, ex=REAP_LOCK_SECONDS, nx=True) for i in dead]
+    await backend.execute(locking)
+    reaped = []
+    for instance_id, lock in zip(dead, locks, strict=True):
+        if lock.value:
+            count = await reap(backend, instance_id)
+            logger.warning("reaped dead instance %s (%d sessions)", instance_id, count)
+            reaped.append(instance_id)
+    return reaped
+
+
+async def reap(backend: Backend, instance_id: str) -> int:
+    """Remove every trace of ``instance_id``'s sessions; return how many there were."""
+    batch = Batch()
+    owned = batch.hgetall(keys.instance_sessions(instance_id))
+    await backend.execute(batch)
+    sessions = owned.value
+    lookup = Batch()
+    rooms = {sid: lookup.hget(keys.session(sid), "rooms") for sid in sessions}
+    if rooms:
+        await backend.execute(lookup)
+    cleanup = Batch()
+    for session_id, user_id in sessions.items():
+        cleanup.srem(keys.user_sessions(user_id), session_id)
+        cleanup.delete(keys.session(session_id))
+        for room in _rooms(rooms[session_id].value):
+            cleanup.zrem(keys.room_presence(room), session_id)
+    # Forget the instance last: if this dies half-way, the id is still there to reap again.
+    cleanup.delete(keys.instance_sessions(instance_id), keys.instance(instance_id))
+    cleanup.srem(keys.INSTANCES, instance_id)
+    await backend.execute(cleanup)
+    return len(sessions)
+
+
+def _rooms(raw: str | None) -> list[str]:
+    try:
+        rooms = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [r for r in rooms if isinstance(r, str)] if isinstance(rooms, list) else []
+
+
+async def cleaner(backend: Backend, config: Config) -> None:
+    """Sweep every ``session.instance_ttl`` (with jitter, so peers don't sweep in step)."""
+    while True:
+        await trio.sleep(config.session.instance_ttl * random.uniform(0.5, 1.0))
+        try:
+            await sweep(backend, config.server.instance_id)
+        except BackendUnavailable as exc:
+            logger.warning("cleaner: redis unreachable: %s", exc)

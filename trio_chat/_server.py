@@ -1,0 +1,183 @@
+"""``serve``: the nursery tree of one trio-chat instance (SPEC §1).
+
+serve
+├── backend holder                  shielded: the store outlives every cleanup that needs it
+└── services nursery                outlives the handlers
+    ├── hub.run                     the Pub/Sub pump
+    ├── heartbeat                   renews instance and session TTLs every ttl/3
+    ├── cleaner                     reaps instances that died without cleaning up
+    └── handlers nursery            outlives the accept loop
+        ├── connection x N          one task per socket: reader, writer, watchers
+        └── front nursery           cancelled first at shutdown
+            ├── serve_websocket     the accept loop
+            └── signal watcher      SIGTERM/SIGINT -> drain (when asked to)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from trio_websocket import serve_websocket
+
+from . import _reaper as reaper
+from . import _registry as registry
+from ._auth import TokenVerifier
+from ._backends import open_backend
+from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
+from ._errors import BackendUnavailable
+from ._hub import Hub
+from ._session import GOING_AWAY
+from ._store import Backend, Batch
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Server:
+    """What ``nursery.start(serve, config)`` returns once the instance is listening."""
+
+    #: the bound WebSocket port (useful with ``server.port = 0``)
+    host: str
+    port: int
+    path: str
+    instance_id: str
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to."""
+        return f"ws://{self.host}:{self.port}{self.path}"
+
+
+async def serve(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one trio-chat instance until cancelled (or, with ``handle_signals``, SIGTERM/SIGINT).
+
+    ``task_status.started()`` reports a :class:`Server` once the store is connected, the Pub/Sub
+    pump is subscribed and the listener is bound.
+
+    Shutdown, by SIGTERM/SIGINT: stop accepting, ask every socket to close with 1001, give the
+    connections ``server.shutdown_timeout`` seconds, then remove the instance's records and
+    return. Cancellation from outside skips the polite close, but every connection still
+    removes its session records in a shielded, bounded ``finally``.
+
+    Args:
+        config: the whole configuration.
+        handle_signals: install SIGTERM/SIGINT handlers (main thread only); embedders that
+            handle signals themselves leave it False and cancel instead.
+
+    Raises:
+        ConfigError: the auth configuration cannot verify any token.
+        BackendUnavailable: the store is unreachable at start-up.
+    """
+    verifier = TokenVerifier(config.auth)
+    instance_id = config.server.instance_id
+    async with trio.open_nursery() as root:
+        release = trio.Event()
+        backend: Backend = await root.start(_hold_backend, config, release)
+        hub = Hub(config, backend)
+        try:
+            async with trio.open_nursery() as services:
+                await services.start(hub.run)
+                await _serve_connections(
+                    config, hub, verifier, services, handle_signals, task_status
+                )
+                services.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                batch = Batch()
+                registry.remove_instance(batch, instance_id)
+                try:
+                    await backend.execute(batch)
+                except BackendUnavailable as exc:
+                    logger.warning("could not remove instance records: %s", exc)
+            release.set()
+    logger.info("instance %s stopped", instance_id)
+
+
+async def _hold_backend(
+    config: Config, release: trio.Event, *, task_status: trio.TaskStatus[Backend]
+) -> None:
+    """Keep the store open, shielded, until ``release`` is set.
+
+    Cancelling ``serve`` cancels every task under it at once; the store's own connection tasks
+    must outlive the connections' shielded cleanup, which still needs them.
+    """
+    with trio.CancelScope(shield=True):
+        async with open_backend(
+            config.redis.url, command_timeout=config.redis.command_timeout
+        ) as backend:
+            task_status.started(backend)
+            await release.wait()
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s: draining", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _serve_connections(
+    config: Config,
+    hub: Hub,
+    verifier: TokenVerifier,
+    services: trio.Nursery,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[Server],
+) -> None:
+    """Accept until cancelled or signalled, then drain the connections (1001, deadline)."""
+    async with trio.open_nursery() as handlers:
+        try:
+            async with trio.open_nursery() as front:
+                ws_server = await front.start(
+                    partial(
+                        serve_websocket,
+                        ConnectionHandler(config, hub, verifier),
+                        config.server.host,
+                        config.server.port,
+                        None,
+                        handler_nursery=handlers,
+                        max_message_size=config.limits.max_message_bytes,
+                        connect_timeout=10,
+                        disconnect_timeout=CLEANUP_TIMEOUT,
+                    )
+                )
+                port = ws_server.port
+                batch = Batch()
+                registry.write_instance(batch, config, port)
+                await hub.backend.execute(batch)
+                services.start_soon(registry.heartbeat, hub, port)
+                services.start_soon(reaper.cleaner, hub.backend, config)
+                if handle_signals:
+                    front.start_soon(_cancel_on_signal, front.cancel_scope)
+                logger.info(
+                    "instance %s listening on ws://%s:%d%s (store %s)",
+                    hub.instance_id,
+                    config.server.host,
+                    port,
+                    config.server.path,
+                    hub.backend.url,
+                )
+                task_status.started(
+                    Server(config.server.host, port, config.server.path, hub.instance_id)
+                )
+        finally:
+            # The accept loop is gone, so no new handshake can arrive. Ask the open sockets
+            # to close themselves with 1001 (a cancelled handler would leave clients 1006),
+            # and give them a deadline.
+            hub.draining = True
+            hub.close_all(GOING_AWAY, "server shutting down")
+            handlers.cancel_scope.deadline = trio.current_time() + config.server.shutdown_timeout
