@@ -95,8 +95,7 @@ async def test_pubsub_payload_carries_no_token(redis_server, nursery):
                 async with open_client(server.url, token) as alice:
                     await alice.join("secret-room")
                     ack = await alice.send("secret-room", {"text": "psst"})
-                async for channel, payload in spy.messages():
-                    break
+                channel, payload = await anext(spy.messages())
     assert channel == "chat:room:secret-room"
     assert token not in payload
     assert token.split(".")[2] not in payload  # not even the signature

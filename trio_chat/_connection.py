@@ -418,8 +418,12 @@ class ConnectionHandler:
             session.refreshes_in_flight -= 1
 
     def _end_expired(self, session: Session, ref: object, why: str) -> SessionEnded:
-        session.deliver(encode("error", ref, code=FORBIDDEN, message=f"refresh refused: {why}"))
-        session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
+        session.close(
+            TOKEN_EXPIRED_CLOSE,
+            "token expired",
+            encode("error", ref, code=FORBIDDEN, message=f"refresh refused: {why}"),
+            encode("logout", reason="expired"),
+        )
         return SessionEnded("refresh refused")
 
     # --- watchers ------------------------------------------------------------------------------

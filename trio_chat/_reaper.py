@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import _keys as keys
-from ._config import Config
 from ._errors import BackendUnavailable
 from ._store import Backend, Batch
+
+if TYPE_CHECKING:
+    from ._config import Config
 
 logger = logging.getLogger(__name__)
 

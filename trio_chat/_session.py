@@ -6,7 +6,7 @@ queue means the client cannot keep up, and the session is closed with 1008.
 
 Closing is asked for with :meth:`Session.close` (from any task, without awaiting). The writer
 performs it, so the close frame never interleaves with a half-written message: it stops taking
-frames from the queue, sends the optional last frame (``logout``), then the close frame.
+frames from the queue, sends the last frames it was given (``logout``), then the close frame.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ INTERNAL_ERROR = 1011
 class CloseRequest:
     code: int
     reason: str
-    #: a frame sent just before the close frame (``logout``), if any
-    last_frame: str | None = None
+    #: frames sent just before the close frame (an ``error``, a ``logout``)
+    last_frames: tuple[str, ...] = ()
 
 
 class Session:
@@ -95,14 +95,14 @@ class Session:
             return False
         return True
 
-    def close(self, code: int, reason: str, last_frame: str | None = None) -> None:
+    def close(self, code: int, reason: str, *last_frames: str) -> None:
         """Ask the writer to close the connection; the first request wins.
 
         The close must finish within the close timeout, or the connection is cancelled.
         """
         if self.close_request is not None:
             return
-        self.close_request = CloseRequest(code, reason, last_frame)
+        self.close_request = CloseRequest(code, reason, last_frames)
         self._idle.cancel()
         if self._scope is not None:
             self._scope.deadline = min(
@@ -150,8 +150,8 @@ class Session:
                 await self.ws.send_message(frame)
             request = self.close_request
             assert request is not None
-            if request.last_frame is not None:
-                await self.ws.send_message(request.last_frame)
+            for frame in request.last_frames:
+                await self.ws.send_message(frame)
             await self.ws.aclose(request.code, request.reason)
         except ConnectionClosed:
             pass

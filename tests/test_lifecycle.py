@@ -1,0 +1,360 @@
+"""How sessions end, or should end, across instances and through faults (SPEC §4, §7, §8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from trio_chat._store import Batch
+from trio_chat.client import ServerError, open_client
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+async def _publish(redis_url: str, channel: str, event: dict, **auth_fields: str) -> None:
+    async with open_backend(redis_url, command_timeout=1) as backend:
+        batch = Batch()
+        if auth_fields:
+            batch.hset(f"auth:{event['user_id']}", auth_fields)
+        batch.publish(channel, json.dumps(event))
+        await backend.execute(batch)
+
+
+async def _closed_with(chat) -> tuple[list[dict], int]:
+    """Read until the server closes; return the frames read and the close code."""
+    frames = []
+    with trio.fail_after(5):
+        try:
+            while True:
+                frames.append(await chat.receive())
+        except ConnectionClosed as closed:
+            return frames, closed.reason.code
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"), [("logout", 4000), ("kicked", 4000), ("banned", 4403), ("revoked", 4401)]
+)
+async def test_logout_closes_the_user_on_every_instance(redis_server, nursery, reason, code):
+    one = await start(nursery, make_config(redis_server.url, "inst-1"))
+    two = await start(nursery, make_config(redis_server.url, "inst-2"))
+    async with (
+        open_client(one.url, make_token("alice")) as laptop,
+        open_client(two.url, make_token("alice")) as phone,
+        open_client(two.url, make_token("bob")) as bob,
+    ):
+        await _publish(redis_server.url, "auth:logout", {"user_id": "alice", "reason": reason})
+        for chat in (laptop, phone):
+            frames, close_code = await _closed_with(chat)
+            assert (frames, close_code) == ([{"type": "logout", "reason": reason}], code)
+        assert (await bob.ping())["type"] == "pong"
+
+
+async def test_logout_of_one_session_only(redis_server, nursery):
+    server = await start(nursery, make_config(redis_server.url))
+    async with (
+        open_client(server.url, make_token("alice")) as laptop,
+        open_client(server.url, make_token("alice")) as phone,
+    ):
+        event = {"user_id": "alice", "session_id": phone.welcome["session_id"], "reason": "kicked"}
+        await _publish(redis_server.url, "auth:logout", event)
+        assert await _closed_with(phone) == ([{"type": "logout", "reason": "kicked"}], 4000)
+        assert (await laptop.ping())["type"] == "pong"
+
+
+async def test_ban_mute_and_not_before_apply_to_the_next_frame(redis_server, nursery):
+    # a long cache: only the auth:changed event can make the change visible at once
+    config = dict(auth={"cache_ttl": 60})
+    one = await start(nursery, make_config(redis_server.url, "inst-1", **config))
+    two = await start(nursery, make_config(redis_server.url, "inst-2", **config))
+    async with (
+        open_client(one.url, make_token("alice")) as laptop,
+        open_client(two.url, make_token("alice")) as phone,
+    ):
+        for chat in (laptop, phone):
+            await chat.join("room")
+            await chat.send("room", "warm the cache")
+        changed = {"user_id": "alice"}
+        await _publish(redis_server.url, "auth:changed", changed, muted_until=str(2**31))
+        for chat in (laptop, phone):
+            with pytest.raises(ServerError) as info:
+                await chat.send("room", "hello")
+            assert info.value.code == "muted"
+        await _publish(
+            redis_server.url,
+            "auth:changed",
+            changed,
+            muted_until="0",
+            not_before=str(2**31),
+        )
+        for chat in (laptop, phone):
+            await chat.send_frame({"type": "send", "room": "room", "data": 1})
+            frames, code = await _closed_with(chat)
+            assert (frames[-1], code) == ({"type": "logout", "reason": "revoked"}, 4401)
+
+
+async def test_bare_hset_ban_applies_within_cache_ttl(redis_server, nursery):
+    server = await start(nursery, make_config(redis_server.url, auth={"cache_ttl": 0.2}))
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            batch = Batch()
+            batch.hset("auth:alice", {"status": "banned"})
+            await backend.execute(batch)
+        await trio.sleep(0.25)
+        await chat.send_frame({"type": "send", "room": "room", "data": 1})
+        frames, code = await _closed_with(chat)
+        assert (frames[-1], code) == ({"type": "logout", "reason": "banned"}, 4403)
+
+
+# --- token expiry -------------------------------------------------------------------------------
+
+EXPIRY = dict(auth={"refresh_window": 1, "leeway": 0})
+
+
+async def test_token_expiring_then_expired_without_refresh(nursery):
+    server = await start(nursery, make_config(**EXPIRY))
+    async with open_client(server.url, make_token("alice", ttl=2)) as chat:
+        frames, code = await _closed_with(chat)
+        expires_at = chat.welcome["expires_at"]
+        assert frames == [
+            {"type": "token_expiring", "expires_at": expires_at},
+            {"type": "logout", "reason": "expired"},
+        ]
+        assert code == 4401
+
+
+async def test_refresh_just_before_the_deadline_wins(redis_server, nursery):
+    server = await start(nursery, make_config(redis_server.url, **EXPIRY))
+    async with open_client(server.url, make_token("alice", ttl=2)) as chat:
+        with trio.fail_after(3):
+            assert (await chat.receive())["type"] == "token_expiring"
+        fresh = make_token("alice", ttl=3600)
+        reply = await chat.request("refresh", token=fresh)
+        assert reply["type"] == "refreshed"
+        assert reply["expires_at"] > chat.welcome["expires_at"] + 3000
+        await trio.sleep(1.5)  # past the old token's deadline
+        assert (await chat.ping())["type"] == "pong"
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            batch = Batch()
+            exp = batch.hget(f"ws:session:{chat.welcome['session_id']}", "token_exp")
+            await backend.execute(batch)
+        assert int(exp.value) == reply["expires_at"]
+
+
+@pytest.mark.parametrize("case", ["other-sub", "expired", "garbage"])
+async def test_refresh_refused_ends_the_session(nursery, case):
+    server = await start(nursery, make_config(**EXPIRY))
+    token = {
+        "other-sub": make_token("mallory"),
+        "expired": make_token("alice", ttl=-10),
+        "garbage": "x.y.z",
+    }[case]
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.send_frame({"type": "refresh", "token": token, "ref": 5})
+        frames, code = await _closed_with(chat)
+        assert frames[0]["type"] == "error"
+        assert frames[0]["ref"] == 5
+        assert (frames[-1], code) == ({"type": "logout", "reason": "expired"}, 4401)
+
+
+# --- heartbeats -----------------------------------------------------------------------------------
+
+
+async def test_heartbeat_keeps_the_session_past_three_ttls_and_rewrites_lost_records(
+    redis_server, nursery
+):
+    config = make_config(redis_server.url, "inst-1", session={"ttl": 0.3, "instance_ttl": 0.3})
+    server = await start(nursery, config)
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        sid = chat.welcome["session_id"]
+        keys = [f"ws:session:{sid}", "ws:user:alice", "ws:room:room", "ws:instance:inst-1"]
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            await trio.sleep(1.0)  # > 3 x ttl
+            assert set((await snapshot(backend, *keys)).values()) == {1}
+            redis_server.flushall()  # Redis lost everything (restart, eviction)
+            await trio.sleep(0.3)
+            assert set((await snapshot(backend, *keys)).values()) == {1}
+            record = await _hash(backend, f"ws:session:{sid}")
+            assert record["user_id"] == "alice"
+            assert json.loads(record["rooms"]) == ["room"]
+
+
+async def _hash(backend, key):
+    batch = Batch()
+    reply = batch.hgetall(key)
+    await backend.execute(batch)
+    return reply.value
+
+
+async def test_unanswered_pings_close_4408(nursery):
+    server = await start(
+        nursery,
+        make_config(heartbeat={"ping_interval": 0.1, "ping_timeout": 0.2}),
+    )
+    async with (
+        open_client(server.url, make_token("talker")) as talker,
+        open_client(server.url, make_token("stuck")) as stuck,
+    ):
+        await stuck.join("room")
+        await talker.join("room")
+        # trio-websocket's client answers pings from its reader task, which stops once its
+        # one-message queue is full: fill it and the pings go unanswered.
+        for n in range(3):
+            await talker.send("room", n)
+        await trio.sleep(1.0)
+        _frames, code = await _closed_with(stuck)
+        assert code == 4408
+        assert (await talker.ping())["type"] == "pong"  # answered pings keep the talker
+
+
+# --- limits ---------------------------------------------------------------------------------------
+
+
+async def test_send_rate_limit_then_4429(nursery):
+    server = await start(nursery, make_config(limits={"send_rate": 0.001, "send_burst": 2}))
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        await chat.send("room", 1)
+        await chat.direct("bob", 2)
+        with pytest.raises(ServerError) as info:
+            await chat.send("room", 3)
+        assert info.value.code == "rate_limited"
+        for _ in range(20):
+            await chat.send_frame({"type": "send", "room": "room", "data": 0})
+        frames, code = await _closed_with(chat)
+        assert code == 4429
+        assert {f["code"] for f in frames} == {"rate_limited"}
+
+
+async def test_connection_and_room_limits(nursery):
+    server = await start(
+        nursery, make_config(limits={"max_connections": 1, "max_rooms_per_session": 1})
+    )
+    async with open_client(server.url, make_token("alice")) as chat:
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_client(server.url, make_token("bob")):
+                pass
+        assert info.value.status_code == 429
+        assert json.loads(info.value.body)["error"] == "too_many_connections"
+        await chat.join("one")
+        with pytest.raises(ServerError) as too_many:
+            await chat.join("two")
+        assert too_many.value.code == "forbidden"
+
+
+# --- crashes, outages, shutdown -------------------------------------------------------------------
+
+
+async def _spawn(
+    log: Path, redis_url: str, instance_id: str, **env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``trio-chat serve`` in a child process; return it and its WebSocket URL.
+
+    Its log goes to a file (a pipe nobody drains would stall it once full).
+    """
+    environ = {
+        **os.environ,
+        "TRIO_CHAT_AUTH_JWT_SECRET": SECRET,
+        "TRIO_CHAT_ADMIN_ENABLED": "false",
+        **env,
+    }
+    command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0"]
+    command += ["--redis-url", redis_url, "--instance-id", instance_id]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=environ, stderr=sink)
+    with trio.fail_after(10):
+        while not (match := re.search(r"listening on (ws://\S+)", log.read_text())):
+            assert process.poll() is None, log.read_text()
+            await trio.sleep(0.02)
+    return process, match.group(1)
+
+
+async def test_sigkill_instance_is_reaped_by_a_live_one(redis_server, nursery, tmp_path):
+    short = {"TRIO_CHAT_SESSION_TTL": "30", "TRIO_CHAT_SESSION_INSTANCE_TTL": "0.5"}
+    victim, url = await _spawn(tmp_path / "victim.log", redis_server.url, "victim", **short)
+    try:
+        async with open_client(url, make_token("alice")) as chat:
+            await chat.join("room")
+            sid = chat.welcome["session_id"]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+    finally:
+        victim.kill()
+        victim.wait()
+    await start(nursery, make_config(redis_server.url, "survivor", session={"instance_ttl": 0.5}))
+    keys = [f"ws:session:{sid}", "ws:user:alice", "ws:instance:victim:sessions", "ws:room:room"]
+    async with open_backend(redis_server.url, command_timeout=1) as backend:
+        with trio.fail_after(5):
+            while any((await snapshot(backend, *keys)).values()):
+                await trio.sleep(0.05)
+        batch = Batch()
+        instances = batch.smembers("ws:instances")
+        await backend.execute(batch)
+    assert instances.value == {"survivor"}
+
+
+async def test_sigterm_drains_with_1001_and_exit_0(redis_server, tmp_path):
+    process, url = await _spawn(tmp_path / "draining.log", redis_server.url, "draining")
+    try:
+        async with open_client(url, make_token("alice")) as chat:
+            sid = chat.welcome["session_id"]
+            process.send_signal(signal.SIGTERM)
+            _frames, code = await _closed_with(chat)
+            assert code == 1001
+        with trio.fail_after(10):
+            while process.poll() is None:
+                await trio.sleep(0.05)
+        assert process.returncode == 0
+    finally:
+        process.kill()
+        process.wait()
+    async with open_backend(redis_server.url, command_timeout=1) as backend:
+        left = await snapshot(backend, f"ws:session:{sid}", "ws:user:alice", "ws:instance:draining")
+        assert set(left.values()) == {0}
+
+
+async def test_redis_restart_recovers_fanout_and_records(redis_server, nursery):
+    short = dict(session={"ttl": 0.6, "instance_ttl": 0.6})
+    one = await start(nursery, make_config(redis_server.url, "inst-1", **short))
+    two = await start(nursery, make_config(redis_server.url, "inst-2", **short))
+    async with (
+        open_client(one.url, make_token("alice")) as alice,
+        open_client(two.url, make_token("bob")) as bob,
+    ):
+        await alice.join("room")
+        await bob.join("room")
+        redis_server.restart()  # killed, started again empty on the same port
+        with trio.fail_after(10):
+            while True:  # sends fail with `unavailable` until the store is back
+                try:
+                    await alice.send("room", "after")
+                    break
+                except ServerError as exc:
+                    if exc.code != "unavailable":
+                        raise
+                    await trio.sleep(0.05)
+            # the pump may still be resubscribing: keep sending until one gets through
+            while True:
+                with trio.move_on_after(0.3):
+                    frame = await bob.receive()
+                    assert frame["type"] == "message"
+                    break
+                await alice.send("room", "after")
+        sids = [alice.welcome["session_id"], bob.welcome["session_id"]]
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            with trio.fail_after(5):
+                keys = [f"ws:session:{s}" for s in sids] + ["ws:instance:inst-1", "ws:room:room"]
+                while not all((await snapshot(backend, *keys)).values()):
+                    await trio.sleep(0.05)
