@@ -6,6 +6,12 @@ rest of the code catches narrow types of ours.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 
 class ChatError(Exception):
     """Base class of every error trio-chat raises on purpose."""
@@ -42,3 +48,24 @@ class ProtocolError(ChatError):
         self.code = code
         self.message = message
         self.ref = ref
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise the one exception a nursery wrapped in an ExceptionGroup, as itself.
+
+    A nursery wraps even a single exception of its body; unwrapped, callers catch the same
+    exceptions whether or not a nursery ran the code in between. Groups of several are left
+    alone.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        context = error.__context__
+        try:
+            raise error
+        finally:
+            error.__context__ = context  # not the group, which was only its wrapper

@@ -14,13 +14,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import anyio
 import coredis
 import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
-from ._errors import BackendUnavailable, ConfigError
+from ._errors import BackendUnavailable, ConfigError, single_error
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,8 +31,16 @@ if TYPE_CHECKING:
     from ._store import Batch, Command
 
 # What "Redis did not answer" looks like: coredis's ConnectionError (also raised for a server
-# still loading its data), OSError (TimeoutError is one), and our own trio.fail_after.
-_UNAVAILABLE = (RedisConnectionError, OSError, trio.TooSlowError)
+# still loading its data), OSError (TimeoutError is one), our own trio.fail_after, and anyio's
+# stream errors, which coredis lets through when a connection closes under a pending command
+# (its Pub/Sub cleanup, racing the close, is one).
+_UNAVAILABLE = (
+    RedisConnectionError,
+    OSError,
+    trio.TooSlowError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 _T = TypeVar("_T")
 
@@ -47,26 +56,6 @@ def _unavailable(what: str) -> Iterator[None]:
             error = error.exceptions[0]
         detail = ": ".join(filter(None, (type(error).__name__, str(error))))
         raise BackendUnavailable(f"{what}: {detail}") from group
-
-
-@contextmanager
-def _own_errors() -> Iterator[None]:
-    """Give the caller back its own exception from the nursery that ran the caller's code.
-
-    A nursery wraps even one exception of its body in an ExceptionGroup; unwrapped, callers
-    catch the same exceptions as with the memory backend, which has no nursery.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
-            raise
-        error = group.exceptions[0]
-        context = error.__context__
-        try:
-            raise error
-        finally:
-            error.__context__ = context  # not the group, which was only its wrapper
 
 
 def _without_password(url: str) -> str:
@@ -265,7 +254,7 @@ class RedisBackend:
             timeout=self._timeout,
             ping_interval=self._ping_interval,
         )
-        with _own_errors():
+        with single_error():
             async with trio.open_nursery() as nursery:
                 with _unavailable(f"Redis at {self.url}"), trio.fail_after(self._timeout):
                     await nursery.start(subscription.run)
@@ -388,7 +377,7 @@ async def open_redis_backend(
         ConfigError: ``url`` cannot be parsed.
         BackendUnavailable: Redis did not answer the PING within ``command_timeout``.
     """
-    with _own_errors():
+    with single_error():
         async with trio.open_nursery() as nursery:
             backend = RedisBackend(
                 url, nursery, command_timeout=command_timeout, ping_interval=ping_interval

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -25,8 +25,10 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from ._errors import single_error
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
 __all__ = ["ChatClient", "ConnectionClosed", "ConnectionRejected", "ServerError", "open_client"]
 
@@ -126,7 +128,7 @@ async def open_client(
         extra.append((b"Authorization", f"Bearer {token}".encode()))
     stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
-        with _single_error():
+        with single_error():
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(connect_timeout):
                     ws = await wrap_client_stream(
@@ -148,14 +150,3 @@ async def open_client(
                     nursery.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(stream)
-
-
-@contextmanager
-def _single_error() -> Iterator[None]:
-    """Re-raise the one error a nursery wrapped (a refusal, or the caller's own error)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
