@@ -19,8 +19,8 @@ import trio
 
 from . import _keys as keys
 from ._auth import AuthRecord
-from ._errors import BackendUnavailable
-from ._messages import encode
+from ._errors import BackendUnavailable, single_error
+from ._messages import dumps, encode
 from ._store import Backend, Batch, Subscription
 
 if TYPE_CHECKING:
@@ -56,6 +56,11 @@ class Hub:
         # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.
         self._subscription_lock = trio.Lock()
         self._pump_ready = trio.Event()
+        self._pump_stale = False
+        self._probe_nonce = 0
+        self._probe_seen = trio.Event()
+        #: Pub/Sub reconnections since start (lost or stale connections)
+        self.reconnects = 0
         self.draining = False
 
     @property
@@ -158,32 +163,80 @@ class Hub:
 
     # --- the pump ------------------------------------------------------------------------------
 
+    @property
+    def pump_healthy(self) -> bool:
+        """Subscribed, and the last liveness probe came back in time."""
+        return self._subscription is not None and not self._pump_stale
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one Pub/Sub connection subscribed to every channel this instance needs.
 
-        ``started()`` is called once the first connection is subscribed. On a lost connection
-        it reconnects with capped exponential backoff and jitter, then subscribes again.
+        ``started()`` is called once the first connection is subscribed. On a lost connection,
+        or a stale one (a probe published to our own control channel did not come back), it
+        reconnects with capped exponential backoff and jitter, then subscribes again.
         Runs until cancelled.
+
+        Raises:
+            BackendUnavailable: the very first connection failed.
         """
         delay = 0.0
         while True:
             try:
-                async with self.backend.subscription() as subscription:
-                    await self._resubscribe(subscription)
-                    if not self._pump_ready.is_set():
-                        self._pump_ready.set()
-                        task_status.started()
-                    delay = 0.0
-                    async for channel, payload in subscription.messages():
-                        self._dispatch(channel, payload)
+                await self._pump(task_status)
             except BackendUnavailable as exc:
                 if not self._pump_ready.is_set():
                     raise
+                self.reconnects += 1
                 logger.warning("Pub/Sub connection lost (%s); reconnecting", exc)
+            else:
+                delay = 0.0
             finally:
                 self._subscription = None
             delay = min(max(delay * 2, 0.05), 5.0)
             await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _pump(self, task_status: trio.TaskStatus[None]) -> None:
+        """One connection's life; returns (to reconnect) when its probes stop coming back."""
+        async with self.backend.subscription() as subscription:
+            await self._resubscribe(subscription)
+            self._pump_stale = False
+            if not self._pump_ready.is_set():
+                self._pump_ready.set()
+                task_status.started()
+            with trio.CancelScope() as scope, single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._probe, scope)
+                    async for channel, payload in subscription.messages():
+                        self._dispatch(channel, payload)
+                    nursery.cancel_scope.cancel()
+
+    async def _probe(self, pump_scope: trio.CancelScope) -> None:
+        """Prove the pump alive: publish to our own control channel, expect it back."""
+        interval = self.config.session.instance_ttl / 3
+        timeout = max(1.0, 2 * self.config.redis.command_timeout)
+        channel = keys.control_channel(self.instance_id)
+        while True:
+            await trio.sleep(interval)
+            self._probe_nonce += 1
+            self._probe_seen = trio.Event()
+            batch = Batch()
+            batch.publish(channel, dumps({"type": "probe", "nonce": self._probe_nonce}))
+            try:
+                await self.backend.execute(batch)
+            except BackendUnavailable:
+                continue  # Redis is down: the pump notices on its own connection
+            with trio.move_on_after(timeout):
+                await self._probe_seen.wait()
+                continue
+            logger.error(
+                "Pub/Sub pump is stale: probe %d not received within %.1fs; reconnecting",
+                self._probe_nonce,
+                timeout,
+            )
+            self._pump_stale = True
+            self.reconnects += 1
+            pump_scope.cancel()
+            return
 
     async def _resubscribe(self, subscription: Subscription) -> None:
         async with self._subscription_lock:
@@ -225,6 +278,10 @@ class Hub:
                 session.deliver(frame)
 
     def _deliver_direct(self, event: dict[str, object]) -> None:
+        if event.get("type") == "probe":
+            if event.get("nonce") == self._probe_nonce:
+                self._probe_seen.set()
+            return
         if event.get("type") != "direct":
             logger.warning("ignored unknown control message %.200r", event)
             return
