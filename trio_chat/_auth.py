@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,8 @@ class Identity:
 
     user_id: str
     issued_at: int
-    expires_at: int
+    #: unix seconds; None for an opaque session whose key has no TTL
+    expires_at: int | None
     #: fnmatch patterns of the rooms the user may join; None means any room
     rooms: tuple[str, ...] | None = None
 
@@ -65,6 +67,19 @@ class HandshakeInfo:
             sep = "; " if key == "cookie" else ", "
             merged[key] = f"{merged[key]}{sep}{text}" if key in merged else text
         return cls(split.path, parse_qs(split.query), merged, tuple(subprotocols))
+
+
+_OPAQUE_ID = re.compile(r"[A-Za-z0-9_\-]{8,256}")
+
+
+def opaque_session_id(credential: str, config: AuthConfig) -> str | None:
+    """The credential as an opaque session id, when ``auth.session_key`` is set and it is not
+    shaped like a JWT (three dot-separated parts)."""
+    if config.session_key is None or credential.count(".") == 2:
+        return None
+    if not _OPAQUE_ID.fullmatch(credential):
+        raise AuthError(401, "invalid_session", "malformed session id")
+    return credential
 
 
 def find_token(info: HandshakeInfo, config: AuthConfig) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, assert_never
 
@@ -26,6 +27,7 @@ from ._auth import (
     TokenVerifier,
     find_token,
     judge,
+    opaque_session_id,
     origin_allowed,
 )
 from ._errors import AuthError, BackendUnavailable, ProtocolError
@@ -37,6 +39,7 @@ from ._messages import (
     RATE_LIMITED,
     TOO_LARGE,
     UNAVAILABLE,
+    USER_ID,
     ClientMessage,
     Direct,
     Join,
@@ -191,7 +194,10 @@ class ConnectionHandler:
         token = find_token(info, config.auth)
         if token is None:
             raise AuthError(401, "missing_token", "no credential in the request")
-        identity = self.verifier.verify(token)
+        if (opaque := opaque_session_id(token, config.auth)) is not None:
+            identity = await self._resolve_session(opaque)
+        else:
+            identity = self.verifier.verify(token)
         batch = Batch()
         record_fields = batch.hgetall(keys.auth(identity.user_id))
         live_sessions = batch.scard(keys.user_sessions(identity.user_id))
@@ -208,6 +214,33 @@ class ConnectionHandler:
         if live_sessions.value >= config.limits.max_sessions_per_user:
             raise AuthError(429, "too_many_sessions", "session limit for this user reached")
         return identity
+
+    async def _resolve_session(self, session_id: str) -> Identity:
+        """Look an opaque session id up in ``auth.session_key`` (SPEC §5).
+
+        The hash must hold ``user_id``; ``issued_at`` (unix s) is optional, and without it
+        ``not_before`` cannot revoke the session (deleting the key does). The key's TTL, if
+        any, is the session's expiry.
+        """
+        assert self.config.auth.session_key is not None
+        key = self.config.auth.session_key.replace("<id>", session_id)
+        batch = Batch()
+        fields = batch.hgetall(key)
+        ttl = batch.ttl(key)
+        try:
+            await self.backend.execute(batch)
+        except BackendUnavailable as exc:
+            raise AuthError(503, "unavailable", "store unreachable") from exc
+        user_id = fields.value.get("user_id", "")
+        if not USER_ID.fullmatch(user_id):
+            raise AuthError(401, "invalid_session", "unknown or expired session")
+        now = int(time.time())
+        try:
+            issued_at = int(float(fields.value.get("issued_at") or now))
+        except ValueError:
+            issued_at = now
+        expires_at = None if ttl.value is None else now + math.ceil(ttl.value)
+        return Identity(user_id, issued_at, expires_at)
 
     async def _register(
         self, session_id: str, identity: Identity, remote: str, connected_at: int
@@ -242,7 +275,7 @@ class ConnectionHandler:
         except BackendUnavailable as exc:
             # The TTLs and the reaper are the backstop (SPEC §8).
             logger.warning("cleanup of session %s failed: %s", session_id, exc)
-        if emptied:
+        if emptied and not self.hub.draining:  # at shutdown the whole subscription goes
             await self.hub.release_rooms(emptied)
 
     # --- frames --------------------------------------------------------------------------------
@@ -436,6 +469,9 @@ class ConnectionHandler:
         while True:
             expires_at = session.identity.expires_at
             changed = session.identity_changed
+            if expires_at is None:  # an opaque session with no TTL: only a refresh changes it
+                await changed.wait()
+                continue
             now = time.time()
             if now >= expires_at + auth.leeway:
                 if session.refreshes_in_flight:

@@ -48,7 +48,7 @@ def write_session(
             "connected_at": str(connected_at),
             "last_seen": str(now),
             "rooms": dumps(sorted(rooms)),
-            "token_exp": str(identity.expires_at),
+            "token_exp": str(identity.expires_at or 0),  # 0: an opaque session without TTL
             "remote": remote,
         },
     )
