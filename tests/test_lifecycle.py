@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,6 +17,7 @@ import trio
 from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
+from trio_chat._hub import Hub
 from trio_chat._store import Batch
 from trio_chat.client import ServerError, open_client
 
@@ -358,3 +361,155 @@ async def test_redis_restart_recovers_fanout_and_records(redis_server, nursery):
                 keys = [f"ws:session:{s}" for s in sids] + ["ws:instance:inst-1", "ws:room:room"]
                 while not all((await snapshot(backend, *keys)).values()):
                     await trio.sleep(0.05)
+
+
+# --- opaque sessions, the clean command, a stale pump, shutdown with Redis gone ----------------
+
+
+async def test_opaque_session_id_is_resolved_and_revocable(redis_server, nursery):
+    server = await start(
+        nursery, make_config(redis_server.url, auth={"session_key": "session:<id>"})
+    )
+    opaque = "s3ss10n-1d-0123456789"
+    async with open_backend(redis_server.url, command_timeout=1) as backend:
+        batch = Batch()
+        batch.hset(f"session:{opaque}", {"user_id": "carol"})
+        batch.expire(f"session:{opaque}", 600)
+        await backend.execute(batch)
+        async with open_client(
+            server.url, headers=[("Cookie", f"trio_chat_token={opaque}")]
+        ) as chat:
+            assert chat.welcome["user_id"] == "carol"
+            assert 0 < chat.welcome["expires_at"] - time.time() <= 601
+            # revoke: delete the key, publish the logout
+            batch = Batch()
+            batch.delete(f"session:{opaque}")
+            batch.publish("auth:logout", json.dumps({"user_id": "carol", "reason": "revoked"}))
+            await backend.execute(batch)
+            assert (await _closed_with(chat))[1] == 4401
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_client(server.url, opaque):
+            pass
+    assert (info.value.status_code, json.loads(info.value.body)["error"]) == (
+        401,
+        "invalid_session",
+    )
+
+
+async def test_clean_command_reaps_dead_instances(redis_server):
+    async with open_backend(redis_server.url, command_timeout=1) as backend:
+        batch = Batch()
+        batch.sadd("ws:instances", "dead-1")
+        batch.hset("ws:instance:dead-1:sessions", {"sid-a": "alice"})
+        batch.sadd("ws:user:alice", "sid-a", "sid-live")
+        batch.hset("ws:session:sid-a", {"user_id": "alice", "rooms": '["room"]'})
+        batch.zadd("ws:room:room", {"sid-a": 1.0})
+        await backend.execute(batch)
+        result = await _clean(redis_server.url)
+        assert result.returncode == 0
+        assert result.stdout.strip() == b"reaped 1 dead instance(s): dead-1"
+        batch = Batch()
+        users = batch.smembers("ws:user:alice")
+        instances = batch.smembers("ws:instances")
+        room = batch.zcard("ws:room:room")
+        left = batch.exists("ws:session:sid-a", "ws:instance:dead-1:sessions")
+        await backend.execute(batch)
+        assert (users.value, instances.value, room.value, left.value) == ({"sid-live"}, set(), 0, 0)
+
+
+async def test_clean_command_reports_unreachable_redis(redis_server):
+    redis_server.kill()
+    result = await _clean(redis_server.url)
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"trio-chat: redis unreachable")
+    assert b"Traceback" not in result.stderr
+
+
+async def _clean(redis_url: str) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "trio_chat", "clean", "--redis-url", redis_url]
+    with trio.fail_after(30):
+        return await trio.run_process(
+            command, capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def test_sigterm_exits_0_within_the_timeout_while_redis_is_paused(redis_server, tmp_path):
+    process, url = await _spawn(
+        tmp_path / "paused.log",
+        redis_server.url,
+        "paused",
+        TRIO_CHAT_SERVER_SHUTDOWN_TIMEOUT="3",
+        TRIO_CHAT_REDIS_COMMAND_TIMEOUT="0.3",
+    )
+    try:
+        async with open_client(url, make_token("alice")) as chat:
+            await chat.join("room")
+            redis_server.pause()
+            try:
+                started = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+                assert (await _closed_with(chat))[1] == 1001
+                with trio.fail_after(6):
+                    while process.poll() is None:
+                        await trio.sleep(0.05)
+                assert process.returncode == 0
+                assert trio.current_time() - started < 3.5
+            finally:
+                redis_server.resume()
+    finally:
+        process.kill()
+        process.wait()
+
+
+class _DeafBackend:
+    """Wraps a backend so that its first subscription stays connected but hears nothing."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.opened = 0
+
+    async def execute(self, batch) -> None:
+        await self.inner.execute(batch)
+
+    @asynccontextmanager
+    async def subscription(self):
+        self.opened += 1
+        async with self.inner.subscription() as subscription:
+            yield _Deaf(subscription) if self.opened == 1 else subscription
+
+
+class _Deaf:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def subscribe(self, *channels: str) -> None:
+        await self.inner.subscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self.inner.unsubscribe(*channels)
+
+    def messages(self):
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await trio.sleep_forever()
+
+
+async def test_a_stale_pump_is_logged_and_reconnected(nursery, caplog):
+    config = make_config(session={"instance_ttl": 0.3}, redis={"command_timeout": 0.1})
+    async with open_backend("memory://", command_timeout=1) as memory:
+        backend = _DeafBackend(memory)
+        hub = Hub(config, backend)
+        await nursery.start(hub.run)
+        with trio.fail_after(5):
+            while backend.opened < 2:
+                await trio.sleep(0.01)
+        assert hub.reconnects == 1
+        assert "Pub/Sub pump is stale" in caplog.text
+        await trio.sleep(0.5)  # probes on the new connection come back
+        assert hub.pump_healthy
+        assert hub.reconnects == 1

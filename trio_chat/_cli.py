@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", choices=_LOG_LEVELS, default="info")
 
+    clean = commands.add_parser(
+        "clean", help="reap dead instances once (for cron or a systemd timer), then exit"
+    )
+    clean.set_defaults(command=_clean)
+    clean.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    clean.add_argument("--redis-url", dest="redis.url", metavar="URL", help="redis:// URL")
+
     token = commands.add_parser("token", help="print a JWT for USER signed with auth.jwt_secret")
     token.set_defaults(command=_token)
     token.add_argument("user", metavar="USER", help="the token's subject (sub)")
@@ -68,18 +75,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The flags whose dest is ``section.key``, as configuration overrides."""
     overrides: dict[str, dict[str, object]] = {}
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, key = dest.split(".")
             overrides.setdefault(section, {})[key] = value
-    config = load_config(args.config, overrides=overrides)
+    return overrides
+
+
+def _setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # coredis logs a traceback for every failed connection attempt; ours say it in one line.
+    logging.getLogger("coredis").setLevel(logging.CRITICAL)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=_overrides(args))
+    _setup_logging("warning")
+    from ._reaper import clean_once
+
+    try:
+        reaped = trio.run(clean_once, config)
+    except BackendUnavailable as exc:
+        return _fail(f"redis unreachable: {exc}", 1)
+    print(f"reaped {len(reaped)} dead instance(s){': ' if reaped else ''}{' '.join(reaped)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=_overrides(args))
+    _setup_logging(args.log_level)
     from ._server import serve  # late: of all the commands, only this one needs the server
 
     code = 0

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import socket
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import _keys as keys
+from ._backends import open_backend
 from ._errors import BackendUnavailable
 from ._store import Backend, Batch
 
@@ -101,3 +104,16 @@ async def cleaner(backend: Backend, config: Config) -> None:
             await sweep(backend, config.server.instance_id)
         except BackendUnavailable as exc:
             logger.warning("cleaner: redis unreachable: %s", exc)
+
+
+async def clean_once(config: Config) -> list[str]:
+    """One sweep as its own short-lived reaper (``trio-chat clean``); returns the reaped ids.
+
+    Raises:
+        BackendUnavailable: the store could not be reached.
+    """
+    reaper_id = f"clean-{socket.gethostname()}-{os.getpid()}"
+    async with open_backend(
+        config.redis.url, command_timeout=config.redis.command_timeout
+    ) as backend:
+        return await sweep(backend, reaper_id)

@@ -180,4 +180,8 @@ async def _serve_connections(
             # and give them a deadline.
             hub.draining = True
             hub.close_all(GOING_AWAY, "server shutting down")
-            handlers.cancel_scope.deadline = trio.current_time() + config.server.shutdown_timeout
+            # Keep back time for the cleanups that follow: each connection's records, then the
+            # instance's, one bounded round trip each, so the whole drain fits the timeout.
+            timeout = config.server.shutdown_timeout
+            drain = max(timeout / 2, timeout - 3 * config.redis.command_timeout)
+            handlers.cancel_scope.deadline = trio.current_time() + drain
