@@ -20,7 +20,7 @@ import trio
 from . import _keys as keys
 from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
-from ._messages import dumps, encode
+from ._messages import dumps, encode, new_message_id
 from ._store import Backend, Batch, Subscription
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ class Hub:
         self._probe_seen = trio.Event()
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
+        self._logout_waiters: dict[str, _Acknowledgements] = {}
+        # Acknowledgements are published by a task of their own: the pump never awaits Redis.
+        self._acks, self._acks_out = trio.open_memory_channel[tuple[str, str]](1000)
         self.draining = False
 
     @property
@@ -206,6 +209,7 @@ class Hub:
             with trio.CancelScope() as scope, single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._probe, scope)
+                    nursery.start_soon(self._send_acks)
                     async for channel, payload in subscription.messages():
                         self._dispatch(channel, payload)
                     nursery.cancel_scope.cancel()
@@ -255,7 +259,7 @@ class Hub:
             elif channel == keys.CHANGED_CHANNEL:
                 self.forget_auth(str(event["user_id"]))
             elif channel.startswith(keys.CONTROL_CHANNEL_PREFIX):
-                self._deliver_direct(event)
+                self._control(event)
         except (ValueError, KeyError, TypeError, AttributeError):
             # Another publisher's bad payload must not take the pump down.
             logger.warning("ignored malformed payload on %s: %.200r", channel, payload)
@@ -277,14 +281,21 @@ class Hub:
             if session.id != origin:
                 session.deliver(frame)
 
+    def _control(self, event: dict[str, object]) -> None:
+        """A message on our own control channel (SPEC §4 ``ws:control:<id>``)."""
+        match event.get("type"):
+            case "direct":
+                self._deliver_direct(event)
+            case "probe":
+                if event.get("nonce") == self._probe_nonce:
+                    self._probe_seen.set()
+            case "logout_ack":
+                if (waiter := self._logout_waiters.get(str(event["request"]))) is not None:
+                    waiter.acknowledge(int(str(event["closed"])))
+            case _:
+                logger.warning("ignored unknown control message %.200r", event)
+
     def _deliver_direct(self, event: dict[str, object]) -> None:
-        if event.get("type") == "probe":
-            if event.get("nonce") == self._probe_nonce:
-                self._probe_seen.set()
-            return
-        if event.get("type") != "direct":
-            logger.warning("ignored unknown control message %.200r", event)
-            return
         sessions = self._by_user.get(str(event["to"]))
         if not sessions:
             return
@@ -302,9 +313,78 @@ class Hub:
         reason = str(event.get("reason", "logout"))
         code = LOGOUT_CLOSE_CODES.get(reason, 4000)
         only = event.get("session_id")
+        closed = 0
         for session in list(self._by_user.get(user_id, ())):
             if only is None or session.id == only:
+                closed += not session.closing
                 session.close(code, reason, encode("logout", reason=reason))
+        if (request := event.get("request")) is not None and (to := event.get("reply_to")):
+            ack = {"type": "logout_ack", "request": request, "closed": closed}
+            try:
+                self._acks.send_nowait((keys.control_channel(str(to)), dumps(ack)))
+            except trio.WouldBlock:
+                logger.warning("logout acknowledgements backlog full; one dropped")
+
+    async def _send_acks(self) -> None:
+        async for channel, payload in self._acks_out:
+            batch = Batch()
+            batch.publish(channel, payload)
+            try:
+                await self.backend.execute(batch)
+            except BackendUnavailable as exc:
+                logger.warning("could not acknowledge a logout: %s", exc)
+
+    # --- operations that need every instance -----------------------------------------------------
+
+    async def logout(
+        self, user_id: str, reason: str, *, session_id: str | None = None, wait: float = 1.0
+    ) -> int:
+        """Publish ``auth:logout`` and count the sessions closed, from every instance's
+        acknowledgement received within ``wait`` seconds.
+
+        Raises:
+            BackendUnavailable: the logout could not be published.
+        """
+        request = new_message_id()
+        event: dict[str, object] = {"user_id": user_id, "reason": reason}
+        if session_id is not None:
+            event["session_id"] = session_id
+        event.update(request=request, reply_to=self.instance_id)
+        waiter = _Acknowledgements()
+        self._logout_waiters[request] = waiter
+        try:
+            batch = Batch()
+            listeners = batch.publish(keys.LOGOUT_CHANNEL, dumps(event))
+            await self.backend.execute(batch)
+            waiter.expect(listeners.value)
+            with trio.move_on_after(wait):
+                await waiter.complete.wait()
+            return waiter.closed
+        finally:
+            del self._logout_waiters[request]
+
+
+class _Acknowledgements:
+    """Counts the ``logout_ack`` replies to one logout request."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+        self.received = 0
+        self.expected: int | None = None
+        self.complete = trio.Event()
+
+    def expect(self, count: int) -> None:
+        self.expected = count
+        self._check()
+
+    def acknowledge(self, closed: int) -> None:
+        self.closed += closed
+        self.received += 1
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.received >= self.expected:
+            self.complete.set()
 
 
 def _discard(index: defaultdict[str, set[Session]], key: str, session: Session) -> bool:
