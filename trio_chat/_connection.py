@@ -136,7 +136,7 @@ class ConnectionHandler:
             session.bucket = TokenBucket(
                 self.config.limits.send_rate, self.config.limits.send_burst
             )
-            session.deliver(
+            session.reply(
                 encode(
                     "welcome",
                     session_id=session_id,
@@ -286,7 +286,7 @@ class ConnectionHandler:
             try:
                 await self._handle(session, parse_client_message(raw))
             except ProtocolError as exc:
-                session.deliver(error_frame(exc))
+                session.reply(error_frame(exc))
             except SessionEnded:
                 return
 
@@ -304,7 +304,7 @@ class ConnectionHandler:
                 case Refresh():
                     await self._refresh(session, message)
                 case Ping():
-                    session.deliver(encode("pong", message.ref))
+                    session.reply(encode("pong", message.ref))
                 case _:
                     assert_never(message)
         except BackendUnavailable as exc:
@@ -348,7 +348,7 @@ class ConnectionHandler:
             except BackendUnavailable:
                 await self.hub.leave(session, room)
                 raise
-        session.deliver(encode("joined", message.ref, room=room))
+        session.reply(encode("joined", message.ref, room=room))
 
     async def _leave(self, session: Session, message: Leave) -> None:
         room = message.room
@@ -362,7 +362,7 @@ class ConnectionHandler:
             except BackendUnavailable as exc:
                 # Left locally all the same; the stale presence entry ages out by score.
                 logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
-        session.deliver(encode("left", message.ref, room=message.room))
+        session.reply(encode("left", message.ref, room=message.room))
 
     def _rate_limit(self, session: Session, ref: object) -> None:
         if session.bucket.take():
@@ -384,7 +384,7 @@ class ConnectionHandler:
         batch = Batch()
         batch.publish(keys.room_channel(message.room), payload)
         await self.backend.execute(batch)
-        session.deliver(encode("ack", message.ref, id=message_id, ts=ts))
+        session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
     async def _direct(self, session: Session, message: Direct) -> None:
         self._rate_limit(session, message.ref)
@@ -413,7 +413,7 @@ class ConnectionHandler:
             for instance_id in sorted(instances):
                 publish.publish(keys.control_channel(instance_id), payload)
             await self.backend.execute(publish)
-        session.deliver(encode("ack", message.ref, id=message_id, ts=ts))
+        session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
     def _payload(self, ref: object, *, session: Session, **fields: object) -> str:
         """The Pub/Sub payload: ids and data, never a token (SPEC §4)."""
@@ -446,7 +446,7 @@ class ConnectionHandler:
             session.identity = identity
             changed, session.identity_changed = session.identity_changed, trio.Event()
             changed.set()
-            session.deliver(encode("refreshed", message.ref, expires_at=identity.expires_at))
+            session.reply(encode("refreshed", message.ref, expires_at=identity.expires_at))
         finally:
             session.refreshes_in_flight -= 1
 
@@ -482,7 +482,7 @@ class ConnectionHandler:
                 )
                 return
             if warned_for != expires_at and now >= expires_at - auth.refresh_window:
-                session.deliver(encode("token_expiring", expires_at=expires_at))
+                session.reply(encode("token_expiring", expires_at=expires_at))
                 warned_for = expires_at
             wake_at = (
                 expires_at + auth.leeway

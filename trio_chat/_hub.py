@@ -22,6 +22,7 @@ from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
 from ._messages import dumps, encode, new_message_id
 from ._store import Backend, Batch, Subscription
+from ._wire import text_frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -269,13 +270,15 @@ class Hub:
         if not members:
             return
         origin = event.get("session")
-        frame = encode(
-            "message",
-            id=event["id"],
-            room=room,
-            data=event["data"],
-            ts=event["ts"],
-            **{"from": event["from"]},
+        frame = text_frame(
+            encode(
+                "message",
+                id=event["id"],
+                room=room,
+                data=event["data"],
+                ts=event["ts"],
+                **{"from": event["from"]},
+            )
         )
         for session in list(members):
             if session.id != origin:
@@ -300,8 +303,14 @@ class Hub:
         if not sessions:
             return
         origin = event.get("session")
-        frame = encode(
-            "direct", id=event["id"], data=event["data"], ts=event["ts"], **{"from": event["from"]}
+        frame = text_frame(
+            encode(
+                "direct",
+                id=event["id"],
+                data=event["data"],
+                ts=event["ts"],
+                **{"from": event["from"]},
+            )
         )
         for session in list(sessions):
             if session.id != origin:

@@ -1,12 +1,14 @@
 """One connected client: its identity, its rooms, and its bounded outbound queue.
 
-The Pub/Sub pump and other sessions hand frames to :meth:`Session.deliver`, which never
-blocks: the frame goes into a bounded queue that the session's own writer task drains. A full
-queue means the client cannot keep up, and the session is closed with 1008.
+The Pub/Sub pump and the session's own reader hand encoded frames to :meth:`Session.deliver`,
+which never blocks: the frame is written to the socket at once when it can take it, else
+queued for the session's writer task (see :mod:`trio_chat._wire`). A full queue means the
+client cannot keep up, and the session is closed with 1008.
 
 Closing is asked for with :meth:`Session.close` (from any task, without awaiting). The writer
-performs it, so the close frame never interleaves with a half-written message: it stops taking
-frames from the queue, sends the last frames it was given (``logout``), then the close frame.
+performs it, so the close frame never interleaves with a half-written message: it finishes the
+frame it is writing, drops the rest of the queue, sends the last frames it was given
+(``logout``), then the close frame.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
+
+from ._wire import FrameWriter, text_frame
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from trio_websocket import WebSocketConnection
 
     from ._auth import Identity
     from ._limits import TokenBucket
@@ -66,9 +72,7 @@ class Session:
         #: refresh frames received and not yet answered: expiry waits for them
         self.refreshes_in_flight = 0
         self.bucket = bucket
-        self._send, self._receive = trio.open_memory_channel[str](queue_size)
-        # The writer's wait on the queue; close() cancels it so an idle writer wakes up.
-        self._idle = trio.CancelScope()
+        self._writer = FrameWriter(ws, queue_size)
         # The scope of the whole connection, set by run(); close() gives it a deadline.
         self._scope: trio.CancelScope | None = None
         self._close_timeout = 5.0
@@ -80,20 +84,22 @@ class Session:
     def closing(self) -> bool:
         return self.close_request is not None
 
-    def deliver(self, frame: str) -> bool:
-        """Queue ``frame`` for the client without blocking.
+    def deliver(self, frame: bytes) -> bool:
+        """Write or queue one encoded frame (:func:`~trio_chat._wire.text_frame`), never blocking.
 
         Returns False when the session is closing or was just closed as a slow consumer.
         """
         if self.close_request is not None:
             return False
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
+        if not self._writer.write(frame):
             logger.warning("session %s: outbound queue full, closing slow consumer", self.id)
             self.close(POLICY, "slow consumer")
             return False
         return True
+
+    def reply(self, text: str) -> bool:
+        """:meth:`deliver` a frame made for this session alone."""
+        return self.deliver(text_frame(text))
 
     def close(self, code: int, reason: str, *last_frames: str) -> None:
         """Ask the writer to close the connection; the first request wins.
@@ -103,7 +109,7 @@ class Session:
         if self.close_request is not None:
             return
         self.close_request = CloseRequest(code, reason, last_frames)
-        self._idle.cancel()
+        self._writer.stop()
         if self._scope is not None:
             self._scope.deadline = min(
                 self._scope.deadline, trio.current_time() + self._close_timeout
@@ -139,22 +145,13 @@ class Session:
 
     async def _write_then_close(self, connection_scope: trio.CancelScope) -> None:
         try:
-            while True:
-                frame: str | None = None
-                # Only the wait is cancellable: a message is never cut off mid-frame.
-                with trio.CancelScope() as self._idle:
-                    if self.close_request is None:
-                        frame = await self._receive.receive()
-                if frame is None or self.close_request is not None:
-                    break
-                await self.ws.send_message(frame)
+            await self._writer.run()
             request = self.close_request
-            assert request is not None
+            assert request is not None  # the writer only stops when a close was asked for
             for frame in request.last_frames:
                 await self.ws.send_message(frame)
             await self.ws.aclose(request.code, request.reason)
-        except ConnectionClosed:
-            pass
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client is gone; nothing more to write
         finally:
             connection_scope.cancel()
-            self._send.close()

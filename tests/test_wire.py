@@ -1,0 +1,97 @@
+"""The direct frame writer, and the trio-websocket internals it relies on.
+
+If trio-websocket changes what ``_wire`` depends on, the first tests here fail loudly: pin the
+version back, or adapt ``trio_chat/_wire.py`` (the only module that knows those internals).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from functools import partial
+
+import pytest
+import trio
+import trio.lowlevel
+import trio_websocket
+from trio_websocket import WebSocketConnection, open_websocket_url, serve_websocket
+from wsproto.frame_protocol import FrameProtocol
+
+from trio_chat._wire import FrameWriter, HandoffLock, text_frame
+
+
+def test_trio_websocket_internals_are_what_wire_expects():
+    assert trio_websocket.__version__.startswith("0.12."), (
+        "trio-websocket changed version: check trio_chat/_wire.py against its internals"
+    )
+    init = inspect.getsource(WebSocketConnection.__init__)
+    assert "self._stream = stream" in init
+    assert "self._stream_lock = trio.StrictFIFOLock()" in init
+    send = inspect.getsource(WebSocketConnection._send)
+    assert "async with self._stream_lock:" in send
+    assert "await self._stream.send_all(data)" in send
+    # _send must be the only user of the lock: every write trio-websocket makes goes through it
+    source = inspect.getsource(trio_websocket._impl)
+    assert source.count("_stream_lock") == 2
+    assert source.count("self._stream.send_all") == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
+def test_text_frame_is_the_frame_wsproto_would_send(size):
+    payload = "é" * (size // 2) + "x" * (size % 2)
+    expected = FrameProtocol(client=False, extensions=[]).send_data(payload, fin=True)
+    assert text_frame(payload) == expected
+
+
+async def test_handoff_lock_passes_ownership_in_fifo_order():
+    lock = HandoffLock()
+    order = []
+
+    async def worker(name: str) -> None:
+        async with lock:
+            order.append(name)
+            await trio.sleep(0.01)
+
+    assert lock.acquire_nowait()
+    async with trio.open_nursery() as nursery:
+        for name in "abc":
+            nursery.start_soon(worker, name)
+            await trio.testing.wait_all_tasks_blocked()
+        lock.release()  # handed to "a", not freed
+        assert lock.locked()
+    assert order == ["a", "b", "c"]
+    assert not lock.locked()
+
+
+async def test_frames_stay_whole_and_ordered_under_backpressure_and_pings(nursery):
+    """Big and small frames written directly while the client is not reading, with
+    trio-websocket writing pings of its own in between: all arrive whole, in order."""
+    sizes = [10, 100_000, 3, 70_000, 126, 65_536, 1] * 60
+    queued = []
+
+    async def handler(request) -> None:
+        ws = await request.accept()
+        writer = FrameWriter(ws, limit=len(sizes) + 1)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(writer.run)
+            for n, size in enumerate(sizes):
+                assert writer.write(text_frame(json.dumps([n, "x" * size])))
+                queued.append(len(writer._queue))
+                if n % 50 == 0:
+                    inner.start_soon(ws.ping)
+                    await trio.lowlevel.checkpoint()
+            assert await ws.get_message() == "bye"  # the client read everything
+            inner.cancel_scope.cancel()
+
+    server = await nursery.start(
+        partial(serve_websocket, handler, "127.0.0.1", 0, None, max_message_size=1 << 20)
+    )
+    with trio.fail_after(20):
+        async with open_websocket_url(
+            f"ws://127.0.0.1:{server.port}/", max_message_size=1 << 20
+        ) as client:
+            await trio.sleep(0.3)  # not reading: the server's socket fills and frames queue
+            for n, size in enumerate(sizes):
+                assert json.loads(await client.get_message()) == [n, "x" * size]
+            await client.send_message("bye")
+    assert max(queued) > 10  # the queue and the partial-write handoff were really exercised
