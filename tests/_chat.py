@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import httpx
 import jwt
 
 from trio_chat import Config, Server, serve
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     import trio
 
 SECRET = "test-secret-" + "s" * 64  # long enough for HS512 too
+ADMIN_KEY = "test-admin-key"
+#: the ``admin`` section that turns the admin API on, for ``make_config(..., admin=ADMIN)``
+ADMIN = {"enabled": True, "port": 0, "api_key": ADMIN_KEY}
 
 
 def make_token(user: str, *, ttl: float = 3600, iat: float | None = None, **claims: Any) -> str:
@@ -46,6 +50,13 @@ async def start(nursery: trio.Nursery, config: Config) -> Server:
     return server
 
 
+def admin_client(server: Server, key: str | None = ADMIN_KEY) -> httpx.AsyncClient:
+    """An HTTP client for ``server``'s admin API, sending ``key`` as the bearer (None: none)."""
+    assert server.admin_url is not None, "start the server with make_config(..., admin=ADMIN)"
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    return httpx.AsyncClient(base_url=server.admin_url, headers=headers, timeout=5)
+
+
 async def read_hash(backend: Backend, key: str) -> dict[str, str]:
     batch = Batch()
     reply = batch.hgetall(key)
@@ -61,4 +72,15 @@ async def snapshot(backend: Backend, *keys: str) -> dict[str, int]:
     return {key: reply.value for key, reply in replies.items()}
 
 
-__all__ = ["SECRET", "make_config", "make_token", "open_backend", "read_hash", "snapshot", "start"]
+__all__ = [
+    "ADMIN",
+    "ADMIN_KEY",
+    "SECRET",
+    "admin_client",
+    "make_config",
+    "make_token",
+    "open_backend",
+    "read_hash",
+    "snapshot",
+    "start",
+]

@@ -10,6 +10,7 @@ serve
         ├── connection x N          one task per socket: reader, writer, watchers
         └── front nursery           cancelled first at shutdown
             ├── serve_websocket     the accept loop
+            ├── serve_admin         the admin HTTP API (Hypercorn), when admin.enabled
             └── signal watcher      SIGTERM/SIGINT -> drain (when asked to)
 """
 
@@ -26,6 +27,7 @@ from trio_websocket import serve_websocket
 
 from . import _reaper as reaper
 from . import _registry as registry
+from ._admin import serve_admin
 from ._auth import TokenVerifier
 from ._backends import open_backend
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
@@ -49,11 +51,22 @@ class Server:
     port: int
     path: str
     instance_id: str
+    #: the bound admin API port; None when ``admin.enabled`` is false
+    admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
         """The WebSocket URL clients connect to."""
         return f"ws://{self.host}:{self.port}{self.path}"
+
+    @property
+    def admin_url(self) -> str | None:
+        """The admin API's base URL, or None when it is disabled."""
+        if self.admin_port is None:
+            return None
+        host = f"[{self.admin_host}]" if ":" in self.admin_host else self.admin_host
+        return f"http://{host}:{self.admin_port}"
 
 
 async def serve(
@@ -161,6 +174,11 @@ async def _serve_connections(
                 await hub.backend.execute(batch)
                 services.start_soon(registry.heartbeat, hub, port)
                 services.start_soon(reaper.cleaner, hub.backend, config)
+                # In the front nursery, so that it stops with the accept loop at shutdown.
+                # GET /metrics answers 501 until a renderer is passed here (metrics=...).
+                admin_port: int | None = None
+                if config.admin.enabled:
+                    admin_port = await front.start(serve_admin, config, hub)
                 if handle_signals:
                     front.start_soon(_cancel_on_signal, front.cancel_scope)
                 logger.info(
@@ -172,7 +190,14 @@ async def _serve_connections(
                     hub.backend.url,
                 )
                 task_status.started(
-                    Server(config.server.host, port, config.server.path, hub.instance_id)
+                    Server(
+                        config.server.host,
+                        port,
+                        config.server.path,
+                        hub.instance_id,
+                        admin_port,
+                        config.admin.host,
+                    )
                 )
         finally:
             # The accept loop is gone, so no new handshake can arrive. Ask the open sockets

@@ -1,0 +1,322 @@
+"""The admin HTTP API (SPEC §9): a Starlette app, served by Hypercorn's trio worker.
+
+Open: ``GET /healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``. Everything under ``/v1``
+needs ``Authorization: Bearer <admin.api_key>``. Every answer is JSON, errors included
+(``{"error", "message"}``); what the operations do in Redis is in ``_operations``. The
+OpenAPI description is ``openapi.json`` beside this file.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+from contextlib import aclosing
+from functools import partial
+from importlib import resources
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
+
+import hypercorn
+import hypercorn.trio
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import _operations as ops
+from ._errors import BackendUnavailable
+from ._messages import ROOM_ID, USER_ID
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from hypercorn.typing import ASGIFramework
+
+    from ._config import Config
+    from ._hub import Hub
+
+    Handler = Callable[[Request], Awaitable[Response | dict[str, Any]]]
+
+logger = logging.getLogger(__name__)
+#: Hypercorn's own log: its INFO lines ("Running on ... CTRL + C to quit") repeat ours
+_server_logger = logging.getLogger(f"{__name__}.hypercorn")
+_server_logger.setLevel(logging.WARNING)
+
+#: session ids are 128 random bits, url-safe (SPEC §5)
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_MUTE_SECONDS = 365 * 24 * 3600
+#: room and data fit in ``limits.max_message_bytes``; this leaves room for JSON whitespace
+_BODY_SLACK = 4096
+
+
+class ApiError(Exception):
+    """Answered as ``status`` with ``{"error": code, "message": message}``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one shape of every error answer: ``{"error": code, "message": message}``."""
+    return JSONResponse({"error": code, "message": message}, status, headers)
+
+
+def create_app(
+    config: Config, hub: Hub, *, metrics: Callable[[], tuple[bytes, str]] | None = None
+) -> Starlette:
+    """Build the admin API for one instance.
+
+    Args:
+        config: the server configuration (``admin.api_key`` guards ``/v1``).
+        hub: this instance's hub; it must outlive the app.
+        metrics: returns ``(body, content type)`` of the Prometheus exposition for
+            ``GET /metrics`` (``_metrics.Metrics.render``); None answers 501.
+            Wire ``_metrics`` where ``_server._serve_connections`` starts :func:`serve_admin`.
+    """
+    api = _AdminApi(config, hub, metrics)
+    v1 = api.v1
+    routes = [
+        Route("/healthz", api.open(api.healthz), methods=["GET"]),
+        Route("/readyz", api.open(api.readyz), methods=["GET"]),
+        Route("/metrics", api.open(api.metrics), methods=["GET"]),
+        Route("/openapi.json", api.open(api.openapi), methods=["GET"]),
+        Route("/v1/publish", v1(api.publish), methods=["POST"]),
+        # user ids may hold "/" (SPEC allows any non-space), sent as %2F: match the whole rest
+        Route("/v1/users/{user_id:path}/logout", v1(api.logout), methods=["POST"]),
+        Route("/v1/users/{user_id:path}/ban", v1(api.ban), methods=["POST"]),
+        Route("/v1/users/{user_id:path}/unban", v1(api.unban), methods=["POST"]),
+        Route("/v1/users/{user_id:path}/mute", v1(api.mute), methods=["POST"]),
+        Route("/v1/users/{user_id:path}/sessions", v1(api.sessions), methods=["GET"]),
+        Route("/v1/sessions/{session_id}", v1(api.kick), methods=["DELETE"]),
+        Route("/v1/rooms/{room}/presence", v1(api.presence), methods=["GET"]),
+        Route("/v1/instances", v1(api.instances), methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+
+
+async def serve_admin(
+    config: Config,
+    hub: Hub,
+    *,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on ``admin.host``/``admin.port`` until cancelled.
+
+    ``task_status.started()`` reports the bound port once the listener is bound. Cancelling
+    closes the listener and cuts any request in flight. ``metrics``: see :func:`create_app`.
+    """
+    settings = hypercorn.Config()
+    host, port = config.admin.host, config.admin.port
+    settings.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    settings.errorlog = _server_logger  # a logger object: Hypercorn adds no handler of its own
+    settings.include_server_header = False
+    if not config.admin.api_key:
+        logger.warning("admin.api_key is not set: every /v1 request is refused with 401")
+    # Starlette's ASGI type hints are looser than Hypercorn's; the protocol is the same.
+    app = cast("ASGIFramework", create_app(config, hub, metrics=metrics))
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn.trio.serve, app, settings, mode="asgi")
+        )
+        bound = urlsplit(binds[0])
+        assert bound.port is not None
+        logger.info("admin API listening on %s", binds[0])
+        task_status.started(bound.port)
+
+
+class _AdminApi:
+    def __init__(
+        self, config: Config, hub: Hub, metrics: Callable[[], tuple[bytes, str]] | None
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self._metrics = metrics
+        key = config.admin.api_key
+        self._key = key.encode() if key else None
+        self._openapi = resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+    # --- wrappers: authentication and errors -------------------------------------------------
+
+    def open(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint whose errors, expected or not, are JSON answers, never a traceback."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                result = await handler(request)
+            except ApiError as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.headers)
+            except BackendUnavailable as exc:
+                logger.warning("admin %s %s: %s", request.method, request.url.path, exc)
+                return error_response(503, "unavailable", "store unreachable")
+            except ops.NoRecord as exc:
+                return error_response(404, "no_record", str(exc))
+            except ops.PayloadTooLarge as exc:
+                return error_response(413, "too_large", str(exc))
+            except ClientDisconnect:
+                return error_response(400, "bad_request", "client disconnected")
+            except Exception:
+                logger.exception("admin %s %s failed", request.method, request.url.path)
+                return error_response(500, "internal", "internal error")
+            return result if isinstance(result, Response) else JSONResponse(result)
+
+        return endpoint
+
+    def v1(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """An :meth:`open` endpoint that first checks the bearer key."""
+
+        async def authenticated(request: Request) -> Response | dict[str, Any]:
+            self._authenticate(request)
+            return await handler(request)
+
+        return self.open(authenticated)
+
+    def _authenticate(self, request: Request) -> None:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if self._key is None:
+            raise ApiError(401, "unauthorized", "admin.api_key is not configured", challenge)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken must not tell how much of a guess was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._key):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer key", challenge)
+
+    # --- open endpoints ----------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    async def readyz(self, request: Request) -> Response:
+        reasons = await ops.readiness(self.hub)
+        if reasons:
+            return JSONResponse({"status": "not_ready", "reasons": reasons}, 503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(self, request: Request) -> Response:
+        if self._metrics is None:
+            return error_response(501, "not_implemented", "metrics are not wired yet")
+        body, content_type = self._metrics()
+        return Response(body, media_type=content_type)
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
+    # --- /v1 ---------------------------------------------------------------------------------
+
+    async def publish(self, request: Request) -> dict[str, Any]:
+        body = await self._body(request)
+        room = body.get("room")
+        if not isinstance(room, str) or not ROOM_ID.fullmatch(room):
+            raise ApiError(422, "invalid_field", "'room' must be 1-128 chars of [A-Za-z0-9_.:-]")
+        if "data" not in body:
+            raise ApiError(422, "invalid_field", "'data' is required")
+        message_id, ts = await ops.publish(self.hub.backend, self.config, room, body["data"])
+        return {"id": message_id, "ts": ts}
+
+    async def logout(self, request: Request) -> dict[str, Any]:
+        return {"closed": await ops.logout(self.hub, _path_id(request, "user_id", USER_ID))}
+
+    async def ban(self, request: Request) -> dict[str, Any]:
+        return {"closed": await ops.ban(self.hub, _path_id(request, "user_id", USER_ID))}
+
+    async def unban(self, request: Request) -> dict[str, Any]:
+        user_id = _path_id(request, "user_id", USER_ID)
+        await ops.unban(self.hub, user_id)
+        return {"user_id": user_id, "status": "active"}
+
+    async def mute(self, request: Request) -> dict[str, Any]:
+        user_id = _path_id(request, "user_id", USER_ID)
+        seconds = (await self._body(request)).get("seconds")
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 < seconds <= MAX_MUTE_SECONDS
+        ):
+            raise ApiError(
+                422, "invalid_field", f"'seconds' must be a number in (0, {MAX_MUTE_SECONDS}]"
+            )
+        return {"muted_until": await ops.mute(self.hub, user_id, seconds)}
+
+    async def sessions(self, request: Request) -> dict[str, Any]:
+        user_id = _path_id(request, "user_id", USER_ID)
+        return {"sessions": await ops.user_sessions(self.hub.backend, user_id)}
+
+    async def kick(self, request: Request) -> dict[str, Any]:
+        session_id = _path_id(request, "session_id", SESSION_ID)
+        closed = await ops.kick(self.hub, session_id)
+        if closed is None:
+            raise ApiError(404, "not_found", f"no session {session_id!r}")
+        return {"closed": closed}
+
+    async def presence(self, request: Request) -> dict[str, Any]:
+        room = _path_id(request, "room", ROOM_ID)
+        sessions = await ops.room_presence(self.hub.backend, self.config, room)
+        users = sorted({s["user_id"] for s in sessions})
+        return {"room": room, "sessions": sessions, "users": users}
+
+    async def instances(self, request: Request) -> dict[str, Any]:
+        return {"instances": await ops.instances(self.hub.backend)}
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """The JSON object in the body, read up to a bound: 413 beyond, 400 if not JSON, 422 if
+        not an object."""
+        limit = self.config.limits.max_message_bytes + _BODY_SLACK
+        raw = bytearray()
+        async with aclosing(request.stream()) as chunks:  # closed even when we stop early
+            async for chunk in chunks:
+                raw += chunk
+                if len(raw) > limit:
+                    raise ApiError(413, "too_large", f"body over {limit} bytes")
+        try:
+            # NaN and Infinity (or 1e400) are not JSON: relayed, they would break clients' parsers
+            body = json.loads(raw, parse_constant=_not_finite, parse_float=_finite)
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid_field", "body must be a JSON object")
+        return body
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _not_finite(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _path_id(request: Request, name: str, pattern: re.Pattern[str]) -> str:
+    value: str = request.path_params[name]
+    if not pattern.fullmatch(value):
+        raise ApiError(400, "bad_request", f"{name} {value[:64]!r} is not a valid id")
+    return value
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing's own errors (404, 405), as JSON."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, exc.detail, exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Last resort for an error outside the endpoints (Starlette logs and re-raises it)."""
+    return error_response(500, "internal", "internal error")
