@@ -77,8 +77,9 @@ async def test_open_endpoints(redis_server, nursery):
             assert r.json() == {"status": "ok"}
             assert (r := await http.get("/readyz")).status_code == 200
             assert r.json() == {"status": "ready"}
-            assert (r := await http.get("/metrics")).status_code == 501  # until _metrics is wired
-            assert r.json()["error"] == "not_implemented"
+            assert (r := await http.get("/metrics")).status_code == 200
+            assert r.headers["content-type"].startswith("text/plain")
+            assert "trio_chat_" in r.text
             assert (r := await http.get("/openapi.json")).status_code == 200
             assert r.json() == OPENAPI
 
@@ -412,8 +413,6 @@ def _fuzz(base_url: str) -> dict[str, int]:
     calls: dict[str, int] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
-        if operation.path == "/metrics":
-            continue  # a 501 placeholder until _metrics is wired; then drop this line
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
 
             @settings
@@ -435,7 +434,7 @@ async def test_schemathesis_finds_no_server_error(redis_server, nursery):
         await chat.join("lobby")  # a live session and a room, not an empty server
         with trio.fail_after(60):
             calls = await trio.to_thread.run_sync(_fuzz, server.admin_url)
-    assert len(calls) == len(OPENAPI["paths"]) - 1  # all but /metrics
+    assert len(calls) == len(OPENAPI["paths"])
     assert calls["POST /v1/publish"] >= 30
 
 

@@ -22,6 +22,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, override
 
 from ._errors import ConfigError
+from ._systemd import credential
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,6 +81,10 @@ class ServerConfig:
     instance_id: str = attrs.field(factory=default_instance_id, validator=v.min_len(1))
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
     path: str = attrs.field(default="/", validator=_path)
+    #: worker processes (``--workers``), each its own instance, sharing the port
+    workers: int = attrs.field(default=1, validator=v.and_(v.ge(1), v.le(256)))
+    #: bind with SO_REUSEPORT, so several processes can share the port (set for workers)
+    reuse_port: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -162,6 +167,9 @@ _SECTIONS = {field.name: _type_of(field) for field in attrs.fields(attrs.resolve
 for _cls in _SECTIONS.values():
     attrs.resolve_types(_cls)
 _ENV_PREFIX = "TRIO_CHAT_"
+#: systemd credentials (``LoadCredential=<name>:<file>``) and the key each sets: above the
+#: file, below the environment
+_CREDENTIALS = {"jwt_secret": ("auth", "jwt_secret"), "admin_api_key": ("admin", "api_key")}
 _ENV_NAMES = {
     f"{_ENV_PREFIX}{section}_{field.name}".upper(): (section, field)
     for section, cls in _SECTIONS.items()
@@ -195,7 +203,9 @@ def load_config(
     layers: list[tuple[Mapping[str, object], str]] = []
     if path is not None:
         layers.append((_read_toml(path), f"in {path}"))
-    layers.extend(_env_layers(os.environ if env is None else env))
+    environ = os.environ if env is None else env
+    layers.extend(_credential_layers(environ))
+    layers.extend(_env_layers(environ))
     if overrides:
         layers.append((overrides, "from the command line"))
 
@@ -228,6 +238,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from exc
+
+
+def _credential_layers(env: Mapping[str, str]) -> Iterator[tuple[Mapping[str, object], str]]:
+    """Secrets a systemd unit passed with ``LoadCredential=`` (``$CREDENTIALS_DIRECTORY``)."""
+    for name, (section, key) in _CREDENTIALS.items():
+        try:
+            value = credential(name, env)
+        except OSError as exc:
+            source = f"from credential {name}"
+            raise _error(f"{section}.{key}", f"cannot read: {exc.strerror}", source) from None
+        if value is not None:
+            yield {section: {key: value}}, f"from credential {name}"
 
 
 def _env_layers(env: Mapping[str, str]) -> Iterator[tuple[Mapping[str, object], str]]:

@@ -91,6 +91,7 @@ class ConnectionHandler:
         self.hub = hub
         self.backend = hub.backend
         self.verifier = verifier
+        self.metrics = hub.metrics
 
     async def __call__(self, request: WebSocketRequest) -> None:
         """Authenticate, register, serve and clean up one connection.
@@ -98,17 +99,23 @@ class ConnectionHandler:
         Never raises (but Cancelled): an unexpected error closes the socket with 1011 and is
         logged, and the session's records are removed all the same.
         """
+        with self.metrics.connection():
+            await self._serve(request)
+
+    async def _serve(self, request: WebSocketRequest) -> None:
         info = HandshakeInfo.from_request(
             request.path, request.headers, request.proposed_subprotocols
         )
         remote = _remote(request)
         if info.path != self.config.server.path:
+            self.metrics.handshake("not_found")
             await _reject(request, AuthError(404, "not_found", "no WebSocket endpoint here"))
             return
         try:
             identity = await self._authenticate(info)
         except AuthError as exc:
             logger.info("refused %s: %s %s (%s)", remote, exc.status, exc.code, exc.message)
+            self.metrics.handshake(exc.code)
             await _reject(request, exc)
             return
 
@@ -120,10 +127,12 @@ class ConnectionHandler:
                 await self._register(session_id, identity, remote, connected_at)
             except BackendUnavailable as exc:
                 logger.warning("refused %s: redis unreachable at registration: %s", remote, exc)
+                self.metrics.handshake("unavailable")
                 await _reject(request, AuthError(503, "unavailable", "store unreachable"))
                 return
             subprotocol = SUBPROTOCOL if SUBPROTOCOL in info.subprotocols else None
             ws = await request.accept(subprotocol=subprotocol)
+            self.metrics.handshake("accepted")
             session = Session(
                 session_id,
                 identity,
@@ -131,6 +140,7 @@ class ConnectionHandler:
                 queue_size=self.config.limits.outbound_queue,
                 bucket=TokenBucket(self.config.limits.send_rate, self.config.limits.send_burst),
                 remote=remote,
+                metrics=self.metrics,
             )
             session.connected_at_ms = connected_at
             session.bucket = TokenBucket(
@@ -284,7 +294,14 @@ class ConnectionHandler:
         while not session.closing:
             raw = await session.ws.get_message()
             try:
-                await self._handle(session, parse_client_message(raw))
+                message = parse_client_message(raw)
+            except ProtocolError as exc:
+                self.metrics.frame_in(None)
+                session.reply(error_frame(exc))
+                continue
+            self.metrics.frame_in(message)
+            try:
+                await self._handle(session, message)
             except ProtocolError as exc:
                 session.reply(error_frame(exc))
             except SessionEnded:
@@ -383,7 +400,8 @@ class ConnectionHandler:
         )
         batch = Batch()
         batch.publish(keys.room_channel(message.room), payload)
-        await self.backend.execute(batch)
+        with self.metrics.publishing():
+            await self.backend.execute(batch)
         session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
     async def _direct(self, session: Session, message: Direct) -> None:

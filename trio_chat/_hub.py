@@ -21,6 +21,7 @@ from . import _keys as keys
 from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
 from ._messages import dumps, encode, new_message_id
+from ._metrics import Metrics
 from ._store import Backend, Batch, Subscription
 from ._wire import text_frame
 
@@ -42,11 +43,13 @@ class Hub:
     Args:
         config: the server configuration.
         backend: the connected store; it must outlive the hub's :meth:`run`.
+        metrics: where the pump and the connections count; a fresh one when None.
     """
 
-    def __init__(self, config: Config, backend: Backend) -> None:
+    def __init__(self, config: Config, backend: Backend, metrics: Metrics | None = None) -> None:
         self.config = config
         self.backend = backend
+        self.metrics = Metrics(process=False) if metrics is None else metrics
         self.instance_id = config.server.instance_id
         self.sessions: dict[str, Session] = {}
         self._by_user: defaultdict[str, set[Session]] = defaultdict(set)
@@ -266,6 +269,7 @@ class Hub:
             logger.warning("ignored malformed payload on %s: %.200r", channel, payload)
 
     def _deliver_room(self, room: str, event: dict[str, object]) -> None:
+        self.metrics.pump_lag(event.get("ts"))
         members = self._by_room.get(room)
         if not members:
             return
@@ -280,9 +284,11 @@ class Hub:
                 **{"from": event["from"]},
             )
         )
+        delivered = 0
         for session in list(members):
             if session.id != origin:
-                session.deliver(frame)
+                delivered += session.deliver(frame)
+        self.metrics.fanout("message", delivered)
 
     def _control(self, event: dict[str, object]) -> None:
         """A message on our own control channel (SPEC §4 ``ws:control:<id>``)."""
@@ -312,9 +318,11 @@ class Hub:
                 **{"from": event["from"]},
             )
         )
+        delivered = 0
         for session in list(sessions):
             if session.id != origin:
-                session.deliver(frame)
+                delivered += session.deliver(frame)
+        self.metrics.fanout("direct", delivered)
 
     def _logout(self, event: dict[str, object]) -> None:
         user_id = str(event["user_id"])

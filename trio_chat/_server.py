@@ -6,11 +6,12 @@ serve
     ├── hub.run                     the Pub/Sub pump
     ├── heartbeat                   renews instance and session TTLs every ttl/3
     ├── cleaner                     reaps instances that died without cleaning up
+    ├── serve_admin                 the admin HTTP API (Hypercorn), when admin.enabled
+    ├── watchdog                    systemd WATCHDOG=1 while healthy (under systemd)
     └── handlers nursery            outlives the accept loop
         ├── connection x N          one task per socket: reader, writer, watchers
         └── front nursery           cancelled first at shutdown
-            ├── serve_websocket     the accept loop
-            ├── serve_admin         the admin HTTP API (Hypercorn), when admin.enabled
+            ├── WebSocketServer     the accept loop
             └── signal watcher      SIGTERM/SIGINT -> drain (when asked to)
 """
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from trio_websocket import serve_websocket
+from trio_websocket import WebSocketServer
 
 from . import _reaper as reaper
 from . import _registry as registry
@@ -33,11 +34,13 @@ from ._backends import open_backend
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hub import Hub
+from ._metrics import Metrics
 from ._session import GOING_AWAY
 from ._store import Backend, Batch
 
 if TYPE_CHECKING:
     from ._config import Config
+    from ._systemd import Notifier
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ async def serve(
     config: Config,
     *,
     handle_signals: bool = False,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one trio-chat instance until cancelled (or, with ``handle_signals``, SIGTERM/SIGINT).
@@ -89,6 +93,8 @@ async def serve(
         config: the whole configuration.
         handle_signals: install SIGTERM/SIGINT handlers (main thread only); embedders that
             handle signals themselves leave it False and cancel instead.
+        notifier: tell systemd READY=1 once listening, STOPPING=1 when the drain begins, and
+            feed its watchdog (the CLI passes ``Notifier.from_environ()``).
 
     Raises:
         ConfigError: the auth configuration cannot verify any token.
@@ -99,12 +105,14 @@ async def serve(
     async with trio.open_nursery() as root:
         release = trio.Event()
         backend: Backend = await root.start(_hold_backend, config, release)
-        hub = Hub(config, backend)
+        metrics = Metrics()
+        hub = Hub(config, backend, metrics)
+        metrics.bind_hub(hub)
         try:
             async with trio.open_nursery() as services:
                 await services.start(hub.run)
                 await _serve_connections(
-                    config, hub, verifier, services, handle_signals, task_status
+                    config, hub, verifier, services, handle_signals, notifier, task_status
                 )
                 services.cancel_scope.cancel()
         finally:
@@ -149,24 +157,23 @@ async def _serve_connections(
     verifier: TokenVerifier,
     services: trio.Nursery,
     handle_signals: bool,
+    notifier: Notifier | None,
     task_status: trio.TaskStatus[Server],
 ) -> None:
     """Accept until cancelled or signalled, then drain the connections (1001, deadline)."""
     async with trio.open_nursery() as handlers:
         try:
             async with trio.open_nursery() as front:
+                listeners = await _listen(config)
                 ws_server = await front.start(
-                    partial(
-                        serve_websocket,
+                    WebSocketServer(
                         ConnectionHandler(config, hub, verifier),
-                        config.server.host,
-                        config.server.port,
-                        None,
+                        listeners,
                         handler_nursery=handlers,
                         max_message_size=config.limits.max_message_bytes,
                         connect_timeout=10,
                         disconnect_timeout=CLEANUP_TIMEOUT,
-                    )
+                    ).run
                 )
                 port = ws_server.port
                 batch = Batch()
@@ -174,11 +181,13 @@ async def _serve_connections(
                 await hub.backend.execute(batch)
                 services.start_soon(registry.heartbeat, hub, port)
                 services.start_soon(reaper.cleaner, hub.backend, config)
-                # In the front nursery, so that it stops with the accept loop at shutdown.
-                # GET /metrics answers 501 until a renderer is passed here (metrics=...).
+                # Among the services, so /readyz still answers (503, draining) while the
+                # connections drain, for the load balancer's sake.
                 admin_port: int | None = None
                 if config.admin.enabled:
-                    admin_port = await front.start(serve_admin, config, hub)
+                    admin_port = await services.start(
+                        partial(serve_admin, metrics=hub.metrics.render), config, hub
+                    )
                 if handle_signals:
                     front.start_soon(_cancel_on_signal, front.cancel_scope)
                 logger.info(
@@ -199,14 +208,41 @@ async def _serve_connections(
                         config.admin.host,
                     )
                 )
+                if notifier is not None:
+                    # The watchdog is fed only while the pump (and so Redis) is healthy.
+                    services.start_soon(notifier.keep_alive, lambda: hub.pump_healthy)
+                    await notifier.ready(f"listening on ws://{config.server.host}:{port}")
         finally:
             # The accept loop is gone, so no new handshake can arrive. Ask the open sockets
             # to close themselves with 1001 (a cancelled handler would leave clients 1006),
             # and give them a deadline.
             hub.draining = True
+            if notifier is not None:
+                await notifier.stopping("draining")  # shielded and bounded inside
             hub.close_all(GOING_AWAY, "server shutting down")
             # Keep back time for the cleanups that follow: each connection's records, then the
             # instance's, one bounded round trip each, so the whole drain fits the timeout.
             timeout = config.server.shutdown_timeout
             drain = max(timeout / 2, timeout - 3 * config.redis.command_timeout)
             handlers.cancel_scope.deadline = trio.current_time() + drain
+
+
+async def _listen(config: Config) -> list[trio.SocketListener]:
+    """Bind the WebSocket listeners; with ``server.reuse_port``, so that workers share them."""
+    if not config.server.reuse_port:
+        return await trio.open_tcp_listeners(config.server.port, host=config.server.host)
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+        config.server.host, config.server.port, type=trio.socket.SOCK_STREAM
+    ):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            await sock.bind(address)
+            sock.listen(4096)
+        except OSError:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners

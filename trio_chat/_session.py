@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from ._auth import Identity
     from ._limits import TokenBucket
+    from ._metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class Session:
         queue_size: int,
         bucket: TokenBucket,
         remote: str,
+        metrics: Metrics,
     ) -> None:
         self.id = session_id
+        self._metrics = metrics
         self.identity = identity
         self.user_id = identity.user_id
         self.remote = remote
@@ -93,13 +96,17 @@ class Session:
             return False
         if not self._writer.write(frame):
             logger.warning("session %s: outbound queue full, closing slow consumer", self.id)
+            self._metrics.slow_consumer()
             self.close(POLICY, "slow consumer")
             return False
         return True
 
     def reply(self, text: str) -> bool:
         """:meth:`deliver` a frame made for this session alone."""
-        return self.deliver(text_frame(text))
+        if not self.deliver(text_frame(text)):
+            return False
+        self._metrics.frame_out(text)
+        return True
 
     def close(self, code: int, reason: str, *last_frames: str) -> None:
         """Ask the writer to close the connection; the first request wins.
@@ -150,6 +157,7 @@ class Session:
             assert request is not None  # the writer only stops when a close was asked for
             for frame in request.last_frames:
                 await self.ws.send_message(frame)
+                self._metrics.frame_out(frame)
             await self.ws.aclose(request.code, request.reason)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; nothing more to write
