@@ -34,7 +34,7 @@ async def test_terminal_client_chats_with_a_live_server(nursery):
             process = await trio.lowlevel.open_process(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
-            async with process:
+            try:
                 assert process.stdin is not None
                 assert process.stdout is not None
                 await process.stdin.send_all(b"/join lobby\nhello from the terminal\n")
@@ -46,6 +46,8 @@ async def test_terminal_client_chats_with_a_live_server(nursery):
                     output += await process.stdout.receive_some()
                 await process.stdin.aclose()  # end of input: the client says goodbye
                 assert await process.wait() == 0
+            finally:
+                process.kill()
     text = output.decode()
     assert "* connected as alice" in text
     assert "* joined lobby" in text

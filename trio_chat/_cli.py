@@ -1,25 +1,39 @@
-"""The ``trio-chat`` command line: ``serve`` runs an instance, ``token`` mints a test JWT."""
+"""The ``trio-chat`` command line: ``serve`` runs an instance, ``token`` mints a test JWT,
+``logout``/``ban``/``unban``/``sessions`` call a running instance's admin API."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
 import jwt
 import trio
 
 from ._config import load_config
 from ._errors import BackendUnavailable, ConfigError
+from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+    from ._config import Config
+
+#: admin commands -> (HTTP method, last segment of /v1/users/<uid>/..., help)
+_ADMIN_COMMANDS = {
+    "logout": ("POST", "logout", "revoke USER's tokens and close its sessions everywhere"),
+    "ban": ("POST", "ban", "ban USER and close its sessions everywhere"),
+    "unban": ("POST", "unban", "lift USER's ban"),
+    "sessions": ("GET", "sessions", "list USER's live sessions"),
+}
+_ADMIN_TIMEOUT = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,10 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None means ``sys.argv[1:]``.
 
     Returns:
-        0 on success (including a clean shutdown), 1 when Redis is unreachable, 2 for a bad
-        configuration. Usage errors exit 2 from argparse itself.
+        0 on success (including a clean shutdown), 1 when Redis is unreachable, a listener
+        cannot be bound or an admin API call failed, 2 for a bad configuration. Usage errors
+        exit 2 from argparse itself.
     """
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
+    args.raw = raw
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -57,7 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-port", dest="admin.port", type=int, metavar="P", help="admin API port"
     )
-    serve.add_argument("--log-level", choices=_LOG_LEVELS, default="info")
+    serve.add_argument(
+        "--workers",
+        dest="server.workers",
+        type=int,
+        metavar="N",
+        help="run N supervised instances on the same port (SO_REUSEPORT)",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (for log shippers)",
+    )
 
     clean = commands.add_parser(
         "clean", help="reap dead instances once (for cron or a systemd timer), then exit"
@@ -66,12 +96,29 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     clean.add_argument("--redis-url", dest="redis.url", metavar="URL", help="redis:// URL")
 
+    client = commands.add_parser("client", help="chat from the terminal with a running server")
+    client.set_defaults(command=_client)
+    client.add_argument("url", metavar="URL", help="ws://host:port/path of the server")
+    client.add_argument("--token", required=True, metavar="T", help="a JWT (see `token`)")
+
     token = commands.add_parser("token", help="print a JWT for USER signed with auth.jwt_secret")
     token.set_defaults(command=_token)
     token.add_argument("user", metavar="USER", help="the token's subject (sub)")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (3600)")
     token.add_argument("--rooms", nargs="+", metavar="PATTERN", help="rooms it may join (fnmatch)")
     token.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+
+    for name, (_, _, summary) in _ADMIN_COMMANDS.items():
+        admin = commands.add_parser(name, help=f"{summary} (admin API)")
+        admin.set_defaults(command=partial(_admin, name))
+        admin.add_argument("user", metavar="USER", help="the user id")
+        admin.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+        admin.add_argument(
+            "--admin-url",
+            metavar="URL",
+            help="a running instance's admin API (default http://<admin.host>:<admin.port>); "
+            "the key is admin.api_key (TRIO_CHAT_ADMIN_API_KEY)",
+        )
     return parser
 
 
@@ -85,19 +132,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return overrides
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # coredis logs a traceback for every failed connection attempt; ours say it in one line.
-    logging.getLogger("coredis").setLevel(logging.CRITICAL)
-
-
 def _clean(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
-    _setup_logging("warning")
+    setup_logging("warning", "text")
     from ._reaper import clean_once
 
     try:
@@ -108,21 +145,92 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides=_overrides(args))
-    _setup_logging(args.log_level)
-    from ._server import serve  # late: of all the commands, only this one needs the server
+def _client(args: argparse.Namespace) -> int:
+    from trio_websocket import ConnectionRejected
+
+    from ._terminal import run_client
 
     code = 0
     try:
-        trio.run(partial(serve, config, handle_signals=True))
+        code = trio.run(run_client, args.url, args.token)
+    except* ConnectionRejected as group:
+        refused = _first(group)
+        assert isinstance(refused, ConnectionRejected)
+        body = (refused.body or b"").decode(errors="replace")
+        code = _fail(f"refused: HTTP {refused.status_code} {body}", 1)
+    except* (OSError, ValueError) as group:
+        code = _fail(f"cannot connect to {args.url}: {_first(group)}", 1)
+    return code
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=_overrides(args))
+    setup_logging(args.log_level, args.log_format)
+    if config.server.workers > 1:
+        return _supervise(config, args)
+    from ._server import serve  # late: of all the commands, only this one needs the server
+    from ._systemd import Notifier
+
+    code = 0
+    try:
+        notifier = Notifier.from_environ()
+        trio.run(partial(serve, config, handle_signals=True, notifier=notifier))
     except* KeyboardInterrupt:
         pass  # serve drains on SIGINT itself; this is a ^C before its handler is installed
     except* ConfigError as group:
         code = _config_error(_first(group))
     except* BackendUnavailable as group:
         code = _fail(f"redis unreachable: {_first(group)}", 1)
+    except* OSError as group:
+        code = _fail(f"cannot listen: {_first(group)}", 1)
     return code
+
+
+def _supervise(config: Config, args: argparse.Namespace) -> int:
+    from ._workers import supervise
+
+    try:
+        # the workers get the same command line as the supervisor, after "serve"
+        argv = args.raw[args.raw.index("serve") + 1 :]
+        return trio.run(supervise, config, argv)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+
+
+def _admin(name: str, args: argparse.Namespace) -> int:
+    """Call the admin API for USER; print its JSON answer, or one line on stderr."""
+    admin = load_config(args.config).admin
+    host = f"[{admin.host}]" if ":" in admin.host else admin.host
+    base = (args.admin_url or f"http://{host}:{admin.port}").rstrip("/")
+    if urlsplit(base).scheme not in ("http", "https"):
+        return _fail(f"--admin-url must be http:// or https://, got {base!r}", 2)
+    method, action, _ = _ADMIN_COMMANDS[name]
+    request = urllib.request.Request(
+        f"{base}/v1/users/{quote(args.user, safe='')}/{action}",
+        data=b"" if method == "POST" else None,
+        method=method,
+    )
+    if admin.api_key:
+        request.add_header("Authorization", f"Bearer {admin.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=_ADMIN_TIMEOUT) as response:
+            result = json.load(response)
+    except urllib.error.HTTPError as exc:
+        return _fail(f"{name} {args.user}: HTTP {exc.code} {_error_text(exc)}", 1)
+    except (OSError, ValueError) as exc:  # URLError, timeouts, a body that is not JSON
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return _fail(f"admin API at {base}: {reason}", 1)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    """``error: message`` from the API's JSON body, else the HTTP reason."""
+    try:
+        body = json.loads(exc.read())
+        return f"{body['error']}: {body['message']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(exc.reason)
 
 
 def _token(args: argparse.Namespace) -> int:
