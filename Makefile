@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server clean
+.PHONY: run test lint typecheck check redis-server clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# A development secret unless one is configured; never use it in production.
-run: export TRIO_CHAT_AUTH_JWT_SECRET ?= dev-secret-change-me
+# Development secrets unless configured; never use them in production.
+run: export TRIO_CHAT_AUTH_JWT_SECRET ?= dev-secret-change-me-at-least-32-bytes
+run: export TRIO_CHAT_ADMIN_API_KEY ?= dev-admin-key-change-me
 run: $(STAMP)
-	@echo "mint a token:  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat token alice"
+	@echo "trio-chat on ws://127.0.0.1:8765/ (memory store). In another terminal, chat as alice:"
+	@echo "  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat client ws://127.0.0.1:8765/ --user alice"
+	@echo "or mint a token for any client:  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat token alice"
 	$(BIN)/trio-chat serve $(ARGS)
 
 # The tests start their own redis-server on a free port; install Debian's when missing.
@@ -36,6 +39,26 @@ typecheck: $(STAMP)
 	$(BIN)/mypy trio_chat
 
 check: lint typecheck test
+
+# bench/run.py: trio-chat vs python-socketio under the same Node.js load generator.
+# The peer and py-spy go into bench/.venv, the generator's packages into
+# bench/loadgen/node_modules; neither touches the project's .venv. `make bench ARGS=--quick`.
+BENCH_VENV  = bench/.venv
+BENCH_STAMP = $(BENCH_VENV)/.installed
+LOADGEN_STAMP = bench/loadgen/node_modules/.installed
+
+$(BENCH_STAMP): bench/requirements.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+$(LOADGEN_STAMP): bench/loadgen/package.json bench/loadgen/package-lock.json
+	cd bench/loadgen && npm ci --no-audit --no-fund
+	touch $(LOADGEN_STAMP)
+
+bench: $(STAMP) redis-server $(BENCH_STAMP) $(LOADGEN_STAMP)
+	$(PYTHON) bench/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from ._config import Config
+    from ._config import AuthConfig, Config
 
 #: admin commands -> (HTTP method, last segment of /v1/users/<uid>/..., help)
 _ADMIN_COMMANDS = {
@@ -99,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     client = commands.add_parser("client", help="chat from the terminal with a running server")
     client.set_defaults(command=_client)
     client.add_argument("url", metavar="URL", help="ws://host:port/path of the server")
-    client.add_argument("--token", required=True, metavar="T", help="a JWT (see `token`)")
+    who = client.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", metavar="T", help="a JWT (see `token`)")
+    who.add_argument(
+        "--user", metavar="USER", help="mint a token for USER with auth.jwt_secret (development)"
+    )
+    client.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
 
     token = commands.add_parser("token", help="print a JWT for USER signed with auth.jwt_secret")
     token.set_defaults(command=_token)
@@ -150,9 +155,10 @@ def _client(args: argparse.Namespace) -> int:
 
     from ._terminal import run_client
 
+    token = args.token or _mint(load_config(args.config).auth, args.user, ttl=3600, rooms=None)
     code = 0
     try:
-        code = trio.run(run_client, args.url, args.token)
+        code = trio.run(run_client, args.url, token)
     except* ConnectionRejected as group:
         refused = _first(group)
         assert isinstance(refused, ConnectionRejected)
@@ -234,22 +240,26 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
 
 
 def _token(args: argparse.Namespace) -> int:
-    auth = load_config(args.config).auth
+    print(_mint(load_config(args.config).auth, args.user, ttl=args.ttl, rooms=args.rooms))
+    return 0
+
+
+def _mint(auth: AuthConfig, user: str, *, ttl: int, rooms: list[str] | None) -> str:
+    """A JWT for ``user`` signed with the configured secret (a development convenience)."""
     if auth.jwt_secret is None:
         raise ConfigError("config error: auth.jwt_secret: not set (TRIO_CHAT_AUTH_JWT_SECRET)")
     algorithm = next((a for a in auth.jwt_algorithms if a.startswith("HS")), None)
     if algorithm is None:
         raise ConfigError("config error: auth.jwt_algorithms: no HS* algorithm to sign with")
     now = int(time.time())
-    claims: dict[str, object] = {"sub": args.user, "iat": now, "exp": now + args.ttl}
+    claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + ttl}
     if auth.issuer is not None:
         claims["iss"] = auth.issuer
     if auth.audience is not None:
         claims["aud"] = auth.audience
-    if args.rooms:
-        claims["rooms"] = args.rooms
-    print(jwt.encode(claims, auth.jwt_secret, algorithm=algorithm))
-    return 0
+    if rooms:
+        claims["rooms"] = rooms
+    return jwt.encode(claims, auth.jwt_secret, algorithm=algorithm)
 
 
 def _first(exc: BaseException) -> BaseException:
