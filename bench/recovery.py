@@ -116,7 +116,7 @@ def main() -> int:
         except BenchError as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
-    p50, p90, p99, worst = summary(samples)
+    p50, p90, _, worst = summary(samples)
     print("| workload | rounds | p50 ms | p90 ms | max ms |")
     print("| --- | --- | --- | --- | --- |")
     print(
