@@ -68,19 +68,24 @@ async def test_frames_stay_whole_and_ordered_under_backpressure_and_pings(nurser
     trio-websocket writing pings of its own in between: all arrive whole, in order."""
     sizes = [10, 100_000, 3, 70_000, 126, 65_536, 1] * 60
     queued = []
+    pongs = []
 
     async def handler(request) -> None:
         ws = await request.accept()
         writer = FrameWriter(ws, limit=len(sizes) + 1)
         async with trio.open_nursery() as inner:
-            inner.start_soon(writer.run)
+            writer.attach(inner)
             for n, size in enumerate(sizes):
                 assert writer.write(text_frame(json.dumps([n, "x" * size])))
                 queued.append(len(writer._queue))
                 if n % 50 == 0:
-                    inner.start_soon(ws.ping)
+                    inner.start_soon(ws.ping)  # written by trio-websocket itself
                     await trio.lowlevel.checkpoint()
+                if n % 70 == 0:
+                    pongs.append(writer.ping())  # written in line with our frames
             assert await ws.get_message() == "bye"  # the client read everything
+            await writer.wait_idle()
+            assert all(pong.answered for pong in pongs)
             inner.cancel_scope.cancel()
 
     server = await nursery.start(

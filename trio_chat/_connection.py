@@ -69,7 +69,6 @@ logger = logging.getLogger(__name__)
 #: how long cleanup I/O may take once a connection is over
 CLEANUP_TIMEOUT = 5.0
 TOKEN_EXPIRED_CLOSE = 4401
-HEARTBEAT_TIMEOUT_CLOSE = 4408
 RATE_LIMIT_CLOSE = 4429
 
 
@@ -131,6 +130,7 @@ class ConnectionHandler:
                 await _reject(request, AuthError(503, "unavailable", "store unreachable"))
                 return
             subprotocol = SUBPROTOCOL if SUBPROTOCOL in info.subprotocols else None
+            del info  # its headers are not needed for the rest of a long-lived connection
             ws = await request.accept(subprotocol=subprotocol)
             self.metrics.handshake("accepted")
             session = Session(
@@ -166,12 +166,8 @@ class ConnectionHandler:
             )
             if self.hub.draining:
                 session.close(1001, "server shutting down")
-            await session.serve(
-                self._read_loop,
-                self._watch_expiry,
-                self._watch_pongs,
-                close_timeout=CLEANUP_TIMEOUT,
-            )
+            self._schedule_expiry(session)
+            await session.serve(self._read_loop, close_timeout=CLEANUP_TIMEOUT)
         except (ConnectionClosed, trio.BrokenResourceError):
             pass  # the client went away during the upgrade or the close
         except Exception:
@@ -272,6 +268,8 @@ class ConnectionHandler:
         emptied: list[str] = []
         rooms: set[str] = set()
         if session is not None:
+            for timer in session.expiry_timers:
+                timer.cancel()
             rooms = set(session.rooms)
             emptied = self.hub.discard(session)
         batch = Batch()
@@ -462,8 +460,7 @@ class ConnectionHandler:
             batch.expire(keys.session(session.id), self.config.session.ttl)
             await self.backend.execute(batch)
             session.identity = identity
-            changed, session.identity_changed = session.identity_changed, trio.Event()
-            changed.set()
+            self._schedule_expiry(session)
             session.reply(encode("refreshed", message.ref, expires_at=identity.expires_at))
         finally:
             session.refreshes_in_flight -= 1
@@ -479,47 +476,31 @@ class ConnectionHandler:
 
     # --- watchers ------------------------------------------------------------------------------
 
-    async def _watch_expiry(self, session: Session) -> None:
-        """``token_expiring`` at ``exp - refresh_window``; at ``exp + leeway`` without a refresh,
-        ``logout {reason: "expired"}`` and 4401."""
-        auth = self.config.auth
-        warned_for = None
-        while True:
-            expires_at = session.identity.expires_at
-            changed = session.identity_changed
-            if expires_at is None:  # an opaque session with no TTL: only a refresh changes it
-                await changed.wait()
-                continue
-            now = time.time()
-            if now >= expires_at + auth.leeway:
-                if session.refreshes_in_flight:
-                    await changed.wait()  # a refresh that arrived in time wins
-                    continue
-                session.close(
-                    TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired")
-                )
-                return
-            if warned_for != expires_at and now >= expires_at - auth.refresh_window:
-                session.reply(encode("token_expiring", expires_at=expires_at))
-                warned_for = expires_at
-            wake_at = (
-                expires_at + auth.leeway
-                if warned_for == expires_at
-                else expires_at - auth.refresh_window
-            )
-            with trio.move_on_after(wake_at - now):
-                await changed.wait()
+    def _schedule_expiry(self, session: Session) -> None:
+        """``token_expiring`` at ``exp - refresh_window``; at ``exp + leeway`` without a
+        refresh, ``logout {reason: "expired"}`` and 4401. Replaces earlier timers."""
+        for timer in session.expiry_timers:
+            timer.cancel()
+        session.expiry_timers.clear()
+        expires_at = session.identity.expires_at
+        if expires_at is None:  # an opaque session with no TTL
+            return
+        auth, timers = self.config.auth, self.hub.timers
+        left = expires_at - time.time()
+        warning = encode("token_expiring", expires_at=expires_at)
+        session.expiry_timers = [
+            timers.call_later(max(0.0, left - auth.refresh_window), lambda: session.reply(warning)),
+            timers.call_later(left + auth.leeway, lambda: self._expire(session)),
+        ]
 
-    async def _watch_pongs(self, session: Session) -> None:
-        """Ping every ``heartbeat.ping_interval``; no pong within ``ping_timeout`` closes 4408."""
-        heartbeat = self.config.heartbeat
-        while True:
-            await trio.sleep(heartbeat.ping_interval)
-            with trio.move_on_after(heartbeat.ping_timeout) as waiting:
-                await session.ws.ping()
-            if waiting.cancelled_caught:
-                session.close(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout")
-                return
+    def _expire(self, session: Session) -> None:
+        if session.refreshes_in_flight:
+            # A refresh that arrived in time wins: look again once it has been answered.
+            session.expiry_timers.append(
+                self.hub.timers.call_later(0.05, lambda: self._expire(session))
+            )
+            return
+        session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
 
 
 def _remote(request: WebSocketRequest) -> str:

@@ -23,6 +23,7 @@ from ._errors import BackendUnavailable, single_error
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
 from ._store import Backend, Batch, Subscription
+from ._timers import Timers
 from ._wire import text_frame
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 #: logout reasons (SPEC §4) -> close code (SPEC §7)
 LOGOUT_CLOSE_CODES = {"logout": 4000, "kicked": 4000, "banned": 4403, "revoked": 4401}
+HEARTBEAT_TIMEOUT_CLOSE = 4408
 
 
 class Hub:
@@ -65,6 +67,8 @@ class Hub:
         self._probe_seen = trio.Event()
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
+        #: one task's worth of timers for every session (token expiry)
+        self.timers = Timers()
         self._logout_waiters: dict[str, _Acknowledgements] = {}
         # Acknowledgements are published by a task of their own: the pump never awaits Redis.
         self._acks, self._acks_out = trio.open_memory_channel[tuple[str, str]](1000)
@@ -163,6 +167,25 @@ class Hub:
         self._auth_cache.pop(user_id, None)
 
     # --- closing -------------------------------------------------------------------------------
+
+    async def ping_sessions(self) -> None:
+        """WebSocket-ping every session each ``heartbeat.ping_interval``; a session whose pong
+        has not come back within ``heartbeat.ping_timeout`` is closed with 4408.
+
+        One task for all sessions: a pinging task per socket would cost each idle connection
+        kilobytes. Runs until cancelled.
+        """
+        heartbeat = self.config.heartbeat
+        await trio.sleep(heartbeat.ping_interval)
+        while True:
+            pinged = [s for s in self.sessions.values() if not s.closing]
+            for session in pinged:
+                session.ping()
+            await trio.sleep(heartbeat.ping_timeout)
+            for session in pinged:
+                if session.pong is not None and not session.pong.answered:
+                    session.close(HEARTBEAT_TIMEOUT_CLOSE, "heartbeat timeout")
+            await trio.sleep(max(0.0, heartbeat.ping_interval - heartbeat.ping_timeout))
 
     def close_all(self, code: int, reason: str) -> None:
         for session in list(self.sessions.values()):

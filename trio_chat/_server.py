@@ -6,10 +6,12 @@ serve
     ├── hub.run                     the Pub/Sub pump
     ├── heartbeat                   renews instance and session TTLs every ttl/3
     ├── cleaner                     reaps instances that died without cleaning up
+    ├── timers                      token expiry of every session, one task
+    ├── pinger                      WebSocket pings of every session, one task (4408)
     ├── serve_admin                 the admin HTTP API (Hypercorn), when admin.enabled
     ├── watchdog                    systemd WATCHDOG=1 while healthy (under systemd)
     └── handlers nursery            outlives the accept loop
-        ├── connection x N          one task per socket: reader, writer, watchers
+        ├── connection x N          one task per socket (+ a writer while it has a backlog)
         └── front nursery           cancelled first at shutdown
             ├── WebSocketServer     the accept loop
             └── signal watcher      SIGTERM/SIGINT -> drain (when asked to)
@@ -180,6 +182,8 @@ async def _serve_connections(
                 registry.write_instance(batch, config, port)
                 await hub.backend.execute(batch)
                 services.start_soon(registry.heartbeat, hub, port)
+                services.start_soon(hub.timers.run)
+                services.start_soon(hub.ping_sessions)
                 services.start_soon(reaper.cleaner, hub.backend, config)
                 # Among the services, so /readyz still answers (503, draining) while the
                 # connections drain, for the load balancer's sake.

@@ -20,7 +20,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._wire import FrameWriter, text_frame
+from ._wire import FrameWriter, Pong, text_frame
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._auth import Identity
     from ._limits import TokenBucket
     from ._metrics import Metrics
+    from ._timers import Timer
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,16 @@ class Session:
         self.rooms: set[str] = set()
         self.connected_at_ms = 0
         self.close_request: CloseRequest | None = None
-        #: set (and replaced) whenever a refresh changes the identity; wakes the expiry watch
-        self.identity_changed = trio.Event()
         #: refresh frames received and not yet answered: expiry waits for them
         self.refreshes_in_flight = 0
+        #: the token's pending ``token_expiring`` and deadline timers
+        self.expiry_timers: list[Timer] = []
+        #: set by the pong of the last ping sent, if any
+        self.pong: Pong | None = None
         self.bucket = bucket
         self._writer = FrameWriter(ws, queue_size)
-        # The scope of the whole connection, set by run(); close() gives it a deadline.
+        # The connection's nursery and its scope while serve() runs; close() uses both.
+        self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._close_timeout = 5.0
 
@@ -108,53 +112,58 @@ class Session:
         self._metrics.frame_out(text)
         return True
 
-    def close(self, code: int, reason: str, *last_frames: str) -> None:
-        """Ask the writer to close the connection; the first request wins.
+    def ping(self) -> None:
+        """Send a WebSocket ping; :attr:`pong` is set when it is answered."""
+        if self.close_request is None:
+            self.pong = self._writer.ping()
 
-        The close must finish within the close timeout, or the connection is cancelled.
-        """
+    def close(self, code: int, reason: str, *last_frames: str) -> None:
+        """Close the connection: the first request wins, and it must finish within the close
+        timeout, or the connection is cancelled. Never blocks."""
         if self.close_request is not None:
             return
         self.close_request = CloseRequest(code, reason, last_frames)
         self._writer.stop()
-        if self._scope is not None:
-            self._scope.deadline = min(
-                self._scope.deadline, trio.current_time() + self._close_timeout
-            )
+        if self._nursery is not None:
+            self._start_close()
+
+    def _start_close(self) -> None:
+        assert self._nursery is not None
+        assert self._scope is not None
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
+        self._nursery.start_soon(self._close_connection)
 
     async def serve(
-        self,
-        reader: Callable[[Session], Awaitable[None]],
-        *watchers: Callable[[Session], Awaitable[None]],
-        close_timeout: float,
+        self, reader: Callable[[Session], Awaitable[None]], *, close_timeout: float
     ) -> None:
-        """Run the reader, the writer and the ``watchers`` until the connection ends.
+        """Run the reader (and writes, and a requested close) until the connection ends.
 
         Returns when the client closed, the reader returned, or a requested close completed
-        (or ran out of time). Watchers (token expiry, pings) run beside the reader and end
-        with it. Cancellation propagates; the caller cleans up the records.
+        (or ran out of time). Cancellation propagates; the caller cleans up the records.
         """
         self._close_timeout = close_timeout
         with trio.CancelScope() as self._scope:
-            if self.close_request is not None:  # closed before it started (e.g. shutdown)
-                self._scope.deadline = trio.current_time() + close_timeout
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_then_close, nursery.cancel_scope)
-                for watcher in watchers:
-                    nursery.start_soon(watcher, self)
+            async with trio.open_nursery() as self._nursery:
+                self._writer.attach(self._nursery)
+                if self.close_request is not None:  # closed before it started (a shutdown)
+                    self._start_close()
                 try:
                     await reader(self)
                 except ConnectionClosed:
                     pass
                 if self.close_request is None:
                     # The client went away (or the reader returned): nothing left to write.
-                    nursery.cancel_scope.cancel()
+                    self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        self._writer.stop()  # whatever is delivered from now on is dropped
 
-    async def _write_then_close(self, connection_scope: trio.CancelScope) -> None:
+    async def _close_connection(self) -> None:
+        """Finish the frame being written, then the last frames, then the close frame."""
+        request = self.close_request
+        assert request is not None
+        assert self._nursery is not None
         try:
-            await self._writer.run()
-            request = self.close_request
-            assert request is not None  # the writer only stops when a close was asked for
+            await self._writer.wait_idle()
             for frame in request.last_frames:
                 await self.ws.send_message(frame)
                 self._metrics.frame_out(frame)
@@ -162,4 +171,4 @@ class Session:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; nothing more to write
         finally:
-            connection_scope.cancel()
+            self._nursery.cancel_scope.cancel()

@@ -5,7 +5,8 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
 
 - ``WebSocketConnection._stream`` is the connection's ``trio.SocketStream``;
 - ``WebSocketConnection._stream_lock`` serializes every write trio-websocket makes itself
-  (pongs, pings, close frames), and ``_send`` is its only user.
+  (pongs, pings, close frames), and ``_send`` is its only user;
+- ``WebSocketConnection._pings`` maps a ping's payload to the event its pong sets.
 
 Server frames are not masked, so a message's frame is the same bytes for every recipient: it is
 built once (:func:`text_frame`) and handed to each connection's :class:`FrameWriter`, which
@@ -18,6 +19,7 @@ inherits the stream lock, which is why ours can be handed from one task to anoth
 from __future__ import annotations
 
 import os
+import random
 import struct
 from collections import deque
 from typing import TYPE_CHECKING
@@ -86,12 +88,26 @@ class HandoffLock:
         self.release()
 
 
+class Pong:
+    """Whether a ping was answered: a flag trio-websocket sets, lighter than a trio.Event."""
+
+    __slots__ = ("answered",)
+
+    def __init__(self) -> None:
+        self.answered = False
+
+    def set(self) -> None:
+        self.answered = True
+
+
 class FrameWriter:
     """Writes pre-encoded frames to one connection, in order, queueing at most ``limit``.
 
-    :meth:`write` never blocks; :meth:`run` is the writer task that drains the queue. After
-    :meth:`stop`, ``run`` returns once every frame it started (a partial one included) is out;
-    frames still queued are dropped.
+    :meth:`write` never blocks. Queued frames are drained by a task spawned into the nursery
+    given to :meth:`attach`, only while there is something to drain, so an idle connection
+    costs no writer task. After
+    :meth:`stop`, the drain finishes the batch it is writing (a partly written frame
+    included) and drops the rest; :meth:`wait_idle` waits for that.
     """
 
     def __init__(self, ws: WebSocketConnection, limit: int) -> None:
@@ -103,10 +119,12 @@ class FrameWriter:
         self._fd = stream.socket.fileno()
         self._lock = HandoffLock()
         ws._stream_lock = self._lock  # type: ignore[assignment]
+        self._nursery: trio.Nursery | None = None  # where drains run, once attached
         self._limit = limit
         self._queue: deque[bytes | memoryview] = deque()
-        self._holding = False  # a frame was partly written; we hold the lock for the writer
-        self._wakeup = trio.Event()
+        self._holding = False  # a frame was partly written; we hold the lock for the drain
+        self._draining = False
+        self._idle: trio.Event | None = None  # set when a drain ends; made only when needed
         self._stopping = False
 
     def write(self, frame: bytes) -> bool:
@@ -115,6 +133,8 @@ class FrameWriter:
         Returns:
             False when the queue is full: the client does not keep up.
         """
+        if self._stopping:
+            return True  # closing: nothing more goes out, and that is not the client's fault
         if not self._queue and self._ws.closed is None and self._lock.acquire_nowait():
             try:
                 sent = os.write(self._fd, frame)
@@ -125,35 +145,70 @@ class FrameWriter:
             if sent == len(frame):
                 self._lock.release()
                 return True
-            self._holding = True  # the writer finishes this frame before anyone else writes
+            self._holding = True  # the drain finishes this frame before anyone else writes
             self._queue.append(memoryview(frame)[sent:])
-            self._wakeup.set()
-            return True
-        if len(self._queue) >= self._limit:
+        elif len(self._queue) >= self._limit:
             return False
-        self._queue.append(frame)
-        self._wakeup.set()
+        else:
+            self._queue.append(frame)
+        self._start_drain()
         return True
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run drains in ``nursery`` from now on (frames queued before wait for this)."""
+        self._nursery = nursery
+        if self._queue:
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        if not self._draining and self._nursery is not None:
+            self._draining = True
+            self._nursery.start_soon(self._drain)
+
+    def ping(self) -> Pong:
+        """Send a WebSocket ping in order with the frames; the result is set by its pong.
+
+        (trio-websocket's reader calls ``set()`` on what it finds in ``_pings`` when a pong
+        arrives; ``ws.ping()`` would need a task per ping to wait for it.)
+        """
+        payload = struct.pack("!I", random.getrandbits(32))
+        while payload in self._ws._pings:
+            payload = struct.pack("!I", random.getrandbits(32))
+        pong = Pong()
+        self._ws._pings[payload] = pong  # type: ignore[assignment]
+        self.write(bytes((0x89, len(payload))) + payload)
+        return pong
 
     def stop(self) -> None:
         self._stopping = True
-        self._wakeup.set()
 
-    async def run(self) -> None:
-        """Drain the queue until :meth:`stop`; see the class docs for what is dropped."""
-        while not self._stopping or self._holding:
-            if not self._queue:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            if not self._holding:
-                await self._lock.acquire()
-                self._holding = True
-            try:
-                await self._stream.send_all(self._take_batch())
-            finally:
-                self._holding = False
-                self._lock.release()
+    async def wait_idle(self) -> None:
+        """Return once no drain is running (after :meth:`stop`: once it has let go)."""
+        if self._draining:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and (not self._stopping or self._holding):
+                if not self._holding:
+                    await self._lock.acquire()
+                    self._holding = True
+                try:
+                    await self._stream.send_all(self._take_batch())
+                finally:
+                    self._holding = False
+                    self._lock.release()
+        finally:
+            if self._stopping:
+                self._queue.clear()
+            self._draining = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     def _take_batch(self) -> bytes:
         chunks = [self._queue.popleft()]
