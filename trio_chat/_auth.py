@@ -7,7 +7,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -58,7 +57,11 @@ class HandshakeInfo:
     def from_request(
         cls, target: str, headers: Iterable[tuple[bytes, bytes]], subprotocols: Iterable[str]
     ) -> HandshakeInfo:
-        split = urlsplit(target)
+        """Raises AuthError (400) for a request target that is not a URL path."""
+        try:
+            split = urlsplit(target)
+        except ValueError as exc:
+            raise AuthError(400, "bad_request", "malformed request target") from exc
         merged: dict[str, str] = {}
         for name, value in headers:
             key = name.decode("latin-1").lower()
@@ -92,13 +95,12 @@ def find_token(info: HandshakeInfo, config: AuthConfig) -> str | None:
             return proto[len(_BEARER_SUBPROTOCOL) :]
     if config.allow_query_token and (values := info.query.get("token")):
         return values[0]
-    if cookie_header := info.headers.get("cookie"):
-        try:
-            cookies: SimpleCookie = SimpleCookie(cookie_header)
-        except CookieError:
-            return None
-        if (morsel := cookies.get(config.cookie_name)) is not None and morsel.value:
-            return morsel.value
+    # Split by hand: SimpleCookie stops at the first cookie it dislikes, so another site's
+    # odd cookie would hide ours.
+    for pair in info.headers.get("cookie", "").split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name == config.cookie_name and value:
+            return value.strip('"')
     return None
 
 
@@ -137,7 +139,7 @@ class TokenVerifier:
         config = self._config
         try:
             alg = jwt.get_unverified_header(token).get("alg")
-            if alg not in self._keys:
+            if not isinstance(alg, str) or alg not in self._keys:
                 raise AuthError(401, "invalid_token", "token algorithm not accepted")
             claims = jwt.decode(
                 token,

@@ -55,8 +55,8 @@ from ._messages import (
     now_ms,
     parse_client_message,
 )
-from ._registry import write_session
-from ._session import INTERNAL_ERROR, Session
+from ._registry import remove_session, write_session
+from ._session import INTERNAL_ERROR, POLICY, Session
 from ._store import Batch
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 CLEANUP_TIMEOUT = 5.0
 TOKEN_EXPIRED_CLOSE = 4401
 RATE_LIMIT_CLOSE = 4429
+#: unparseable frames in a row after which the client is closed with 1008
+MALFORMED_STRIKES = 10
 
 
 class SessionEnded(Exception):
@@ -99,23 +101,32 @@ class ConnectionHandler:
         logged, and the session's records are removed all the same.
         """
         with self.metrics.connection():
-            await self._serve(request)
+            try:
+                await self._serve(request)
+            except Exception:
+                # A bug must cost one connection, never the server: trio-websocket would pass
+                # it up to the handlers' nursery, and that would cancel every connection.
+                logger.exception("connection handler failed")
 
     async def _serve(self, request: WebSocketRequest) -> None:
-        info = HandshakeInfo.from_request(
-            request.path, request.headers, request.proposed_subprotocols
-        )
         remote = _remote(request)
-        if info.path != self.config.server.path:
-            self.metrics.handshake("not_found")
-            await _reject(request, AuthError(404, "not_found", "no WebSocket endpoint here"))
-            return
         try:
+            info = HandshakeInfo.from_request(
+                request.path, request.headers, request.proposed_subprotocols
+            )
+            if info.path != self.config.server.path:
+                raise AuthError(404, "not_found", "no WebSocket endpoint here")
             identity = await self._authenticate(info)
         except AuthError as exc:
             logger.info("refused %s: %s %s (%s)", remote, exc.status, exc.code, exc.message)
             self.metrics.handshake(exc.code)
             await _reject(request, exc)
+            return
+        except Exception:
+            # e.g. a key of the wrong type in Redis, written by another service
+            logger.exception("refused %s: handshake failed", remote)
+            self.metrics.handshake("internal")
+            await _reject(request, AuthError(500, "internal", "internal error"))
             return
 
         session_id = new_session_id()
@@ -143,9 +154,6 @@ class ConnectionHandler:
                 metrics=self.metrics,
             )
             session.connected_at_ms = connected_at
-            session.bucket = TokenBucket(
-                self.config.limits.send_rate, self.config.limits.send_burst
-            )
             session.reply(
                 encode(
                     "welcome",
@@ -273,30 +281,35 @@ class ConnectionHandler:
             rooms = set(session.rooms)
             emptied = self.hub.discard(session)
         batch = Batch()
-        batch.delete(keys.session(session_id))
-        batch.srem(keys.user_sessions(user_id), session_id)
-        batch.hdel(keys.instance_sessions(self.hub.instance_id), session_id)
-        for room in rooms:
-            batch.zrem(keys.room_presence(room), session_id)
+        remove_session(batch, self.hub.instance_id, session_id, user_id, rooms)
         try:
             await self.backend.execute(batch)
         except BackendUnavailable as exc:
-            # The TTLs and the reaper are the backstop (SPEC §8).
-            logger.warning("cleanup of session %s failed: %s", session_id, exc)
+            logger.warning("cleanup of session %s failed, will retry: %s", session_id, exc)
+            self.hub.retry_cleanup(batch)
+        except Exception:
+            # e.g. a key of the wrong type; the TTLs and the reaper are the backstop
+            logger.exception("cleanup of session %s failed", session_id)
         if emptied and not self.hub.draining:  # at shutdown the whole subscription goes
             await self.hub.release_rooms(emptied)
 
     # --- frames --------------------------------------------------------------------------------
 
     async def _read_loop(self, session: Session) -> None:
+        malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
             raw = await session.ws.get_message()
             try:
                 message = parse_client_message(raw)
             except ProtocolError as exc:
                 self.metrics.frame_in(None)
+                malformed += 1
+                if malformed >= MALFORMED_STRIKES:  # SPEC §7: bad frames after warnings
+                    session.close(POLICY, "too many malformed frames", error_frame(exc))
+                    return
                 session.reply(error_frame(exc))
                 continue
+            malformed = 0
             self.metrics.frame_in(message)
             try:
                 await self._handle(session, message)
@@ -331,7 +344,9 @@ class ConnectionHandler:
             raise
         except Exception as exc:
             # A bug in one frame's handling must not end the connection, nor leak details.
-            logger.exception("session %s: error handling %r", session.id, message)
+            logger.exception(
+                "session %s: error handling a %s frame", session.id, type(message).__name__
+            )
             raise ProtocolError(INTERNAL, "internal error", message.ref) from exc
 
     async def _authorize(self, session: Session, ref: object) -> None:
@@ -434,7 +449,7 @@ class ConnectionHandler:
     def _payload(self, ref: object, *, session: Session, **fields: object) -> str:
         """The Pub/Sub payload: ids and data, never a token (SPEC §4)."""
         payload = dumps({**fields, "from": session.user_id, "session": session.id})
-        if len(payload) > self.config.limits.max_message_bytes:
+        if len(payload.encode()) > self.config.limits.max_message_bytes:
             raise ProtocolError(TOO_LARGE, "message too large for recipients", ref)
         return payload
 

@@ -6,6 +6,7 @@ No I/O here. Parsing raises :class:`ProtocolError` with the ``error`` code the c
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -61,7 +62,7 @@ class Direct:
 
 @attrs.frozen
 class Refresh:
-    token: str
+    token: str = attrs.field(repr=False)  # never in a log line
     ref: JSONValue = None
 
 
@@ -82,11 +83,16 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
             in the error whenever the frame had one.
     """
     try:
-        frame = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        frame = loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_REQUEST, "frame is not valid JSON") from exc
     if not isinstance(frame, dict):
         raise ProtocolError(BAD_REQUEST, "frame must be a JSON object")
+    try:
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 frame can carry on
+        _encoder.encode(frame).encode()
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(BAD_REQUEST, "frame holds invalid unicode (a lone surrogate)") from exc
     ref = frame.get("ref")
     kind = frame.get("type")
     if not isinstance(kind, str):
@@ -131,7 +137,24 @@ def _data(frame: dict[str, Any], ref: Any) -> JSONValue:
 
 # --- server frames ---------------------------------------------------------------------------
 
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a double")
+    return value
+
+
+def loads(raw: str | bytes) -> JSONValue:
+    """Strict JSON: no NaN or Infinity, no number that overflows a double (strict parsers,
+    such as browsers', would reject what we then sent on)."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
 
 def encode(kind: str, ref: JSONValue = None, **fields: JSONValue) -> str:
