@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 #: logout reasons (SPEC §4) -> close code (SPEC §7)
 LOGOUT_CLOSE_CODES = {"logout": 4000, "kicked": 4000, "banned": 4403, "revoked": 4401}
 HEARTBEAT_TIMEOUT_CLOSE = 4408
+#: failed cleanups kept for a retry; beyond, the oldest are left to the TTLs and the reaper
+_MAX_FAILED_CLEANUPS = 100_000
 
 
 class Hub:
@@ -57,6 +59,10 @@ class Hub:
         self._by_user: defaultdict[str, set[Session]] = defaultdict(set)
         self._by_room: defaultdict[str, set[Session]] = defaultdict(set)
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
+        # Bumped by every announced change; a read that straddles one is not cached.
+        self._auth_generation = 0
+        # Cleanups Redis refused (it was down); the heartbeat sends them again (SPEC §8).
+        self._failed_cleanups: list[Batch] = []
         self._subscription: Subscription | None = None
         self._subscribed: set[str] = set()
         # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.
@@ -87,7 +93,8 @@ class Hub:
     def discard(self, session: Session) -> list[str]:
         """Forget ``session`` locally; return the rooms it left that now have no local member."""
         self.sessions.pop(session.id, None)
-        _discard(self._by_user, session.user_id, session)
+        if not _discard(self._by_user, session.user_id, session):
+            self._auth_cache.pop(session.user_id, None)  # no local session needs it any more
         emptied = []
         for room in session.rooms:
             if not _discard(self._by_room, room, session):
@@ -155,16 +162,52 @@ class Hub:
         cached = self._auth_cache.get(user_id)
         if cached is not None and now - cached[0] < self.config.auth.cache_ttl:
             return cached[1]
+        generation = self._auth_generation
         batch = Batch()
         reply = batch.hgetall(keys.auth(user_id))
         await self.backend.execute(batch)
         record = AuthRecord.from_hash(reply.value) if reply.value else None
-        if self.config.auth.cache_ttl > 0 and user_id in self._by_user:
+        # Not if a change was announced while we read: that copy may predate it.
+        fresh = generation == self._auth_generation
+        if fresh and self.config.auth.cache_ttl > 0 and user_id in self._by_user:
             self._auth_cache[user_id] = (now, record)
         return record
 
     def forget_auth(self, user_id: str) -> None:
         self._auth_cache.pop(user_id, None)
+        self._auth_generation += 1
+
+    # --- cleanups that failed ---------------------------------------------------------------------
+
+    def retry_cleanup(self, batch: Batch) -> None:
+        """Keep a cleanup that could not reach Redis, for :meth:`flush_cleanups`."""
+        if len(self._failed_cleanups) >= _MAX_FAILED_CLEANUPS:
+            logger.warning("too many failed cleanups kept; the oldest is left to the TTLs")
+            del self._failed_cleanups[0]
+        self._failed_cleanups.append(batch)
+
+    @property
+    def cleanups_pending(self) -> bool:
+        return bool(self._failed_cleanups)
+
+    async def flush_cleanups(self) -> None:
+        """Send the failed cleanups again, in one round trip.
+
+        Raises:
+            BackendUnavailable: still unreachable; they are kept for the next try.
+        """
+        if not self._failed_cleanups:
+            return
+        pending, self._failed_cleanups = self._failed_cleanups, []
+        batch = Batch()
+        for failed in pending:
+            batch.commands.extend(failed.commands)
+        try:
+            await self.backend.execute(batch)
+        except BackendUnavailable:
+            self._failed_cleanups[:0] = pending
+            raise
+        logger.info("retried %d session cleanups", len(pending))
 
     # --- closing -------------------------------------------------------------------------------
 

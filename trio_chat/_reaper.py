@@ -21,6 +21,7 @@ import trio
 from . import _keys as keys
 from ._backends import open_backend
 from ._errors import BackendUnavailable
+from ._registry import remove_instance, remove_session
 from ._store import Backend, Batch
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: how long a reaper may hold an instance's lock before another may try
 REAP_LOCK_SECONDS = 30.0
+#: sessions removed per round trip
+_CHUNK = 1000
 
 
 async def sweep(backend: Backend, reaper_id: str) -> list[str]:
@@ -75,15 +78,17 @@ async def reap(backend: Backend, instance_id: str) -> int:
     rooms = {sid: lookup.hget(keys.session(sid), "rooms") for sid in sessions}
     if rooms:
         await backend.execute(lookup)
-    cleanup = Batch()
-    for session_id, user_id in sessions.items():
-        cleanup.srem(keys.user_sessions(user_id), session_id)
-        cleanup.delete(keys.session(session_id))
-        for room in _rooms(rooms[session_id].value):
-            cleanup.zrem(keys.room_presence(room), session_id)
+    # In chunks, so that a big instance does not make one pipeline too slow to ever finish.
+    items = list(sessions.items())
+    for start in range(0, len(items), _CHUNK):
+        cleanup = Batch()
+        for session_id, user_id in items[start : start + _CHUNK]:
+            room_list = _rooms(rooms[session_id].value)
+            remove_session(cleanup, instance_id, session_id, user_id, room_list)
+        await backend.execute(cleanup)
     # Forget the instance last: if this dies half-way, the id is still there to reap again.
-    cleanup.delete(keys.instance_sessions(instance_id), keys.instance(instance_id))
-    cleanup.srem(keys.INSTANCES, instance_id)
+    cleanup = Batch()
+    remove_instance(cleanup, instance_id)
     await backend.execute(cleanup)
     return len(sessions)
 

@@ -5,6 +5,7 @@ and the heartbeat that keeps those records alive.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -61,6 +62,17 @@ def write_session(
         batch.expire(keys.room_presence(room), ttl)
 
 
+def remove_session(
+    batch: Batch, instance_id: str, session_id: str, user_id: str, rooms: Iterable[str]
+) -> None:
+    """Queue the removal of every trace of one session (its owner's, or a reaper's)."""
+    batch.delete(keys.session(session_id))
+    batch.srem(keys.user_sessions(user_id), session_id)
+    batch.hdel(keys.instance_sessions(instance_id), session_id)
+    for room in rooms:
+        batch.zrem(keys.room_presence(room), session_id)
+
+
 def write_instance(batch: Batch, config: Config, port: int) -> None:
     instance_id = config.server.instance_id
     batch.hset(
@@ -76,7 +88,12 @@ def write_instance(batch: Batch, config: Config, port: int) -> None:
     batch.sadd(keys.INSTANCES, instance_id)
 
 
-def remove_instance(batch: Batch, instance_id: str) -> None:
+def remove_instance(batch: Batch, instance_id: str, *, leave_to_reaper: bool = False) -> None:
+    """Queue the removal of an instance's records. ``leave_to_reaper``: only its liveness key,
+    so that a peer reaps the sessions it could not remove itself."""
+    if leave_to_reaper:
+        batch.delete(keys.instance(instance_id))
+        return
     batch.delete(keys.instance(instance_id), keys.instance_sessions(instance_id))
     batch.srem(keys.INSTANCES, instance_id)
 
@@ -84,14 +101,16 @@ def remove_instance(batch: Batch, instance_id: str) -> None:
 async def heartbeat(hub: Hub, port: int) -> None:
     """Renew this instance's and every local session's TTLs every ``session.ttl / 3``.
 
-    One round trip renews a batch of sessions; a session whose hash has vanished (Redis
-    restarted empty, or evicted) is written again in full in the next round trip. Runs until
-    cancelled; a failed round is logged and retried at the next tick.
+    One round trip renews a batch of sessions; a session whose record has vanished (Redis
+    restarted empty, or evicted) is written again in full in the next round trip. Cleanups
+    that failed earlier are retried first. Stops when the drain begins (the connections
+    remove their own records then). A failed round is logged and retried at the next tick.
     """
     config = hub.config
     interval = min(config.session.ttl, config.session.instance_ttl) / 3
-    while True:
+    while not hub.draining:
         try:
+            await hub.flush_cleanups()
             await renew(hub, hub.backend, port)
         except BackendUnavailable as exc:
             logger.warning("heartbeat: redis unreachable: %s", exc)
@@ -104,6 +123,10 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 500)
     instance = Batch()
     alive = instance.expire(keys.instance(config.server.instance_id), config.session.instance_ttl)
     known = instance.sadd(keys.INSTANCES, config.server.instance_id)
+    # Presence entries older than the session TTL are stale (their owner died): trim them.
+    stale = now_ms() - ttl * 1000
+    for room in {room for session in hub.sessions.values() for room in session.rooms}:
+        instance.zremrangebyscore(keys.room_presence(room), -math.inf, stale)
     await backend.execute(instance)
     if not alive.value or known.value:
         # Redis lost our records (restart, eviction) or a peer reaped us: write them again.
@@ -113,25 +136,32 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 500)
 
     sessions = list(hub.sessions.values())
     for start in range(0, len(sessions), batch_size):
-        chunk = sessions[start : start + batch_size]
+        # Only sessions still here: one that ended while an earlier batch ran is gone.
+        chunk = [s for s in sessions[start : start + batch_size] if hub.sessions.get(s.id) is s]
         now = now_ms()
         batch = Batch()
-        renewed = []
+        checks = []
         for session in chunk:
-            renewed.append(batch.expire(keys.session(session.id), ttl))
-            batch.hset(keys.session(session.id), {"last_seen": str(now)})
+            key = keys.session(session.id)
+            checks.append((batch.expire(key, ttl), batch.hget(key, "user_id")))
+            batch.hset(key, {"last_seen": str(now)})
             batch.expire(keys.user_sessions(session.user_id), ttl)
             for room in session.rooms:
                 batch.zadd(keys.room_presence(room), {session.id: now})
                 batch.expire(keys.room_presence(room), ttl)
         await backend.execute(batch)
-        lost = [s for s, reply in zip(chunk, renewed, strict=True) if not reply.value]
-        if lost:
-            logger.warning("heartbeat: %d session records had vanished; rewriting", len(lost))
-            rewrite = Batch()
-            for session in lost:
+        repair = Batch()
+        for session, (renewed, user_id) in zip(chunk, checks, strict=True):
+            if hub.sessions.get(session.id) is not session:
+                # It ended while this batch was in flight, and the batch may have written
+                # some of its keys again after its own cleanup: remove them once more.
+                remove_session(
+                    repair, config.server.instance_id, session.id, session.user_id, session.rooms
+                )
+            elif not renewed.value or user_id.value is None:
+                # Vanished, or only a field written since then (a join's HSET): write it all.
                 write_session(
-                    rewrite,
+                    repair,
                     config,
                     session.id,
                     session.identity,
@@ -139,4 +169,6 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 500)
                     connected_at=session.connected_at_ms,
                     rooms=session.rooms,
                 )
-            await backend.execute(rewrite)
+        if repair:
+            logger.info("heartbeat: repairing session records (%d commands)", len(repair))
+            await backend.execute(repair)

@@ -119,8 +119,13 @@ async def serve(
                 services.cancel_scope.cancel()
         finally:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                try:
+                    await hub.flush_cleanups()
+                except BackendUnavailable as exc:
+                    logger.warning("session cleanups still failing: %s", exc)
                 batch = Batch()
-                registry.remove_instance(batch, instance_id)
+                # Sessions we could not remove are left for a peer's reaper to find.
+                registry.remove_instance(batch, instance_id, leave_to_reaper=hub.cleanups_pending)
                 try:
                     await backend.execute(batch)
                 except BackendUnavailable as exc:

@@ -105,9 +105,10 @@ class FrameWriter:
 
     :meth:`write` never blocks. Queued frames are drained by a task spawned into the nursery
     given to :meth:`attach`, only while there is something to drain, so an idle connection
-    costs no writer task. After
-    :meth:`stop`, the drain finishes the batch it is writing (a partly written frame
-    included) and drops the rest; :meth:`wait_idle` waits for that.
+    costs no writer task. After :meth:`stop`, the drain finishes the batch it is writing (at
+    most 256 KiB of whole frames, a partly written one included) and drops the rest;
+    :meth:`wait_idle` waits for that. Once trio-websocket has sent or received a close, no
+    data frame follows it.
     """
 
     def __init__(self, ws: WebSocketConnection, limit: int) -> None:
@@ -194,6 +195,8 @@ class FrameWriter:
     async def _drain(self) -> None:
         try:
             while self._queue and (not self._stopping or self._holding):
+                if self._ws.closed is not None and not self._holding:
+                    break  # trio-websocket has sent or received a close: no data after it
                 if not self._holding:
                     await self._lock.acquire()
                     self._holding = True
@@ -203,7 +206,7 @@ class FrameWriter:
                     self._holding = False
                     self._lock.release()
         finally:
-            if self._stopping:
+            if self._stopping or self._ws.closed is not None:
                 self._queue.clear()
             self._draining = False
             if self._idle is not None:
