@@ -9,9 +9,7 @@ OpenAPI description is ``openapi.json`` beside this file.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import math
 import re
 from contextlib import aclosing
 from functools import partial
@@ -31,6 +29,7 @@ from starlette.routing import Route
 from . import _operations as ops
 from ._errors import BackendUnavailable
 from ._messages import ROOM_ID, USER_ID
+from ._messages import loads as strict_loads
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -284,23 +283,12 @@ class _AdminApi:
                     raise ApiError(413, "too_large", f"body over {limit} bytes")
         try:
             # NaN and Infinity (or 1e400) are not JSON: relayed, they would break clients' parsers
-            body = json.loads(raw, parse_constant=_not_finite, parse_float=_finite)
-        except ValueError as exc:  # UnicodeDecodeError included
+            body = strict_loads(raw)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included
             raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(422, "invalid_field", "body must be a JSON object")
         return body
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]} is out of range")
-    return value
-
-
-def _not_finite(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _path_id(request: Request, name: str, pattern: re.Pattern[str]) -> str:

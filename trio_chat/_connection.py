@@ -54,6 +54,7 @@ from ._messages import (
     new_session_id,
     now_ms,
     parse_client_message,
+    room_message,
 )
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, Session
@@ -407,10 +408,10 @@ class ConnectionHandler:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
         self._rate_limit(session, message.ref)
         await self._authorize(session, message.ref)
-        message_id, ts = new_message_id(), now_ms()
-        payload = self._payload(
-            message.ref, id=message_id, room=message.room, session=session, data=message.data, ts=ts
+        message_id, ts, payload = room_message(
+            message.room, session.user_id, session.id, message.data
         )
+        self._check_size(payload, message.ref)
         batch = Batch()
         batch.publish(keys.room_channel(message.room), payload)
         with self.metrics.publishing():
@@ -421,15 +422,18 @@ class ConnectionHandler:
         self._rate_limit(session, message.ref)
         await self._authorize(session, message.ref)
         message_id, ts = new_message_id(), now_ms()
-        payload = self._payload(
-            message.ref,
-            type="direct",
-            id=message_id,
-            to=message.to,
-            session=session,
-            data=message.data,
-            ts=ts,
+        payload = dumps(
+            {
+                "type": "direct",
+                "id": message_id,
+                "to": message.to,
+                "from": session.user_id,
+                "session": session.id,
+                "data": message.data,
+                "ts": ts,
+            }
         )
+        self._check_size(payload, message.ref)
         lookup = Batch()
         session_ids = lookup.smembers(keys.user_sessions(message.to))
         await self.backend.execute(lookup)
@@ -446,12 +450,10 @@ class ConnectionHandler:
             await self.backend.execute(publish)
         session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
-    def _payload(self, ref: object, *, session: Session, **fields: object) -> str:
-        """The Pub/Sub payload: ids and data, never a token (SPEC §4)."""
-        payload = dumps({**fields, "from": session.user_id, "session": session.id})
+    def _check_size(self, payload: str, ref: object) -> None:
+        """Recipients refuse frames over the limit; refuse what would become one."""
         if len(payload.encode()) > self.config.limits.max_message_bytes:
             raise ProtocolError(TOO_LARGE, "message too large for recipients", ref)
-        return payload
 
     async def _refresh(self, session: Session, message: Refresh) -> None:
         """Swap the session's token for a new one of the same user (SPEC §6, §8).

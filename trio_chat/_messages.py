@@ -151,7 +151,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def loads(raw: str | bytes) -> JSONValue:
+def loads(raw: str | bytes | bytearray) -> JSONValue:
     """Strict JSON: no NaN or Infinity, no number that overflows a double (strict parsers,
     such as browsers', would reject what we then sent on)."""
     return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
@@ -172,6 +172,23 @@ def error_frame(exc: ProtocolError) -> str:
 def dumps(value: JSONValue) -> str:
     """Compact JSON, used for Pub/Sub payloads and Redis fields."""
     return _encoder.encode(value)
+
+
+def room_message(room: str, sender: str, session_id: str, data: JSONValue) -> tuple[str, int, str]:
+    """A new room message: its ``id``, its ``ts`` and its ``chat:room`` payload (SPEC §4),
+    which carries ids and data, never a token. The one place payloads are shaped."""
+    message_id, ts = new_message_id(), now_ms()
+    payload = dumps(
+        {
+            "id": message_id,
+            "room": room,
+            "from": sender,
+            "session": session_id,
+            "data": data,
+            "ts": ts,
+        }
+    )
+    return message_id, ts, payload
 
 
 def now_ms() -> int:

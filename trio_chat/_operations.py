@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from . import _keys as keys
 from ._errors import BackendUnavailable, ChatError
-from ._messages import JSONValue, dumps, new_message_id, now_ms
+from ._messages import JSONValue, dumps, now_ms, room_message
 from ._store import Batch
 
 if TYPE_CHECKING:
@@ -49,19 +49,8 @@ async def publish(backend: Backend, config: Config, room: str, data: JSONValue) 
         PayloadTooLarge: the payload is over ``limits.max_message_bytes``.
         BackendUnavailable: the store could not be reached.
     """
-    # Same keys as ConnectionHandler._send builds for a client's message.
-    message_id, ts = new_message_id(), now_ms()
-    payload = dumps(
-        {
-            "id": message_id,
-            "room": room,
-            "from": ADMIN_SENDER,
-            "session": "",
-            "data": data,
-            "ts": ts,
-        }
-    )
-    if len(payload) > config.limits.max_message_bytes:
+    message_id, ts, payload = room_message(room, ADMIN_SENDER, "", data)
+    if len(payload.encode()) > config.limits.max_message_bytes:
         raise PayloadTooLarge(f"message over {config.limits.max_message_bytes} bytes")
     batch = Batch()
     batch.publish(keys.room_channel(room), payload)
