@@ -10,10 +10,12 @@ import trio
 from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
+from trio_chat import _wire as wire
 from trio_chat._connection import ConnectionHandler
 from trio_chat._errors import BackendUnavailable
 from trio_chat._redis import RedisBackend
 from trio_chat._store import Batch
+from trio_chat._wire import FrameWriter
 from trio_chat.client import open_client
 
 leaks_client_socket = pytest.mark.filterwarnings(
@@ -184,3 +186,59 @@ async def test_a_cleanup_that_failed_is_retried(redis_server, nursery, monkeypat
         user = batch.smembers("ws:user:alice")
         await backend.execute(batch)
     assert user.value == set()
+
+
+async def test_delivering_to_a_session_that_just_ended_is_dropped(nursery, monkeypatch):
+    # Hold the cleanup back, so that the session is still in the hub after its connection's
+    # nursery has closed: the pump's deliveries must be dropped, not spawn a writer.
+    real_unregister = ConnectionHandler._unregister
+
+    async def slow_unregister(self, *args):
+        await trio.sleep(0.3)
+        await real_unregister(self, *args)
+
+    monkeypatch.setattr(ConnectionHandler, "_unregister", slow_unregister)
+    server = await start(nursery, make_config())
+    async with open_client(server.url, make_token("bob")) as bob:
+        await bob.join("room")
+        async with open_client(server.url, make_token("alice")) as alice:
+            await alice.join("room")
+        for n in range(20):
+            await bob.send("room", n)
+        await trio.sleep(0.4)
+        assert (await bob.ping())["type"] == "pong"
+    await _still_serves(server.url)
+
+
+async def test_a_broken_socket_under_backlog_costs_only_its_session(nursery, monkeypatch):
+    # Every frame goes through the queue (as under load); bob's socket breaks under its
+    # backlog: his session ends, the pump keeps delivering to the others.
+    def would_block(fd, data):
+        raise BlockingIOError
+
+    writers = []
+    real_init, real_take = FrameWriter.__init__, FrameWriter._take_batch
+
+    def init(self, ws, limit):
+        writers.append(self)
+        real_init(self, ws, limit)
+
+    def take_batch(self):
+        if self is writers[0] and armed:
+            raise trio.BrokenResourceError("connection reset")
+        return real_take(self)
+
+    armed = False
+    monkeypatch.setattr(wire.os, "write", would_block)
+    monkeypatch.setattr(FrameWriter, "__init__", init)
+    monkeypatch.setattr(FrameWriter, "_take_batch", take_batch)
+    server = await start(nursery, make_config())
+    async with open_client(server.url, make_token("bob")) as bob:
+        await bob.join("room")
+        async with open_client(server.url, make_token("carol")) as carol:
+            await carol.join("room")
+            armed = True
+            for n in range(20):
+                await carol.send("room", n)
+            assert (await carol.ping())["type"] == "pong"
+    await _still_serves(server.url)

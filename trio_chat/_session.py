@@ -142,20 +142,24 @@ class Session:
         (or ran out of time). Cancellation propagates; the caller cleans up the records.
         """
         self._close_timeout = close_timeout
-        with trio.CancelScope() as self._scope:
-            async with trio.open_nursery() as self._nursery:
-                self._writer.attach(self._nursery)
-                if self.close_request is not None:  # closed before it started (a shutdown)
-                    self._start_close()
-                try:
-                    await reader(self)
-                except ConnectionClosed:
-                    pass
-                if self.close_request is None:
-                    # The client went away (or the reader returned): nothing left to write.
-                    self._nursery.cancel_scope.cancel()
-        self._nursery = None
-        self._writer.stop()  # whatever is delivered from now on is dropped
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as self._nursery:
+                    self._writer.attach(self._nursery)
+                    if self.close_request is not None:  # closed before it started (shutdown)
+                        self._start_close()
+                    try:
+                        await reader(self)
+                    except ConnectionClosed:
+                        pass
+                    if self.close_request is None:
+                        # The client went away (or the reader returned): nothing left to write.
+                        self._nursery.cancel_scope.cancel()
+        finally:
+            # However it ended (cancelled too), the nursery is closed: the pump may still
+            # deliver until the session is discarded, and that must drop, not spawn.
+            self._nursery = None
+            self._writer.detach()
 
     async def _close_connection(self) -> None:
         """Finish the frame being written, then the last frames, then the close frame."""

@@ -161,6 +161,12 @@ class FrameWriter:
         if self._queue:
             self._start_drain()
 
+    def detach(self) -> None:
+        """The nursery is closing: drop whatever is written from now on."""
+        self._stopping = True
+        self._nursery = None
+        self._queue.clear()
+
     def _start_drain(self) -> None:
         if not self._draining and self._nursery is not None:
             self._draining = True
@@ -202,6 +208,8 @@ class FrameWriter:
                     self._holding = True
                 try:
                     await self._stream.send_all(self._take_batch())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._stopping = True  # the peer is gone; the reader sees it and ends
                 finally:
                     self._holding = False
                     self._lock.release()
