@@ -71,6 +71,7 @@ class Hub:
         self._pump_stale = False
         self._probe_nonce = 0
         self._probe_seen = trio.Event()
+        self._received = 0  # Pub/Sub messages read, for telling a stale pump from a busy one
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
         #: one task's worth of timers for every session (token expiry)
@@ -281,6 +282,7 @@ class Hub:
                     nursery.start_soon(self._probe, scope)
                     nursery.start_soon(self._send_acks)
                     async for channel, payload in subscription.messages():
+                        self._received += 1
                         self._dispatch(channel, payload)
                     nursery.cancel_scope.cancel()
 
@@ -299,8 +301,14 @@ class Hub:
                 await self.backend.execute(batch)
             except BackendUnavailable:
                 continue  # Redis is down: the pump notices on its own connection
+            received = self._received
             with trio.move_on_after(timeout):
                 await self._probe_seen.wait()
+                continue
+            if self._received != received:
+                # Messages are flowing: the pump is alive, only behind (a backlog). Replacing
+                # the connection would drop that backlog; say so and keep going.
+                logger.warning("Pub/Sub pump is behind: probe %d not back yet", self._probe_nonce)
                 continue
             logger.error(
                 "Pub/Sub pump is stale: probe %d not received within %.1fs; reconnecting",
