@@ -1,0 +1,904 @@
+"""trio-chat vs python-socketio under the same Node.js load generator, two instances each.
+
+For every workload and each system in turn: start a throwaway redis-server on a free port of
+127.0.0.1, start two server instances on it, run ``bench/loadgen/loadgen.mjs`` (which prints
+its results as JSON), stop the servers and Redis, then do the same for the other system.
+Prints one markdown table with both systems and the ratio trio-chat / python-socketio.
+
+  A  fan-out: 1 room, --subscribers split over both instances, 1 publisher at each rate
+  B  many rooms: --rooms x --members, each member sending --member-rate msg/s
+  C  idle connections: --connections, each joining its own room (RSS/connection, opens/s)
+
+Everything it starts is stopped again on success, failure, Ctrl-C or SIGTERM (children also
+get SIGTERM if this process dies: PR_SET_PDEATHSIG). Server logs stay in a temporary
+directory whose path is printed. Standard library only; run with any Python >= 3.11:
+
+  python3 bench/run.py --quick            # ~2 minutes
+  python3 bench/run.py                    # the full run
+  python3 bench/run.py --profile 800      # also: py-spy on trio-chat during fan-out at 800/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LOADGEN = BENCH / "loadgen"
+PEERS = BENCH / "peers"
+TRIO_PYTHON = Path(os.environ.get("TRIO_CHAT_PYTHON", ROOT / ".venv" / "bin" / "python"))
+BENCH_PYTHON = Path(os.environ.get("BENCH_PYTHON", BENCH / ".venv" / "bin" / "python"))
+SECRET = "bench-secret-" + "s" * 51  # 64 characters
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+SYSTEMS = {"trio": "trio-chat", "socketio": "python-socketio"}
+PR_SET_PDEATHSIG = 1
+
+
+class BenchError(Exception):
+    """A server did not start, or the load generator failed."""
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _child_setup() -> None:
+    """In each child: as many file descriptors as allowed, and die with the runner."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def child(command: list[str], log: Path, **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_child_setup, **kwargs
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def wait_for(condition: object, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not condition():  # type: ignore[operator]
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise BenchError(f"{what} did not start (see {log}):\n{tail}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A redis-server of our own on a free port of 127.0.0.1, without persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not on PATH (make redis-server installs it)")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    command += ["no", "--dir", str(workdir), "--maxclients", "50000"]
+    log = workdir / "redis.log"
+    with child(command, log) as process:
+
+        def ready() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_for(ready, process, "redis-server", log)
+        yield f"redis://127.0.0.1:{port}/0", process.pid
+
+
+TRIO_ENV: dict[str, str] = {}  # --trio-env KEY=VALUE, for experiments (not in the README run)
+#: where `python -m trio_chat` runs: a copy of trio_chat/ taken at the start of the run (other
+#: engineers edit trio_chat/ meanwhile; every pass must measure the same code), or the tree
+TRIO_SRC: list[Path] = [ROOT]
+SOURCE_NOTE: list[str] = [""]
+
+
+@contextlib.contextmanager
+def trio_chat_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[str, int]]:
+    env = {
+        **os.environ,
+        "TRIO_CHAT_AUTH_JWT_SECRET": SECRET,
+        "TRIO_CHAT_ADMIN_ENABLED": "false",
+        "TRIO_CHAT_LIMITS_SEND_RATE": "100000",
+        "TRIO_CHAT_LIMITS_SEND_BURST": "100000",
+        "TRIO_CHAT_LIMITS_MAX_SESSIONS_PER_USER": "100000",
+        "TRIO_CHAT_LIMITS_MAX_CONNECTIONS": "100000",
+        **TRIO_ENV,
+    }
+    command = [str(TRIO_PYTHON), "-m", "trio_chat", "serve", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--redis-url", redis_url, "--instance-id", name]
+    log = workdir / f"{name}.log"
+    with child(command, log, env=env, cwd=TRIO_SRC[0]) as process:
+        found: list[str] = []
+
+        def ready() -> bool:
+            match = re.search(r"listening on (ws://\S+)", log.read_text(errors="replace"))
+            if match:
+                found.append(match.group(1))
+            return bool(match)
+
+        wait_for(ready, process, name, log)
+        yield found[0], process.pid
+
+
+@contextlib.contextmanager
+def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[str, int]]:
+    env = {**os.environ, "TRIO_CHAT_AUTH_JWT_SECRET": SECRET, "BENCH_REDIS_URL": redis_url}
+    port = free_port()
+    command = [str(BENCH_PYTHON), "-m", "uvicorn", "--app-dir", str(PEERS), "socketio_server:app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--loop", "asyncio", "--http", "h11"]
+    command += ["--ws", "websockets", "--ws-per-message-deflate", "false", "--lifespan", "off"]
+    command += ["--timeout-graceful-shutdown", "5"]
+    log = workdir / f"{name}.log"
+    with child(command, log, env=env, cwd=ROOT) as process:
+
+        def ready() -> bool:
+            return "Uvicorn running on" in log.read_text(errors="replace")
+
+        wait_for(ready, process, name, log)
+        yield f"http://127.0.0.1:{port}", process.pid
+
+
+SERVERS = {"trio": trio_chat_server, "socketio": socketio_server}
+
+
+def log_notes(workdir: Path) -> list[str]:
+    """Warnings, errors and exceptions in the server logs, counted by message shape."""
+    notes: list[str] = []
+    for log in sorted(workdir.glob("*.log")):
+        if log.name == "redis.log":
+            continue
+        shapes: Counter[str] = Counter()
+        for line in log.read_text(errors="replace").splitlines():
+            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line):
+                shape = re.sub(r"^\S+ \S+ ", "", line)  # drop the timestamp
+            elif match := re.match(r"^[\s|+]*(\w+(Error|Exception|Exit)\w*: .*)$", line):
+                shape = "raised " + match.group(1)
+            else:
+                continue
+            shape = re.sub(r"session[= ]\S+", "session <id>", shape)
+            shape = re.sub(r"\b[0-9a-f]{8,}\b|\d+(\.\d+)?", "#", shape)
+            shapes[shape[:200]] += 1
+        for shape, count in shapes.most_common(6):
+            notes.append(f"{log.name}: {count} x {shape}")
+    return notes
+
+
+# --- one pass: one system, one workload --------------------------------------------------------
+
+
+def loadgen_command(
+    system: str, workload: str, urls: list[str], options: dict[str, object]
+) -> list[str]:
+    command = ["node", str(LOADGEN / "loadgen.mjs"), "--system", system, "--workload", workload]
+    command += ["--urls", ",".join(urls), "--secret", SECRET]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def run_loadgen(command: list[str], timeout: float, workdir: Path) -> dict[str, object]:
+    stdout_path = workdir / "loadgen.out"
+    with stdout_path.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, cwd=LOADGEN, preexec_fn=_child_setup)
+        try:
+            code = process.wait(timeout)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    text = stdout_path.read_text()
+    if code != 0:
+        raise BenchError(f"load generator exited {code}; stdout: {text[-2000:]}")
+    result: dict[str, object] = json.loads(text.strip().splitlines()[-1])
+    return result
+
+
+def one_pass(
+    system: str,
+    workload: str,
+    options: dict[str, object],
+    timeout: float,
+    logs: Path,
+    profile: dict[str, object] | None = None,
+) -> dict[str, object]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{system}-{workload}-", dir=logs))
+    print(f"\n== {SYSTEMS[system]}: workload {workload} (logs in {workdir})", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        redis_url, redis_pid = stack.enter_context(redis_server(workdir))
+        servers = [
+            stack.enter_context(SERVERS[system](workdir, redis_url, f"{system}-{i}"))
+            for i in (1, 2)
+        ]
+        urls = [url for url, _ in servers]
+        pids = [pid for _, pid in servers]
+        options = {**options, "pids": ",".join(map(str, pids)), "redis-pid": redis_pid}
+        command = loadgen_command(system, workload, urls, options)
+        if profile is None:
+            result = run_loadgen(command, timeout, workdir)
+        else:
+            result = run_profiled(command, timeout, workdir, pids, profile)
+    result["log_notes"] = log_notes(workdir)
+    result["logs"] = str(workdir)
+    return result
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+
+def run_profiled(
+    command: list[str], timeout: float, workdir: Path, pids: list[int], profile: dict[str, object]
+) -> dict[str, object]:
+    """Run the load generator and, once sending has begun, py-spy on both instances: first
+    --format raw (collapsed stacks, aggregated by function), then a flame graph SVG."""
+    py_spy = BENCH_PYTHON.parent / "py-spy"
+    seconds = int(profile["seconds"])  # type: ignore[call-overload]
+    out = Path(str(profile["out"]))
+    procs: list[subprocess.Popen[bytes]] = []
+    stdout_path = workdir / "loadgen.out"
+    with stdout_path.open("wb") as sink:
+        loadgen = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.PIPE, cwd=LOADGEN, preexec_fn=_child_setup
+        )
+        try:
+            assert loadgen.stderr is not None
+            for raw in loadgen.stderr:
+                sys.stderr.write(raw.decode(errors="replace"))
+                if b"SENDING" in raw and not procs:
+                    time.sleep(1.0)  # past the first second of the step
+                    for index, pid in enumerate(pids, start=1):
+                        for fmt, suffix, extra in (("raw", "txt", ["-F"]),):
+                            target = f"{out}-instance{index}.{suffix}"
+                            cmd = [
+                                str(py_spy),
+                                "record",
+                                "--pid",
+                                str(pid),
+                                "--duration",
+                                str(seconds),
+                                "--format",
+                                fmt,
+                                "-o",
+                                target,
+                                *extra,
+                            ]
+                            procs.append(
+                                subprocess.Popen(
+                                    cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                                )
+                            )
+                    # A flame graph of the same step, right after the raw profile.
+                    for p in procs:
+                        p.wait(seconds + 30)
+                    for index, pid in enumerate(pids, start=1):
+                        cmd = [
+                            str(py_spy),
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--duration",
+                            str(seconds),
+                            "--format",
+                            "flamegraph",
+                            "-F",
+                            "-o",
+                            f"{out}-instance{index}.svg",
+                        ]
+                        procs.append(
+                            subprocess.Popen(
+                                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                            )
+                        )
+            code = loadgen.wait(timeout)
+        finally:
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(seconds + 30)
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            if loadgen.poll() is None:
+                loadgen.kill()
+                loadgen.wait()
+    text = stdout_path.read_text()
+    if code != 0:
+        raise BenchError(f"load generator exited {code}; stdout: {text[-2000:]}")
+    return dict(json.loads(text.strip().splitlines()[-1]))
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """Self and total share of samples per function, from py-spy's collapsed stacks."""
+    self_counts: Counter[str] = Counter()
+    total_counts: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        self_counts[frames[-1]] += count
+        for frame in set(frames):
+            total_counts[frame] += count
+    lines = [f"{path.name}: {samples} samples (py-spy, 100 Hz, idle excluded)", ""]
+    lines.append(f"{'self %':>7} {'total %':>8}  function (file)   -- top {top} by self time")
+    for frame, count in self_counts.most_common(top):
+        share, total = 100 * count / samples, 100 * total_counts[frame] / samples
+        lines.append(f"{share:7.1f} {total:8.1f}  {frame}")
+    lines += ["", f"{'total %':>8}  function (file)   -- top {top} by total (inclusive) time"]
+    for frame, count in total_counts.most_common(top):
+        lines.append(f"{100 * count / samples:8.1f}  {frame}")
+    return "\n".join(lines) + "\n"
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value >= 1000 or (value == int(value) and abs(value) >= 100):
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def ratio(a: object, b: object) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return "—"
+    if b == 0:
+        return "—" if a == 0 else "∞"
+    return f"{a / b:.2f}"
+
+
+def peak(steps: list[dict[str, object]], p99_limit: float) -> object:
+    """Highest rate with no loss and p99 under the limit (None when there is none)."""
+    good = [
+        s["rate"]
+        for s in steps
+        if s.get("lost") == 0
+        and isinstance(s.get("p99_ms"), (int, float))
+        and s["p99_ms"] < p99_limit  # type: ignore[operator]
+    ]
+    return max(good) if good else None  # type: ignore[type-var]
+
+
+def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) -> str:
+    rows: list[list[str]] = []
+
+    def row(label: str, metric: str, key: str | None, get: object, better: str) -> None:
+        values = [
+            get(results[s][key]) if key in results.get(s, {}) else None  # type: ignore[operator]
+            for s in ("trio", "socketio")
+        ]
+        rows.append(
+            [
+                label,
+                f"{metric} ({better})",
+                fmt(values[0]),
+                fmt(values[1]),
+                ratio(values[0], values[1]),
+            ]
+        )
+
+    if "A" in results.get("trio", {}) or "A" in results.get("socketio", {}):
+        any_result = results.get("trio", {}).get("A") or results["socketio"]["A"]
+        subs = any_result["steps"][0].get("subscribers")  # type: ignore[index]
+        for index, step in enumerate(any_result["steps"]):  # type: ignore[arg-type]
+            rate = step["rate"]
+            label = f"A fan-out {rate}/s × {subs}"  # noqa: RUF001
+
+            def pick(field: str, i: int = index) -> object:
+                return lambda r: r["steps"][i].get(field) if i < len(r["steps"]) else None
+
+            row(label, "delivered msg/s", "A", pick("delivered_per_s"), "↑")
+            row(label, "p50 ms", "A", pick("p50_ms"), "↓")
+            row(label, "p99 ms", "A", pick("p99_ms"), "↓")
+            row(label, "max ms", "A", pick("max_ms"), "↓")
+            row(label, "lost msgs", "A", pick("lost"), "↓")
+            row(label, "server CPU s/s", "A", pick("server_cpu"), "↓")
+        row(
+            f"A peak (0 loss, p99 < {p99_limit:g} ms)",
+            "msg/s",
+            "A",
+            lambda r: peak(r["steps"], p99_limit),
+            "↑",
+        )
+    b_keys = sorted(
+        {k for r in results.values() for k in r if k.startswith("B")},
+        key=lambda k: -float(k.split("@")[1]) if "@" in k else 0,
+    )
+    for key in b_keys:
+        any_b = results.get("trio", {}).get(key) or results["socketio"][key]
+        rate = any_b["member_rate"]
+        label = f"B {any_b['rooms']} rooms × {any_b['members']}, {rate}/s each"  # noqa: RUF001
+        row(label, "delivered msg/s", key, lambda r: r.get("delivered_per_s"), "↑")
+        row(label, "p50 ms", key, lambda r: r.get("p50_ms"), "↓")
+        row(label, "p99 ms", key, lambda r: r.get("p99_ms"), "↓")
+        row(label, "max ms", key, lambda r: r.get("max_ms"), "↓")
+        row(label, "lost msgs", key, lambda r: r.get("lost"), "↓")
+        row(label, "server CPU s/s", key, lambda r: r.get("server_cpu"), "↓")
+        row(label, "Redis CPU s/s", key, lambda r: r.get("redis_cpu"), "↓")
+    if "C" in results.get("trio", {}) or "C" in results.get("socketio", {}):
+        any_c = results.get("trio", {}).get("C") or results["socketio"]["C"]
+        label = f"C {any_c['connections']:,} idle, {any_c['concurrency']} in flight"
+        row(label, "connections opened/s", "C", lambda r: r.get("opened_per_s"), "↑")
+        row(label, "open p99 ms", "C", lambda r: r["open_latency"].get("p99_ms"), "↓")
+        row(label, "server RSS KiB/conn", "C", lambda r: r.get("kib_per_connection"), "↓")
+        row(label, "failed opens", "C", lambda r: r["connections"] - r["connected"], "↓")
+    header = ["workload", "metric (better)", "trio-chat", "python-socketio", "ratio trio/sio"]
+    lines = [header, ["---"] * 2 + ["---:"] * 3, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
+    """Per measured window: what else used the machine, and how the generator kept up."""
+    header = [
+        "window",
+        "system",
+        "servers CPU s/s (each)",
+        "Redis CPU s/s",
+        "loadgen CPU s/s",
+        "other processes CPU s/s",
+        "loadgen loop delay p99/max ms",
+        "lost → arrived ≤late s after drain",
+        "waited for quiet s",
+        "disturbed attempts discarded (other CPU)",
+    ]
+    rows = []
+    keys = sorted({k for r in results.values() for k in r})
+    for workload in keys:
+        for system in ("trio", "socketio"):
+            result = results.get(system, {}).get(workload)
+            if not result:
+                continue
+            parts = result.get("steps") or [result]
+            for part in parts:  # type: ignore[union-attr]
+                if workload == "A":
+                    where = f"A {part['rate']}/s"
+                elif workload.startswith("B"):
+                    where = f"B {part['member_rate']}/s each"
+                else:
+                    where = "C opening"
+                quiet = part.get("quiet") or {}
+                if workload.startswith("C"):
+                    cpu = [
+                        fmt(part.get("open_server_cpu")),
+                        fmt(part.get("open_redis_cpu")),
+                        fmt(part.get("open_loadgen_cpu")),
+                        fmt(part.get("open_other_cpu")),
+                    ]
+                    delay = "—"
+                    late = "—"
+                else:
+                    each = "/".join(fmt(v) for v in part.get("server_cpu_each", []))
+                    cpu = [
+                        f"{fmt(part.get('server_cpu'))} ({each})",
+                        fmt(part.get("redis_cpu")),
+                        fmt(part.get("loadgen_cpu")),
+                        fmt(part.get("other_cpu")),
+                    ]
+                    delay = (
+                        f"{fmt(part.get('loadgen_loop_delay_p99_ms'))}/"
+                        f"{fmt(part.get('loadgen_loop_delay_max_ms'))}"
+                    )
+                    late = (
+                        f"{fmt(part.get('lost'))} → {fmt(part.get('arrived_late'))}"
+                        if part.get("lost")
+                        else "0"
+                    )
+                waited = fmt(quiet.get("waited_s"))
+                if quiet.get("quiet") is False:
+                    waited += " (not quiet)"
+                discarded = (
+                    ", ".join(fmt(a.get("other_cpu")) for a in part.get("disturbed_attempts", []))
+                    or "—"
+                )
+                rows.append([where, SYSTEMS[system], *cpu, delay, late, waited, discarded])
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def problems(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
+    """Closes, errors and connect failures the generator saw, and server log warnings."""
+    out: list[str] = []
+    for system, by_workload in results.items():
+        for workload, result in by_workload.items():
+            parts = result.get("steps") or [result]
+            for part in parts:  # type: ignore[union-attr]
+                where = f"{SYSTEMS[system]} {workload}" + (
+                    f" @{part['rate']}/s" if "rate" in part else ""
+                )
+                for field in ("closes", "errors", "connect_failures", "join_failures"):
+                    if part.get(field):
+                        out.append(f"{where}: {field} {json.dumps(part[field])}")
+                if part.get("stale"):
+                    out.append(f"{where}: {part['stale']} stale messages (older step)")
+                if part.get("reordered"):
+                    out.append(f"{where}: {part['reordered']} out-of-order deliveries")
+            for note in result.get("log_notes", []):  # type: ignore[union-attr]
+                out.append(f"{SYSTEMS[system]} {workload} log: {note}")
+    return out
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """A digest of trio_chat/*.py under ``root``: the code the servers import."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((root / "trio_chat").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def snapshot_source(logs: Path) -> str:
+    """Copy trio_chat/ to ``logs``/src and run the servers from there; describe the copy."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "trio_chat"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    target = logs / "src"
+    shutil.copytree(
+        ROOT / "trio_chat", target / "trio_chat", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    TRIO_SRC[0] = target
+    return (
+        f"{head}{' + uncommitted changes in trio_chat/' if dirty else ''}, copied to "
+        f"{target} (trio_chat/*.py sha256 {source_digest(target)})"
+    )
+
+
+# --- versions -----------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    def output(command: list[str], cwd: Path = ROOT) -> str:
+        try:
+            return subprocess.run(
+                command, capture_output=True, text=True, cwd=cwd, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    trio = output(
+        [
+            str(TRIO_PYTHON),
+            "-c",
+            "import importlib.metadata as m; print(' '.join(f'{p} {m.version(p)}' for p in "
+            "('trio', 'trio-websocket', 'coredis')))",
+        ]
+    )
+    sio = output(
+        [
+            str(BENCH_PYTHON),
+            "-c",
+            "import importlib.metadata as m; print(' '.join(f'{p} {m.version(p)}' for p in "
+            "('python-socketio', 'python-engineio', 'uvicorn', 'websockets', 'redis')))",
+        ]
+    )
+    node = output(
+        [
+            "node",
+            "-e",
+            "console.log(process.version + ' ws ' + "
+            "require('./node_modules/ws/package.json').version + ' socket.io-client ' + "
+            "require('./node_modules/socket.io-client/package.json').version)",
+        ],
+        LOADGEN,
+    )
+    redis = output(["redis-server", "--version"]).split(" ")[2:3]
+    commit = output(["git", "rev-parse", "--short", "HEAD"])
+    return (
+        f"nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, "
+        f"{platform.platform()}; trio-chat {SOURCE_NOTE[0] or commit} ({trio}); {sio}; "
+        f"redis-server "
+        f"{''.join(redis).removeprefix('v=')}; node {node}"
+    )
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="rates 50..400, 3 s each; 200 rooms, 5 s; 1000 idle connections",
+    )
+    parser.add_argument("--workloads", default="A,B,C", help="subset of A,B,C (A,B,C)")
+    parser.add_argument("--systems", default="trio,socketio", help="trio,socketio")
+    parser.add_argument("--rates", help="A: msg/s steps (50,100,200,400,800,1600)")
+    parser.add_argument("--duration", type=float, help="A: seconds per rate (10)")
+    parser.add_argument("--drain", type=float, default=2.0, help="A/B: seconds after last send (2)")
+    parser.add_argument("--subscribers", type=int, default=400, help="A: subscribers (400)")
+    parser.add_argument("--rooms", type=int, help="B: rooms (500)")
+    parser.add_argument("--members", type=int, default=4, help="B: members per room (4)")
+    parser.add_argument(
+        "--member-rate", default="1", help="B: msg/s per member; a list runs B once per rate (1)"
+    )
+    parser.add_argument("--room-duration", type=float, help="B: seconds of sending (10)")
+    parser.add_argument("--connections", type=int, help="C: idle connections (5000)")
+    parser.add_argument("--concurrency", type=int, default=200, help="opens in flight (200)")
+    parser.add_argument(
+        "--late",
+        type=float,
+        default=3.0,
+        help="A/B: after the drain, how long to keep counting late arrivals (3)",
+    )
+    parser.add_argument(
+        "--quiet-max",
+        type=float,
+        default=60.0,
+        help="before each measured window, wait at most this long for the servers "
+        "to be idle and other processes to use < 0.25 cores (60; 0 = don't)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="A/B: measure a window again (this many times at most) when other "
+        "processes used > 0.4 cores during it (1)",
+    )
+    parser.add_argument("--p99-limit", type=float, default=250.0, help="A peak: p99 below (250)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="RATE",
+        help="after the comparison: py-spy on both trio-chat instances during a "
+        "fan-out step at RATE msg/s",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--profile-out",
+        default=str(BENCH / "profile-fanout"),
+        help="path prefix of the profile files (bench/profile-fanout)",
+    )
+    parser.add_argument("--json", help="also write every result to this file")
+    parser.add_argument(
+        "--no-snapshot",
+        dest="snapshot",
+        action="store_false",
+        help="run trio-chat from the work tree instead of a copy taken at start",
+    )
+    parser.add_argument(
+        "--trio-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the trio-chat instances (experiments)",
+    )
+    args = parser.parse_args()
+
+    quick = args.quick
+    for item in args.trio_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("TRIO_CHAT_"):
+            parser.error(f"--trio-env wants TRIO_CHAT_KEY=VALUE, not {item!r}")
+        TRIO_ENV[key] = value
+    rates = args.rates or ("50,100,200,400" if quick else "50,100,200,400,800,1600")
+    duration = args.duration or (3.0 if quick else 10.0)
+    rooms = args.rooms or (200 if quick else 500)
+    room_duration = args.room_duration or (5.0 if quick else 10.0)
+    connections = args.connections or (1000 if quick else 5000)
+    common = {
+        "concurrency": args.concurrency,
+        "quiet-max": args.quiet_max,
+        "late": args.late,
+        "retries": args.retries,
+    }
+    plans = {
+        "A": (
+            "fanout",
+            {
+                **common,
+                "rates": rates,
+                "duration": duration,
+                "drain": args.drain,
+                "subscribers": args.subscribers,
+            },
+        ),
+        "C": ("idle", {**common, "connections": connections}),
+    }
+    for member_rate in str(args.member_rate).split(","):
+        plans[f"B@{member_rate}"] = (
+            "rooms",
+            {
+                **common,
+                "rooms": rooms,
+                "members": args.members,
+                "member-rate": member_rate,
+                "duration": room_duration,
+                "drain": args.drain,
+            },
+        )
+    n_rates = len(rates.split(","))
+    budgets = {
+        "A": n_rates
+        * (1 + args.retries)
+        * (duration + args.drain + args.late + args.quiet_max + 60)
+        + 60,
+        "B": (1 + args.retries) * (room_duration + args.drain + args.late + args.quiet_max) + 240,
+        "C": connections / 20 + args.quiet_max + 240,
+    }
+    wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for name in wanted:
+        if name not in ("A", "B", "C"):
+            parser.error(f"unknown workload {name}")
+    workloads = [key for name in wanted for key in plans if key.split("@")[0] == name]
+    for name in systems:
+        if name not in SYSTEMS:
+            parser.error(f"unknown system {name}")
+    for path in (TRIO_PYTHON, LOADGEN / "node_modules"):
+        if not path.exists():
+            parser.error(f"{path} is missing: run `make bench` (it installs everything)")
+    if "socketio" in systems and not BENCH_PYTHON.exists():
+        parser.error(f"{BENCH_PYTHON} is missing: run `make bench`")
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    logs = Path(tempfile.mkdtemp(prefix="trio-chat-bench-"))
+    digest_at_start = source_digest()
+    if args.snapshot:
+        SOURCE_NOTE[0] = snapshot_source(logs)
+        print(f"trio-chat under test: {SOURCE_NOTE[0]}", file=sys.stderr)
+    started = time.monotonic()
+    results: dict[str, dict[str, dict[str, object]]] = {s: {} for s in systems}
+    failed: list[str] = []
+    for name in workloads:
+        workload, options = plans[name]
+        for system in systems:
+            try:
+                budget = budgets[name.split("@")[0]]
+                results[system][name] = one_pass(system, workload, options, budget, logs)
+            except BenchError as exc:
+                failed.append(f"{SYSTEMS[system]} {name}: {exc}")
+                print(f"FAILED: {SYSTEMS[system]} {name}: {exc}", file=sys.stderr)
+    profile_text = None
+    if args.profile:
+        profile_rate = args.profile
+        seconds = args.profile_seconds
+        options = {
+            **common,
+            "rates": profile_rate,
+            "duration": 2 * seconds + 4,
+            "drain": args.drain,
+            "subscribers": args.subscribers,
+        }
+        try:
+            result = one_pass(
+                "trio",
+                "fanout",
+                options,
+                4 * seconds + args.quiet_max + 120,
+                logs,
+                profile={"seconds": seconds, "out": args.profile_out},
+            )
+            results.setdefault("profile", {})["A"] = result
+            summaries = []
+            for index in (1, 2):
+                raw = Path(f"{args.profile_out}-instance{index}.txt")
+                if raw.exists():
+                    summaries.append(summarize_profile(raw))
+            step = result["steps"][0]  # type: ignore[index]
+            profile_text = (
+                f"trio-chat fan-out at {profile_rate} msg/s to {args.subscribers} subscribers "
+                f"while profiled: delivered {step['received']}/{step['expected']}, p50 "
+                f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, server CPU {step['server_cpu']} "
+                f"s/s (each {step['server_cpu_each']}), Redis {step['redis_cpu']}\n\n"
+                + "\n".join(summaries)
+            )
+            Path(f"{args.profile_out}-summary.txt").write_text(profile_text)
+        except BenchError as exc:
+            failed.append(f"profile: {exc}")
+            print(f"FAILED: profile: {exc}", file=sys.stderr)
+    profile_result = results.pop("profile", None)
+
+    elapsed = time.monotonic() - started
+    date = datetime.date.today().isoformat()
+    mode = "quick" if quick else "full"
+    print(f"\n{date}, {mode} run ({' '.join(sys.argv[1:]) or 'defaults'}), {elapsed:.0f} s wall")
+    print(versions())
+    print()
+    print(table(results, args.p99_limit))
+    print("\nConditions of each measured window (CPU in cores: CPU seconds per second):\n")
+    print(conditions(results))
+    notes = problems(results)
+    if notes:
+        print("\nSeen during the run:")
+        for note in notes:
+            print(f"- {note}")
+    if profile_text:
+        print(f"\nProfile written to {args.profile_out}-*:\n")
+        print(profile_text)
+    print(f"\nServer logs: {logs}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "profile": profile_result,
+                    "failed": failed,
+                    "versions": versions(),
+                    "date": date,
+                    "quick": quick,
+                },
+                indent=1,
+            )
+        )
+    if not args.snapshot and source_digest() != digest_at_start:
+        print(
+            "WARNING: trio_chat/*.py changed on disk during the run: passes may have measured "
+            "different code",
+            file=sys.stderr,
+        )
+    for failure in failed:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
