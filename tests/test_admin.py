@@ -462,3 +462,46 @@ async def test_cli_sessions_logout_and_errors(redis_server, nursery, monkeypatch
         assert captured.err.count("\n") == 1
         assert "401" in captured.err
         assert "unauthorized" in captured.err
+
+
+def _samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_metrics_move_as_traffic_flows(redis_server, nursery):
+    server = await _admin_server(nursery, redis_server)
+    async with admin_client(server, key=None) as http:
+        before = _samples((await http.get("/metrics")).text)
+        async with (
+            open_client(server.url, make_token("alice")) as alice,
+            open_client(server.url, make_token("bob")) as bob,
+        ):
+            for chat in (alice, bob):
+                await chat.join("room")
+            for n in range(5):
+                await alice.send("room", n)
+                await bob.receive()
+            await alice.ws.send_message("not json")
+            await alice.receive()
+            during = _samples((await http.get("/metrics")).text)
+        with pytest.raises(ConnectionRejected):
+            async with open_client(server.url, "garbage"):
+                pass
+        after = _samples((await http.get("/metrics")).text)
+
+    def grew(series: str, by: float, sample: dict[str, float] = after) -> None:
+        assert sample[series] - before[series] == by, series
+
+    grew('trio_chat_handshakes_total{outcome="accepted"}', 2)
+    grew('trio_chat_handshakes_total{outcome="invalid_token"}', 1)
+    grew('trio_chat_frames_in_total{type="send"}', 5)
+    grew('trio_chat_frames_in_total{type="join"}', 2)
+    grew('trio_chat_frames_in_total{type="invalid"}', 1)
+    grew("trio_chat_fanout_deliveries_total", 5)
+    grew("trio_chat_publish_seconds_count", 5)
+    assert during["trio_chat_connections"] == 2
+    assert during["trio_chat_sessions"] == 2

@@ -246,3 +246,37 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     # Unknown keys and bad values are only warnings, naming the file: none allowed.
     assert unit.name not in output, output
+
+
+async def test_a_live_server_says_ready_then_stopping(short_dir: Path, tmp_path: Path) -> None:
+    """`trio-chat serve` under a NOTIFY_SOCKET: READY=1 once listening, STOPPING=1 on SIGTERM,
+    then exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = str(short_dir / "notify")
+    with await _listener(path) as sock:
+        env = {**os.environ, "NOTIFY_SOCKET": path, "TRIO_CHAT_AUTH_JWT_SECRET": "s" * 64}
+        command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0", "--admin-port", "0"]
+        with (tmp_path / "serve.log").open("wb") as log:
+            process = subprocess.Popen(command, env=env, stderr=log)
+        try:
+            received = [await _receive(sock, 20)]
+            while not received[-1].startswith("READY=1"):
+                received.append(await _receive(sock, 20))
+            process.send_signal(signal.SIGTERM)
+            while not received[-1].startswith("STOPPING=1"):
+                received.append(await _receive(sock, 20))
+            with trio.fail_after(20):
+                while process.poll() is None:
+                    await trio.sleep(0.05)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert [m.split("\n")[0] for m in received if m.startswith(("READY", "STOPPING"))] == [
+        "READY=1",
+        "STOPPING=1",
+    ]

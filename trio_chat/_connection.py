@@ -119,7 +119,20 @@ class ConnectionHandler:
                 raise AuthError(404, "not_found", "no WebSocket endpoint here")
             identity = await self._authenticate(info)
         except AuthError as exc:
-            logger.info("refused %s: %s %s (%s)", remote, exc.status, exc.code, exc.message)
+            logger.info(
+                "refused %s: %s %s (%s)",
+                remote,
+                exc.status,
+                exc.code,
+                exc.message,
+                extra={
+                    "remote": remote,
+                    "instance": self.hub.instance_id,
+                    "status": exc.status,
+                    "code": exc.code,
+                    "reason": exc.message,
+                },
+            )
             self.metrics.handshake(exc.code)
             await _reject(request, exc)
             return
@@ -172,6 +185,12 @@ class ConnectionHandler:
                 session_id,
                 self.hub.instance_id,
                 remote,
+                extra={
+                    "user": identity.user_id,
+                    "session": session_id,
+                    "instance": self.hub.instance_id,
+                    "remote": remote,
+                },
             )
             if self.hub.draining:
                 session.close(1001, "server shutting down")
@@ -194,6 +213,12 @@ class ConnectionHandler:
                 session_id,
                 self.hub.instance_id,
                 reason,
+                extra={
+                    "user": identity.user_id,
+                    "session": session_id,
+                    "instance": self.hub.instance_id,
+                    "reason": reason,
+                },
             )
 
     # --- handshake -----------------------------------------------------------------------------
