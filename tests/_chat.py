@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import httpx
 import jwt
+import trio
+from trio_websocket import ConnectionClosed
 
 from trio_chat import Config, Server, serve
 from trio_chat._backends import open_backend
 from trio_chat._store import Backend, Batch
 
 if TYPE_CHECKING:
-    import trio
+    from trio_chat.client import ChatClient
 
 SECRET = "test-secret-" + "s" * 64  # long enough for HS512 too
 ADMIN_KEY = "test-admin-key"
@@ -70,6 +72,17 @@ async def snapshot(backend: Backend, *keys: str) -> dict[str, int]:
     replies = {key: batch.exists(key) for key in keys}
     await backend.execute(batch)
     return {key: reply.value for key, reply in replies.items()}
+
+
+async def closed_with(chat: ChatClient) -> tuple[list[dict[str, Any]], int]:
+    """Read until the server closes; return the frames read and the close code."""
+    frames = []
+    with trio.fail_after(5):
+        try:
+            while True:
+                frames.append(await chat.receive())
+        except ConnectionClosed as closed:
+            return frames, closed.reason.code if closed.reason else 1006
 
 
 __all__ = [

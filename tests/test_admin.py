@@ -11,7 +11,8 @@ import httpx
 import pytest
 import trio
 from _chat import ADMIN, ADMIN_KEY, admin_client, make_config, make_token, read_hash, start
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from _chat import closed_with as _closed_with
+from trio_websocket import ConnectionRejected
 
 from trio_chat import _cli
 from trio_chat._admin import create_app
@@ -33,17 +34,6 @@ V1 = [
     ("GET", "/v1/rooms/lobby/presence", None),
     ("GET", "/v1/instances", None),
 ]
-
-
-async def _closed_with(chat) -> tuple[list[dict], int]:
-    """Read until the server closes; return the frames read and the close code."""
-    frames = []
-    with trio.fail_after(5):
-        try:
-            while True:
-                frames.append(await chat.receive())
-        except ConnectionClosed as closed:
-            return frames, closed.reason.code
 
 
 async def _admin_server(nursery, redis_server, instance_id="inst-1", **sections):

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from _chat import closed_with as _closed_with
+from trio_websocket import ConnectionRejected
 
 from trio_chat._hub import Hub
 from trio_chat._store import Batch
@@ -32,17 +33,6 @@ async def _publish(redis_url: str, channel: str, event: dict, **auth_fields: str
             batch.hset(f"auth:{event['user_id']}", auth_fields)
         batch.publish(channel, json.dumps(event))
         await backend.execute(batch)
-
-
-async def _closed_with(chat) -> tuple[list[dict], int]:
-    """Read until the server closes; return the frames read and the close code."""
-    frames = []
-    with trio.fail_after(5):
-        try:
-            while True:
-                frames.append(await chat.receive())
-        except ConnectionClosed as closed:
-            return frames, closed.reason.code
 
 
 @pytest.mark.parametrize(

@@ -358,11 +358,7 @@ class Hub:
                 **{"from": event["from"]},
             )
         )
-        delivered = 0
-        for session in list(members):
-            if session.id != origin:
-                delivered += session.deliver(frame)
-        self.metrics.fanout("message", delivered)
+        self._fan_out("message", members, origin, frame)
 
     def _control(self, event: dict[str, object]) -> None:
         """A message on our own control channel (SPEC §4 ``ws:control:<id>``)."""
@@ -392,11 +388,15 @@ class Hub:
                 **{"from": event["from"]},
             )
         )
+        self._fan_out("direct", sessions, origin, frame)
+
+    def _fan_out(self, kind: str, sessions: set[Session], origin: object, frame: bytes) -> None:
+        """Deliver ``frame`` to every one of ``sessions`` but the one it came from."""
         delivered = 0
-        for session in list(sessions):
+        for session in list(sessions):  # a delivery may close a session, and so change the set
             if session.id != origin:
                 delivered += session.deliver(frame)
-        self.metrics.fanout("direct", delivered)
+        self.metrics.fanout(kind, delivered)
 
     def _logout(self, event: dict[str, object]) -> None:
         user_id = str(event["user_id"])
