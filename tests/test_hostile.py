@@ -7,8 +7,8 @@ import json
 
 import pytest
 import trio
-from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from _chat import SECRET, closed_with, make_config, make_token, open_backend, snapshot, start
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from trio_chat import _wire as wire
 from trio_chat._connection import ConnectionHandler
@@ -242,3 +242,33 @@ async def test_a_broken_socket_under_backlog_costs_only_its_session(nursery, mon
                 await carol.send("room", n)
             assert (await carol.ping())["type"] == "pong"
     await _still_serves(server.url)
+
+
+async def test_deliveries_to_a_closing_session_are_dropped(nursery, monkeypatch):
+    # The session's reader has ended (malformed frames: 1008) while its close is still being
+    # written, slowly, and every frame goes through a drain task: the pump's deliveries to it
+    # in that window must be dropped, and cost nobody else anything.
+    def would_block(fd, data):
+        raise BlockingIOError
+
+    real_aclose = WebSocketConnection.aclose
+
+    async def slow_aclose(self, *args, **kwargs):
+        await trio.sleep(0.3)
+        await real_aclose(self, *args, **kwargs)
+
+    monkeypatch.setattr(wire.os, "write", would_block)
+    monkeypatch.setattr(WebSocketConnection, "aclose", slow_aclose)
+    server = await start(nursery, make_config())
+    async with open_client(server.url, make_token("bob")) as bob:
+        await bob.join("room")
+        async with open_client(server.url, make_token("alice")) as alice:
+            await alice.join("room")
+            for _ in range(10):
+                await alice.ws.send_message("not json")
+            await trio.sleep(0.1)  # alice's reader has ended; her close is being written
+            for n in range(5):
+                await bob.send_frame({"type": "send", "room": "room", "data": n})
+                assert (await bob.receive())["type"] == "ack"
+            assert (await closed_with(alice))[1] == 1008
+        assert (await bob.ping())["type"] == "pong"

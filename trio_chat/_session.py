@@ -20,7 +20,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._wire import FrameWriter, Pong, text_frame
+from ._wire import Cork, FrameWriter, Pong, text_frame
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -91,14 +91,15 @@ class Session:
     def closing(self) -> bool:
         return self.close_request is not None
 
-    def deliver(self, frame: bytes) -> bool:
-        """Write or queue one encoded frame (:func:`~trio_chat._wire.text_frame`), never blocking.
+    def deliver(self, frame: bytes, cork: Cork | None = None) -> bool:
+        """Write or queue one encoded frame (:func:`~trio_chat._wire.text_frame`), never blocking;
+        with a ``cork``, possibly held until it is flushed.
 
         Returns False when the session is closing or was just closed as a slow consumer.
         """
         if self.close_request is not None:
             return False
-        if not self._writer.write(frame):
+        if not self._writer.write(frame, cork):
             logger.warning("session %s: outbound queue full, closing slow consumer", self.id)
             self._metrics.slow_consumer()
             self.close(POLICY, "slow consumer")
@@ -142,10 +143,11 @@ class Session:
         (or ran out of time). Cancellation propagates; the caller cleans up the records.
         """
         self._close_timeout = close_timeout
-        try:
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as self._nursery:
-                    self._writer.attach(self._nursery)
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._writer.attach(nursery)
+                try:
                     if self.close_request is not None:  # closed before it started (shutdown)
                         self._start_close()
                     try:
@@ -153,13 +155,15 @@ class Session:
                     except ConnectionClosed:
                         pass
                     if self.close_request is None:
-                        # The client went away (or the reader returned): nothing left to write.
-                        self._nursery.cancel_scope.cancel()
-        finally:
-            # However it ended (cancelled too), the nursery is closed: the pump may still
-            # deliver until the session is discarded, and that must drop, not spawn.
-            self._nursery = None
-            self._writer.detach()
+                        # The client went away (or the reader returned): nothing to write.
+                        nursery.cancel_scope.cancel()
+                    # Stay in the body until the close task ends it (by cancelling): a nursery
+                    # whose body has ended refuses new tasks, and the pump may still deliver.
+                    await trio.sleep_forever()
+                finally:
+                    # However it ends, still inside the body: from now on deliveries drop.
+                    self._nursery = None
+                    self._writer.detach()
 
     async def _close_connection(self) -> None:
         """Finish the frame being written, then the last frames, then the close frame."""
