@@ -17,7 +17,8 @@ import trio_websocket
 from trio_websocket import WebSocketConnection, open_websocket_url, serve_websocket
 from wsproto.frame_protocol import FrameProtocol
 
-from trio_chat._wire import FrameWriter, HandoffLock, text_frame
+from trio_chat import _wire as wire
+from trio_chat._wire import Cork, FrameWriter, HandoffLock, text_frame
 
 
 def test_trio_websocket_internals_are_what_wire_expects():
@@ -100,3 +101,39 @@ async def test_frames_stay_whole_and_ordered_under_backpressure_and_pings(nurser
                 assert json.loads(await client.get_message()) == [n, "x" * size]
             await client.send_message("bye")
     assert max(queued) > 10  # the queue and the partial-write handoff were really exercised
+
+
+async def test_a_cork_joins_a_burst_into_one_write_and_keeps_order(nursery, monkeypatch):
+    writes = []
+    real_write = wire.os.write
+
+    def counting_write(fd, data):
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    async def handler(request) -> None:
+        ws = await request.accept()
+        writer = FrameWriter(ws, limit=100)
+        cork = Cork()
+        async with trio.open_nursery() as inner:
+            writer.attach(inner)
+            monkeypatch.setattr(wire.os, "write", counting_write)
+            for n in range(3):
+                assert writer.write(text_frame(f"burst {n}"), cork)
+            assert writes == []  # held
+            cork.flush()
+            assert len(writes) == 1  # one write for the burst
+            writer.write(text_frame("held"), cork)
+            writer.write(text_frame("direct"))  # a plain write lets the held frame out first
+            assert len(writes) == 3
+            cork.flush()  # nothing left to write
+            assert len(writes) == 3
+            assert await ws.get_message() == "bye"
+            inner.cancel_scope.cancel()
+
+    server = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0, None))
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as client:
+            got = [await client.get_message() for _ in range(5)]
+            await client.send_message("bye")
+    assert got == ["burst 0", "burst 1", "burst 2", "held", "direct"]

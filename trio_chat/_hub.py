@@ -24,7 +24,7 @@ from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
 from ._store import Backend, Batch, Subscription
 from ._timers import Timers
-from ._wire import text_frame
+from ._wire import Cork, text_frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -71,6 +71,8 @@ class Hub:
         self._pump_stale = False
         self._probe_nonce = 0
         self._probe_seen = trio.Event()
+        # While the pump reads a backlog, each socket gets one write for all of it.
+        self._cork = Cork()
         self._received = 0  # Pub/Sub messages read, for telling a stale pump from a busy one
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
@@ -281,9 +283,14 @@ class Hub:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._probe, scope)
                     nursery.start_soon(self._send_acks)
-                    async for channel, payload in subscription.messages():
-                        self._received += 1
-                        self._dispatch(channel, payload)
+                    try:
+                        async for channel, payload in subscription.messages():
+                            self._received += 1
+                            self._dispatch(channel, payload)
+                            if not subscription.backlog():
+                                self._cork.flush()
+                    finally:
+                        self._cork.flush()
                     nursery.cancel_scope.cancel()
 
     async def _probe(self, pump_scope: trio.CancelScope) -> None:
@@ -395,7 +402,7 @@ class Hub:
         delivered = 0
         for session in list(sessions):  # a delivery may close a session, and so change the set
             if session.id != origin:
-                delivered += session.deliver(frame)
+                delivered += session.deliver(frame, self._cork)
         self.metrics.fanout(kind, delivered)
 
     def _logout(self, event: dict[str, object]) -> None:

@@ -230,6 +230,9 @@ class _MemorySubscription:
         """``(channel, message)`` in publishing order; ends when the subscription is closed."""
         return self._receive
 
+    def backlog(self) -> bool:
+        return self._receive.statistics().current_buffer_used > 0
+
 
 class MemoryBackend:
     """An in-process store and Pub/Sub with Redis's semantics; see :mod:`trio_chat._store`.

@@ -348,6 +348,10 @@ class _RedisSubscription:
         """
         return self
 
+    def backlog(self) -> bool:
+        """A message is waiting: the reading task is blocked handing it over."""
+        return self._receive.statistics().tasks_waiting_send > 0
+
     def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
         return self
 

@@ -158,6 +158,10 @@ class Subscription(Protocol):
 
     def messages(self) -> AsyncIterator[tuple[str, str]]: ...
 
+    def backlog(self) -> bool:
+        """True when another message can be read at once, without waiting."""
+        ...
+
 
 class Backend(Protocol):
     """A connected store; obtained from :func:`trio_chat._backends.open_backend`."""

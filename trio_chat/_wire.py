@@ -100,6 +100,28 @@ class Pong:
         self.answered = True
 
 
+class Cork:
+    """Holds the direct writes of a burst (the Pub/Sub pump reading a backlog) so that each
+    connection gets one ``write`` for the whole burst instead of one per message."""
+
+    #: frames one connection may hold before its cork is flushed early
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._held: set[FrameWriter] = set()
+
+    def add(self, writer: FrameWriter) -> None:
+        self._held.add(writer)
+        if len(writer._corked) >= self.LIMIT:
+            self._held.discard(writer)
+            writer.uncork()
+
+    def flush(self) -> None:
+        held, self._held = self._held, set()
+        for writer in held:
+            writer.uncork()
+
+
 class FrameWriter:
     """Writes pre-encoded frames to one connection, in order, queueing at most ``limit``.
 
@@ -123,19 +145,39 @@ class FrameWriter:
         self._nursery: trio.Nursery | None = None  # where drains run, once attached
         self._limit = limit
         self._queue: deque[bytes | memoryview] = deque()
+        self._corked: list[bytes] = []  # held by a Cork, written at its flush
         self._holding = False  # a frame was partly written; we hold the lock for the drain
         self._draining = False
         self._idle: trio.Event | None = None  # set when a drain ends; made only when needed
         self._stopping = False
 
-    def write(self, frame: bytes) -> bool:
+    def write(self, frame: bytes, cork: Cork | None = None) -> bool:
         """Write ``frame`` now if the socket takes it, else queue it.
+
+        With a ``cork``, a frame that would be written now is held instead, joined with the
+        next ones, until the cork is flushed: one write for a burst of messages.
 
         Returns:
             False when the queue is full: the client does not keep up.
         """
         if self._stopping:
             return True  # closing: nothing more goes out, and that is not the client's fault
+        if cork is not None and not self._queue:
+            self._corked.append(frame)
+            cork.add(self)
+            return True
+        if self._corked:
+            self.uncork()  # what was held goes first
+        return self._write(frame)
+
+    def uncork(self) -> None:
+        """Write what the cork held, joined into one frame sequence."""
+        if self._corked and not self._stopping:
+            data = self._corked[0] if len(self._corked) == 1 else b"".join(self._corked)
+            self._corked.clear()
+            self._write(data)  # never over the limit: the queue was empty when they were held
+
+    def _write(self, frame: bytes) -> bool:
         if not self._queue and self._ws.closed is None and self._lock.acquire_nowait():
             try:
                 sent = os.write(self._fd, frame)
@@ -166,6 +208,7 @@ class FrameWriter:
         self._stopping = True
         self._nursery = None
         self._queue.clear()
+        self._corked.clear()
 
     def _start_drain(self) -> None:
         if not self._draining and self._nursery is not None:
@@ -188,6 +231,7 @@ class FrameWriter:
 
     def stop(self) -> None:
         self._stopping = True
+        self._corked.clear()
 
     async def wait_idle(self) -> None:
         """Return once no drain is running (after :meth:`stop`: once it has let go)."""
