@@ -484,7 +484,7 @@ class ConnectionHandler:
         """Swap the session's token for a new one of the same user (SPEC §6, §8).
 
         A refresh refused for any reason ends the session (``expired``, 4401). While one is
-        in flight the expiry watch waits for it, so a refresh received before the deadline wins.
+        in flight the expiry timer waits for it, so a refresh received before the deadline wins.
         """
         session.refreshes_in_flight += 1
         try:

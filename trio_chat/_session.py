@@ -2,13 +2,13 @@
 
 The Pub/Sub pump and the session's own reader hand encoded frames to :meth:`Session.deliver`,
 which never blocks: the frame is written to the socket at once when it can take it, else
-queued for the session's writer task (see :mod:`trio_chat._wire`). A full queue means the
+queued for a drain task of the session (see :mod:`trio_chat._wire`). A full queue means the
 client cannot keep up, and the session is closed with 1008.
 
-Closing is asked for with :meth:`Session.close` (from any task, without awaiting). The writer
-performs it, so the close frame never interleaves with a half-written message: it finishes the
-frame it is writing, drops the rest of the queue, sends the last frames it was given
-(``logout``), then the close frame.
+Closing is asked for with :meth:`Session.close` (from any task, without awaiting). A close task
+performs it, so the close frame never interleaves with a half-written message: it waits for the
+drain to finish the batch it is writing, the rest of the queue is dropped, then it sends the
+last frames it was given (``logout``) and the close frame.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
 Server frames are not masked, so a message's frame is the same bytes for every recipient: it is
 built once (:func:`text_frame`) and handed to each connection's :class:`FrameWriter`, which
 writes it with one non-blocking ``os.write`` when the socket can take it and nothing else is
-being written, with no task switch; otherwise it queues the frame for its writer task. A frame
-partly written that way is finished by the writer before anything else goes out: the writer
+being written, with no task switch; otherwise it queues the frame for a drain task. A frame
+partly written that way is finished by the drain before anything else goes out: the drain
 inherits the stream lock, which is why ours can be handed from one task to another.
 """
 
