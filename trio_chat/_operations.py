@@ -6,7 +6,6 @@ their results and errors (:class:`BackendUnavailable`, :class:`NoRecord`) onto a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import _keys as keys
 from ._errors import BackendUnavailable, ChatError
 from ._messages import JSONValue, dumps, now_ms, room_message
+from ._registry import session_rooms
 from ._store import Batch
 
 if TYPE_CHECKING:
@@ -165,17 +165,13 @@ async def user_sessions(backend: Backend, user_id: str) -> list[dict[str, object
 
 def _session_view(session_id: str, fields: Mapping[str, str]) -> dict[str, object]:
     """A ``ws:session`` hash with its numbers and room list decoded (SPEC §3)."""
-    try:
-        rooms = json.loads(fields.get("rooms") or "[]")
-    except ValueError:
-        rooms = []
     return {
         "session_id": session_id,
         "user_id": fields.get("user_id", ""),
         "instance": fields.get("instance", ""),
         "connected_at": _int(fields.get("connected_at")),
         "last_seen": _int(fields.get("last_seen")),
-        "rooms": [r for r in rooms if isinstance(r, str)] if isinstance(rooms, list) else [],
+        "rooms": session_rooms(fields.get("rooms")),
         "token_exp": _int(fields.get("token_exp")),
         "remote": fields.get("remote", ""),
     }

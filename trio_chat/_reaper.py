@@ -9,7 +9,6 @@ sets and the rooms' presence, deletes their keys, and finally forgets the instan
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,7 +20,7 @@ import trio
 from . import _keys as keys
 from ._backends import open_backend
 from ._errors import BackendUnavailable
-from ._registry import remove_instance, remove_session
+from ._registry import remove_instance, remove_session, session_rooms
 from ._store import Backend, Batch
 
 if TYPE_CHECKING:
@@ -83,7 +82,7 @@ async def reap(backend: Backend, instance_id: str) -> int:
     for start in range(0, len(items), _CHUNK):
         cleanup = Batch()
         for session_id, user_id in items[start : start + _CHUNK]:
-            room_list = _rooms(rooms[session_id].value)
+            room_list = session_rooms(rooms[session_id].value)
             remove_session(cleanup, instance_id, session_id, user_id, room_list)
         await backend.execute(cleanup)
     # Forget the instance last: if this dies half-way, the id is still there to reap again.
@@ -91,14 +90,6 @@ async def reap(backend: Backend, instance_id: str) -> int:
     remove_instance(cleanup, instance_id)
     await backend.execute(cleanup)
     return len(sessions)
-
-
-def _rooms(raw: str | None) -> list[str]:
-    try:
-        rooms = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [r for r in rooms if isinstance(r, str)] if isinstance(rooms, list) else []
 
 
 async def cleaner(backend: Backend, config: Config) -> None:

@@ -4,6 +4,7 @@ and the heartbeat that keeps those records alive.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -71,6 +72,15 @@ def remove_session(
     batch.hdel(keys.instance_sessions(instance_id), session_id)
     for room in rooms:
         batch.zrem(keys.room_presence(room), session_id)
+
+
+def session_rooms(raw: str | None) -> list[str]:
+    """The ``rooms`` field of a ``ws:session`` hash, read back; garbage reads as no room."""
+    try:
+        rooms = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [r for r in rooms if isinstance(r, str)] if isinstance(rooms, list) else []
 
 
 def write_instance(batch: Batch, config: Config, port: int) -> None:
