@@ -13,6 +13,7 @@ import pytest
 import trio
 from coredis.exceptions import WrongTypeError
 
+import trio_chat._redis
 from trio_chat._backends import open_backend
 from trio_chat._errors import BackendUnavailable, ConfigError
 from trio_chat._memory import MemoryBackend
@@ -247,6 +248,32 @@ async def test_wrong_type_raises(backend):
             await backend.execute(batch)
 
 
+async def test_concurrent_batches_get_their_own_replies_and_errors(backend):
+    # the Redis backend sends concurrent batches in one pipeline: a reply or an error must
+    # still reach the batch whose command it answers, and only that batch
+    results = {}
+
+    async def one(n):
+        batch = Batch()
+        batch.set(f"k{n}", f"v{n}")
+        value = batch.get(f"k{n}")
+        if n % 7 == 3:
+            batch.sadd("string", "m")  # WRONGTYPE
+        try:
+            await backend.execute(batch)
+        except (TypeError, WrongTypeError):
+            results[n] = "wrong type"
+        else:
+            results[n] = value.value
+
+    with trio.fail_after(TIME_LIMIT):
+        await write(backend, "v", key="string")
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(one, n)
+    assert results == {n: "wrong type" if n % 7 == 3 else f"v{n}" for n in range(40)}
+
+
 async def test_errors_raised_inside_are_not_wrapped(backend):
     with trio.fail_after(TIME_LIMIT):
         with pytest.raises(LookupError, match="mine"):
@@ -375,6 +402,50 @@ async def test_execute_gives_up_on_a_paused_redis_within_the_timeout(redis_serve
                     assert trio.current_time() - started < 0.3 + 0.2
             finally:
                 redis_server.resume()
+            assert await read(backend) == "kept"
+
+
+async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
+    pipelines = []
+    pipeline = trio_chat._redis._pipeline
+
+    async def counted(commands, client):
+        pipelines.append(len(commands))
+        return await pipeline(commands, client)
+
+    monkeypatch.setattr(trio_chat._redis, "_pipeline", counted)
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            async with trio.open_nursery() as nursery:
+                for n in range(100):
+                    nursery.start_soon(write, backend, f"v{n}", f"k{n}")
+            assert [await read(backend, f"k{n}") for n in (0, 99)] == ["v0", "v99"]
+    # 100 batches of one command in at most two round trips (the first batch may go alone),
+    # then one per read
+    writes = pipelines[:-2]
+    assert sum(writes) == 100 and len(writes) <= 2 and pipelines[-2:] == [1, 1], pipelines
+
+
+async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redis_server):
+    failed = []
+
+    async def one(n):
+        with pytest.raises(BackendUnavailable):
+            await read(backend, f"k{n}")
+        failed.append(trio.current_time() - started)
+
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.3) as backend:
+            await write(backend, "kept")
+            redis_server.pause()
+            try:
+                started = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    for n in range(10):
+                        nursery.start_soon(one, n)
+            finally:
+                redis_server.resume()
+            assert len(failed) == 10 and max(failed) < 0.3 + 0.2, failed
             assert await read(backend) == "kept"
 
 

@@ -9,6 +9,8 @@ after a failure connects again, so the backend recovers by itself once Redis is 
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,6 +20,7 @@ import anyio
 import coredis
 import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import ResponseError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
@@ -43,6 +46,8 @@ _UNAVAILABLE = (
 )
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -135,9 +140,16 @@ def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
 
 
 async def _pipeline(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
-    async with client.pipeline(transaction=False) as pipe:
+    """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with."""
+    async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
         requests = [_queue(pipe, command) for command in commands]
-    return [0 if request is None else await request for request in requests]
+    replies: list[Any] = []
+    for request in requests:
+        try:
+            replies.append(0 if request is None else await request)
+        except ResponseError as exc:  # e.g. WRONGTYPE: this command's, not the pipeline's
+            replies.append(exc)
+    return replies
 
 
 def _reply(name: str, value: Any) -> Any:
@@ -148,8 +160,26 @@ def _reply(name: str, value: Any) -> Any:
     return value
 
 
+class _Queued:
+    """A batch waiting for the next pipeline, and what became of it."""
+
+    __slots__ = ("abandoned", "batch", "done", "error")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.abandoned = False  # its caller gave up waiting: do not send it
+
+
 class RedisBackend:
     """A :class:`~trio_chat._store.Backend` on Redis; open it with :func:`open_redis_backend`.
+
+    Batches are pipelined together: :meth:`execute` queues its batch, and one task sends
+    everything queued as one pipeline while the previous pipeline is out, then the next. Under
+    load, the handshakes, sends and cleanups of many connections share a round trip; coredis
+    spends ~0.2 ms of CPU per pipeline and ~25 µs per command, so this is what keeps Redis work
+    per connection small. Alone, a batch is sent at once.
 
     coredis 6.9's pool never gets back the slot of a connection that dies while in use, nor of
     one that is cancelled while connecting or awaiting its reply; once every slot is lost it
@@ -173,6 +203,8 @@ class RedisBackend:
         except ValueError as exc:  # e.g. a port or db that is not a number
             raise ConfigError(f"redis.url: {exc}") from exc
         self._retire = trio.Event()  # set when self._client is replaced
+        self._queued: deque[_Queued] = deque()
+        self._wake = trio.Event()  # set when a batch is queued
 
     def _new_client(self, **options: Any) -> coredis.Redis[str]:
         return coredis.Redis.from_url(
@@ -188,6 +220,7 @@ class RedisBackend:
     async def _open(self) -> None:
         await self._nursery.start(self._hold, self._client, self._retire)
         await self._call(lambda client: client.ping())
+        self._nursery.start_soon(self._send_queued)
 
     async def _hold(
         self,
@@ -225,7 +258,7 @@ class RedisBackend:
             self._client, self._retire = client, retire
 
     async def execute(self, batch: Batch) -> None:
-        """Send ``batch`` as one non-transactional pipeline and fill in its replies.
+        """Send ``batch`` in the next pipeline and fill in its replies.
 
         It runs to its end, or to ``command_timeout``, even when the caller is cancelled
         meanwhile (see the class docstring). A command on a key of the wrong type raises
@@ -234,9 +267,69 @@ class RedisBackend:
         Raises:
             BackendUnavailable: Redis could not be reached or did not answer in time.
         """
-        values = await self._call(partial(_pipeline, batch.commands))
-        for command, value in zip(batch.commands, values, strict=True):
-            command.reply.set(_reply(command.name, value))
+        if not batch.commands:
+            return
+        queued = _Queued(batch)
+        self._queued.append(queued)
+        self._wake.set()
+        with trio.move_on_after(self._timeout, shield=True):
+            await queued.done.wait()
+        if not queued.done.is_set():
+            queued.abandoned = True  # if it was sent already, its replies go nowhere
+            raise BackendUnavailable(f"Redis at {self.url}: no answer within {self._timeout}s")
+        if queued.error is not None:
+            raise queued.error
+
+    #: commands per pipeline, beyond which queued batches wait for the next one
+    PIPELINE_COMMANDS = 1000
+
+    async def _send_queued(self) -> None:
+        """Send what :meth:`execute` queued, one pipeline at a time, for as long as we live."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._queued:
+                    taken: list[_Queued] = []
+                    size = 0
+                    while self._queued and size < self.PIPELINE_COMMANDS:
+                        queued = self._queued.popleft()
+                        if not queued.abandoned:
+                            taken.append(queued)
+                            size += len(queued.batch.commands)
+                    await self._send(taken)
+        finally:  # the backend is closing: nothing will send what is still queued
+            while self._queued:
+                queued = self._queued.popleft()
+                queued.error = BackendUnavailable(f"Redis at {self.url}: the backend is closed")
+                queued.done.set()
+
+    async def _send(self, taken: list[_Queued]) -> None:
+        commands = [command for queued in taken for command in queued.batch.commands]
+        try:
+            replies = await self._call(partial(_pipeline, commands))
+        except BackendUnavailable as exc:
+            for queued in taken:
+                queued.error = BackendUnavailable(str(exc))
+                queued.error.__cause__ = exc.__cause__
+        except Exception as exc:  # a bug of ours or coredis's: it fails these batches only
+            logger.exception("Redis pipeline failed")
+            for queued in taken:
+                queued.error = BackendUnavailable(f"Redis pipeline failed: {exc!r}")
+        else:
+            position = 0
+            for queued in taken:
+                mine = replies[position : position + len(queued.batch.commands)]
+                position += len(mine)
+                errors = [reply for reply in mine if isinstance(reply, ResponseError)]
+                if errors:
+                    queued.error = errors[0]
+                    continue
+                for command, reply in zip(queued.batch.commands, mine, strict=True):
+                    command.reply.set(_reply(command.name, reply))
+        finally:
+            for queued in taken:
+                queued.done.set()
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[_RedisSubscription]:
