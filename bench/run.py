@@ -4,6 +4,8 @@ For every workload and each system in turn: start a throwaway redis-server on a 
 127.0.0.1, start two server instances on it, run ``bench/loadgen/loadgen.mjs`` (which prints
 its results as JSON), stop the servers and Redis, then do the same for the other system.
 Prints one markdown table with both systems and the ratio trio-chat / python-socketio.
+``--trio-layout`` changes how trio-chat runs: 2x1 (two processes, the default), 1x1 (one
+process) or 1x2 (one ``serve --workers 2`` process: two workers sharing a port).
 
   A  fan-out: 1 room, --subscribers split over both instances, 1 publisher at each rate
   B  many rooms: --rooms x --members, each member sending --member-rate msg/s
@@ -38,7 +40,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -53,6 +55,15 @@ SECRET = "bench-secret-" + "s" * 51  # 64 characters
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 SYSTEMS = {"trio": "trio-chat", "socketio": "python-socketio"}
+#: --trio-layout: trio-chat processes x workers per process (python-socketio is always 2 x 1)
+TRIO_LAYOUTS = {"2x1": (2, 1), "1x1": (1, 1), "1x2": (1, 2)}
+LAYOUT_NOTES = {
+    "2x1": "two instances, one worker each",
+    "1x1": "one instance (the generator gets its URL twice)",
+    "1x2": "one `serve --workers 2` process: two workers on one port (SO_REUSEPORT), the "
+    "generator gets its URL twice and the kernel spreads the connections",
+}
+TRIO_LAYOUT: list[str] = ["2x1"]
 PR_SET_PDEATHSIG = 1
 
 
@@ -144,8 +155,32 @@ TRIO_SRC: list[Path] = [ROOT]
 SOURCE_NOTE: list[str] = [""]
 
 
+def _children(pid: int) -> set[int]:
+    """The child processes of ``pid``, whichever of its threads started them (trio starts
+    subprocesses from a worker thread)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.update(int(p) for p in (task / "children").read_text().split())
+    return found
+
+
+def _is_worker(pid: int, instance_id: str) -> bool:
+    """Whether ``pid`` is still the trio-chat worker ``instance_id`` (not a reused pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return instance_id.encode() in argv
+
+
 @contextlib.contextmanager
-def trio_chat_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[str, int]]:
+def trio_chat_server(
+    workdir: Path, redis_url: str, name: str, workers: int = 1
+) -> Iterator[tuple[str, list[int]]]:
+    """One trio-chat process; with ``workers`` > 1 a supervisor of that many workers (instance
+    ids ``<name>-w<n>``) on one fixed port (``--workers`` refuses port 0). Yields its URL and
+    the pids whose CPU and RSS count: the process itself, or the supervisor then each worker."""
     env = {
         **os.environ,
         "TRIO_CHAT_AUTH_JWT_SECRET": SECRET,
@@ -156,24 +191,51 @@ def trio_chat_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple
         "TRIO_CHAT_LIMITS_MAX_CONNECTIONS": "100000",
         **TRIO_ENV,
     }
-    command = [str(TRIO_PYTHON), "-m", "trio_chat", "serve", "--host", "127.0.0.1", "--port", "0"]
-    command += ["--redis-url", redis_url, "--instance-id", name]
+    port = free_port() if workers > 1 else 0
+    command = [str(TRIO_PYTHON), "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--redis-url", redis_url, "--instance-id", name]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    # one log for the supervisor and its workers (they inherit its stdout and stderr)
     log = workdir / f"{name}.log"
-    with child(command, log, env=env, cwd=TRIO_SRC[0]) as process:
-        found: list[str] = []
+    ids = [f"{name}-w{n}" for n in range(workers)] if workers > 1 else [name]
+    worker_pids: dict[int, int] = {}
+    try:
+        with child(command, log, env=env, cwd=TRIO_SRC[0]) as process:
+            found: list[str] = []
 
-        def ready() -> bool:
-            match = re.search(r"listening on (ws://\S+)", log.read_text(errors="replace"))
-            if match:
-                found.append(match.group(1))
-            return bool(match)
+            def ready() -> bool:
+                text = log.read_text(errors="replace")
+                matches = [
+                    re.search(rf"instance {re.escape(i)} listening on (ws://\S+)", text)
+                    for i in ids
+                ]
+                if not all(matches):
+                    return False
+                found.extend(m.group(1) for m in matches if m)
+                for n, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text):
+                    worker_pids[int(n)] = int(pid)  # the last start of each worker counts
+                return True
 
-        wait_for(ready, process, name, log)
-        yield found[0], process.pid
+            wait_for(ready, process, name, log)
+            if workers > 1:
+                children = _children(process.pid)
+                if set(worker_pids.values()) != children or len(children) != workers:
+                    raise BenchError(
+                        f"{name}: workers {worker_pids} in the log, children {children} in /proc"
+                    )
+            pids = [process.pid] + [worker_pids[n] for n in sorted(worker_pids)]
+            yield found[0], pids
+    finally:
+        # SIGKILL after STOP_TIMEOUT reaches the supervisor only: its workers would live on
+        for n, pid in worker_pids.items():
+            if _is_worker(pid, ids[n]):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
-def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[str, int]]:
+def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[str, list[int]]]:
     env = {**os.environ, "TRIO_CHAT_AUTH_JWT_SECRET": SECRET, "BENCH_REDIS_URL": redis_url}
     port = free_port()
     command = [str(BENCH_PYTHON), "-m", "uvicorn", "--app-dir", str(PEERS), "socketio_server:app"]
@@ -187,10 +249,21 @@ def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[
             return "Uvicorn running on" in log.read_text(errors="replace")
 
         wait_for(ready, process, name, log)
-        yield f"http://127.0.0.1:{port}", process.pid
+        yield f"http://127.0.0.1:{port}", [process.pid]
 
 
-SERVERS = {"trio": trio_chat_server, "socketio": socketio_server}
+def system_label(system: str) -> str:
+    """The system's name in the tables: trio-chat with its layout, e.g. "trio-chat (1x2)"."""
+    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]})" if system == "trio" else SYSTEMS[system]
+
+
+def connections_by_instance(workdir: Path) -> dict[str, int]:
+    """Connections each trio-chat instance (worker) accepted, from its ``connected`` lines."""
+    counts: Counter[str] = Counter()
+    for log in sorted(workdir.glob("trio-*.log")):
+        text = log.read_text(errors="replace")
+        counts.update(re.findall(r": connected user=\S+ session=\S+ instance=(\S+)", text))
+    return dict(sorted(counts.items()))
 
 
 def log_notes(workdir: Path) -> list[str]:
@@ -254,23 +327,41 @@ def one_pass(
     profile: dict[str, object] | None = None,
 ) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix=f"{system}-{workload}-", dir=logs))
-    print(f"\n== {SYSTEMS[system]}: workload {workload} (logs in {workdir})", file=sys.stderr)
+    print(f"\n== {system_label(system)}: workload {workload} (logs in {workdir})", file=sys.stderr)
+    processes, workers = TRIO_LAYOUTS[TRIO_LAYOUT[0]] if system == "trio" else (2, 1)
     with contextlib.ExitStack() as stack:
         redis_url, redis_pid = stack.enter_context(redis_server(workdir))
-        servers = [
-            stack.enter_context(SERVERS[system](workdir, redis_url, f"{system}-{i}"))
-            for i in (1, 2)
-        ]
-        urls = [url for url, _ in servers]
-        pids = [pid for _, pid in servers]
+        servers = []
+        for i in range(1, processes + 1):
+            name = f"{system}-{i}"
+            if system == "trio":
+                server = trio_chat_server(workdir, redis_url, name, workers)
+            else:
+                server = socketio_server(workdir, redis_url, name)
+            servers.append(stack.enter_context(server))
+        # one process: the same URL twice, and the kernel spreads the clients over its workers
+        urls = [url for url, _ in servers] * (2 // processes)
+        pids = [pid for _, group in servers for pid in group]
+        # what serves connections (py-spy's targets): not a supervisor
+        serving = [pid for _, group in servers for pid in (group[1:] if workers > 1 else group)]
         options = {**options, "pids": ",".join(map(str, pids)), "redis-pid": redis_pid}
         command = loadgen_command(system, workload, urls, options)
         if profile is None:
             result = run_loadgen(command, timeout, workdir)
         else:
-            result = run_profiled(command, timeout, workdir, pids, profile)
+            result = run_profiled(command, timeout, workdir, serving, profile)
     result["log_notes"] = log_notes(workdir)
     result["logs"] = str(workdir)
+    # the order of the generator's server_cpu_each and rss_*_kib lists
+    result["server_pids"] = pids
+    result["server_labels"] = (
+        [tag for _ in servers for tag in ("sup", *(f"w{n}" for n in range(workers)))]
+        if workers > 1
+        else [""] * len(pids)
+    )
+    if system == "trio":
+        result["trio_layout"] = TRIO_LAYOUT[0]
+        result["connections_by_instance"] = connections_by_instance(workdir)
     return result
 
 
@@ -481,7 +572,13 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         row(label, "open p99 ms", "C", lambda r: r["open_latency"].get("p99_ms"), "↓")
         row(label, "server RSS KiB/conn", "C", lambda r: r.get("kib_per_connection"), "↓")
         row(label, "failed opens", "C", lambda r: r["connections"] - r["connected"], "↓")
-    header = ["workload", "metric (better)", "trio-chat", "python-socketio", "ratio trio/sio"]
+    header = [
+        "workload",
+        "metric (better)",
+        system_label("trio"),
+        system_label("socketio"),
+        "ratio trio/sio",
+    ]
     lines = [header, ["---"] * 2 + ["---:"] * 3, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -526,7 +623,13 @@ def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
                     delay = "—"
                     late = "—"
                 else:
-                    each = "/".join(fmt(v) for v in part.get("server_cpu_each", []))
+                    values = part.get("server_cpu_each", [])
+                    tags = cast("list[str]", result.get("server_labels") or [])
+                    if any(tags):  # a supervisor and its workers: say which is which
+                        pairs = zip(tags, values, strict=False)
+                        each = " / ".join(f"{t} {fmt(v)}" for t, v in pairs)
+                    else:
+                        each = "/".join(fmt(v) for v in values)
                     cpu = [
                         f"{fmt(part.get('server_cpu'))} ({each})",
                         fmt(part.get("redis_cpu")),
@@ -549,7 +652,7 @@ def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
                     ", ".join(fmt(a.get("other_cpu")) for a in part.get("disturbed_attempts", []))
                     or "—"
                 )
-                rows.append([where, SYSTEMS[system], *cpu, delay, late, waited, discarded])
+                rows.append([where, system_label(system), *cpu, delay, late, waited, discarded])
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -561,7 +664,7 @@ def problems(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
         for workload, result in by_workload.items():
             parts = result.get("steps") or [result]
             for part in parts:  # type: ignore[union-attr]
-                where = f"{SYSTEMS[system]} {workload}" + (
+                where = f"{system_label(system)} {workload}" + (
                     f" @{part['rate']}/s" if "rate" in part else ""
                 )
                 for field in ("closes", "errors", "connect_failures", "join_failures"):
@@ -572,7 +675,30 @@ def problems(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
                 if part.get("reordered"):
                     out.append(f"{where}: {part['reordered']} out-of-order deliveries")
             for note in result.get("log_notes", []):  # type: ignore[union-attr]
-                out.append(f"{SYSTEMS[system]} {workload} log: {note}")
+                out.append(f"{system_label(system)} {workload} log: {note}")
+    return out
+
+
+def spread(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
+    """How the connections fell on trio-chat's instances (with workers: how the kernel spread
+    them), and in C each process's RSS growth."""
+    out: list[str] = []
+    for workload, result in results.get("trio", {}).items():
+        counts = cast("dict[str, int]", result.get("connections_by_instance") or {})
+        total = sum(counts.values())
+        line = ", ".join(
+            f"{instance} {fmt(n)} ({100 * n / total:.1f}%)" for instance, n in counts.items()
+        )
+        if workload.startswith("C"):
+            before = cast("list[int]", result.get("rss_before_kib") or [])
+            after = cast("list[int]", result.get("rss_after_kib") or [])
+            tags = cast("list[str]", result.get("server_labels") or [])
+            growth = " / ".join(
+                f"{t + ' ' if t else ''}{fmt((a - b) / 1024, 1)}"
+                for t, b, a in zip(tags, before, after, strict=False)
+            )
+            line += f"; RSS growth MiB {growth}"
+        out.append(f"{system_label('trio')} {workload}: {line or 'none logged'}")
     return out
 
 
@@ -728,7 +854,15 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="extra environment for the trio-chat instances (experiments)",
     )
+    parser.add_argument(
+        "--trio-layout",
+        choices=list(TRIO_LAYOUTS),
+        default="2x1",
+        help="trio-chat processes x workers: 2x1 two instances (the default), 1x1 one, 1x2 "
+        "one `serve --workers 2` (python-socketio always runs two instances)",
+    )
     args = parser.parse_args()
+    TRIO_LAYOUT[0] = args.trio_layout
 
     quick = args.quick
     for item in args.trio_env:
@@ -815,8 +949,8 @@ def main() -> int:
                 budget = budgets[name.split("@")[0]]
                 results[system][name] = one_pass(system, workload, options, budget, logs)
             except BenchError as exc:
-                failed.append(f"{SYSTEMS[system]} {name}: {exc}")
-                print(f"FAILED: {SYSTEMS[system]} {name}: {exc}", file=sys.stderr)
+                failed.append(f"{system_label(system)} {name}: {exc}")
+                print(f"FAILED: {system_label(system)} {name}: {exc}", file=sys.stderr)
     profile_text = None
     if args.profile:
         profile_rate = args.profile
@@ -845,8 +979,8 @@ def main() -> int:
                     summaries.append(summarize_profile(raw))
             step = result["steps"][0]  # type: ignore[index]
             profile_text = (
-                f"trio-chat fan-out at {profile_rate} msg/s to {args.subscribers} subscribers "
-                f"while profiled: delivered {step['received']}/{step['expected']}, p50 "
+                f"{system_label('trio')} fan-out at {profile_rate} msg/s to {args.subscribers} "
+                f"subscribers while profiled: delivered {step['received']}/{step['expected']}, p50 "
                 f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, server CPU {step['server_cpu']} "
                 f"s/s (each {step['server_cpu_each']}), Redis {step['redis_cpu']}\n\n"
                 + "\n".join(summaries)
@@ -862,10 +996,19 @@ def main() -> int:
     mode = "quick" if quick else "full"
     print(f"\n{date}, {mode} run ({' '.join(sys.argv[1:]) or 'defaults'}), {elapsed:.0f} s wall")
     print(versions())
+    if "trio" in systems:
+        print(f"{system_label('trio')}: {LAYOUT_NOTES[args.trio_layout]}")
     print()
     print(table(results, args.p99_limit))
     print("\nConditions of each measured window (CPU in cores: CPU seconds per second):\n")
     print(conditions(results))
+    if "trio" in systems and TRIO_LAYOUTS[args.trio_layout][1] > 1:
+        print("\n(servers CPU each: sup = trio-chat's supervisor, w<n> = its worker n)")
+    shares = spread(results)
+    if shares:
+        print("\nConnections accepted per trio-chat instance (its `connected` log lines):")
+        for line in shares:
+            print(f"- {line}")
     notes = problems(results)
     if notes:
         print("\nSeen during the run:")
@@ -885,6 +1028,7 @@ def main() -> int:
                     "versions": versions(),
                     "date": date,
                     "quick": quick,
+                    "trio_layout": args.trio_layout,
                 },
                 indent=1,
             )
