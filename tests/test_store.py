@@ -423,7 +423,9 @@ async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
     # 100 batches of one command in at most two round trips (the first batch may go alone),
     # then one per read
     writes = pipelines[:-2]
-    assert sum(writes) == 100 and len(writes) <= 2 and pipelines[-2:] == [1, 1], pipelines
+    assert sum(writes) == 100, pipelines
+    assert len(writes) <= 2, pipelines
+    assert pipelines[-2:] == [1, 1], pipelines
 
 
 async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redis_server):
@@ -445,7 +447,8 @@ async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redi
                         nursery.start_soon(one, n)
             finally:
                 redis_server.resume()
-            assert len(failed) == 10 and max(failed) < 0.3 + 0.2, failed
+            assert len(failed) == 10
+            assert max(failed) < 0.3 + 0.2, failed
             assert await read(backend) == "kept"
 
 
