@@ -361,6 +361,45 @@ async def test_oversized_frame_closes_1009(store_url, nursery):
         assert info.value.reason.code == 1009
 
 
+async def test_pipelined_sends_are_published_and_answered_in_order(store_url, nursery):
+    # The read loop does not wait for a send's PUBLISH: sends written back to back go out in
+    # batches, in order, and every other reply waits for the acks of the sends before it.
+    server = await start(nursery, make_config(store_url, limits={"send_burst": 100}))
+    with trio.fail_after(10):
+        async with (
+            open_client(server.url, make_token("alice")) as alice,
+            open_client(server.url, make_token("bob")) as bob,
+        ):
+            for chat in (alice, bob):
+                await chat.join("room")
+            frames = [{"type": "send", "room": "room", "data": n, "ref": n} for n in range(60)]
+            frames[20] = {"type": "send", "room": "elsewhere", "data": 20, "ref": 20}  # refused
+            frames[40] = {"type": "ping", "ref": 40}
+            for frame in frames:
+                await alice.send_frame(frame)
+            await alice.send_frame({"type": "join", "room": "second", "ref": 60})
+            replies = [json.loads(await alice.ws.get_message()) for _ in range(61)]
+            assert [reply.get("ref") for reply in replies] == list(range(61))
+            assert replies[20]["code"] == "not_in_room"
+            assert (replies[40]["type"], replies[60]["type"]) == ("pong", "joined")
+            assert {reply["type"] for reply in replies[:20] + replies[21:40]} == {"ack"}
+            sent = [n for n in range(60) if n not in (20, 40)]
+            assert [(await bob.receive())["data"] for _ in sent] == sent
+
+
+async def test_sends_just_before_the_client_leaves_are_still_published(store_url, nursery):
+    server = await start(nursery, make_config(store_url, limits={"send_burst": 100}))
+    with trio.fail_after(10):
+        async with open_client(server.url, make_token("bob")) as bob:
+            await bob.join("room")
+            async with open_client(server.url, make_token("alice")) as alice:
+                await alice.join("room")
+                for n in range(30):
+                    await alice.send_frame({"type": "send", "room": "room", "data": n})
+            # alice closed without reading a single ack
+            assert [(await bob.receive())["data"] for _ in range(30)] == list(range(30))
+
+
 async def test_send_while_redis_is_down_is_an_error(redis_server, nursery):
     server = await start(nursery, make_config(redis_server.url))
     async with open_client(server.url, make_token("alice")) as chat:

@@ -56,6 +56,7 @@ from ._messages import (
     parse_client_message,
     room_message,
 )
+from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, Session
 from ._store import Batch
@@ -322,6 +323,16 @@ class ConnectionHandler:
     # --- frames --------------------------------------------------------------------------------
 
     async def _read_loop(self, session: Session) -> None:
+        outbox = Outbox(session, self.backend, self.metrics)
+        try:
+            await self._read_frames(session, outbox)
+        except ConnectionClosed:
+            # The client is gone, but what it sent before it left still goes out.
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await outbox.wait_idle()
+            raise
+
+    async def _read_frames(self, session: Session, outbox: Outbox) -> None:
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
             raw = await session.ws.get_message()
@@ -330,6 +341,7 @@ class ConnectionHandler:
             except ProtocolError as exc:
                 self.metrics.frame_in(None)
                 malformed += 1
+                await outbox.wait_idle()  # the acks of the sends before it come first
                 if malformed >= MALFORMED_STRIKES:  # SPEC §7: bad frames after warnings
                     session.close(POLICY, "too many malformed frames", error_frame(exc))
                     return
@@ -338,21 +350,27 @@ class ConnectionHandler:
             malformed = 0
             self.metrics.frame_in(message)
             try:
-                await self._handle(session, message)
+                if not isinstance(message, Send):
+                    await outbox.wait_idle()  # its reply comes after the acks before it
+                outgoing = await self._handle(session, message)
+                if outgoing is not None:
+                    await outbox.put(outgoing)
             except ProtocolError as exc:
+                await outbox.wait_idle()
                 session.reply(error_frame(exc))
             except SessionEnded:
                 return
 
-    async def _handle(self, session: Session, message: ClientMessage) -> None:
+    async def _handle(self, session: Session, message: ClientMessage) -> Outgoing | None:
+        """Answer one frame; a ``send`` is answered by the outbox it returns to."""
         try:
             match message:
+                case Send():
+                    return await self._send(session, message)
                 case Join():
                     await self._join(session, message)
                 case Leave():
                     await self._leave(session, message)
-                case Send():
-                    await self._send(session, message)
                 case Direct():
                     await self._direct(session, message)
                 case Refresh():
@@ -361,6 +379,7 @@ class ConnectionHandler:
                     session.reply(encode("pong", message.ref))
                 case _:
                     assert_never(message)
+            return None
         except BackendUnavailable as exc:
             logger.warning("session %s: %s failed: %s", session.id, type(message).__name__, exc)
             raise ProtocolError(
@@ -428,7 +447,8 @@ class ConnectionHandler:
             raise SessionEnded("rate limit")
         raise ProtocolError(RATE_LIMITED, "slow down", ref)
 
-    async def _send(self, session: Session, message: Send) -> None:
+    async def _send(self, session: Session, message: Send) -> Outgoing:
+        """Check a ``send`` and make its room message; the outbox publishes it and acks."""
         if message.room not in session.rooms:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
         self._rate_limit(session, message.ref)
@@ -437,11 +457,9 @@ class ConnectionHandler:
             message.room, session.user_id, session.id, message.data
         )
         self._check_size(payload, message.ref)
-        batch = Batch()
-        batch.publish(keys.room_channel(message.room), payload)
-        with self.metrics.publishing():
-            await self.backend.execute(batch)
-        session.reply(encode("ack", message.ref, id=message_id, ts=ts))
+        return Outgoing(
+            message.room, payload, encode("ack", message.ref, id=message_id, ts=ts), message.ref
+        )
 
     async def _direct(self, session: Session, message: Direct) -> None:
         self._rate_limit(session, message.ref)

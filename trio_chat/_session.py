@@ -113,6 +113,16 @@ class Session:
         self._metrics.frame_out(text)
         return True
 
+    def start_soon(self, task: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``task`` in the connection's nursery: it ends with the connection.
+
+        Returns False (and runs nothing) once the connection is closing or gone.
+        """
+        if self._nursery is None or self.close_request is not None:
+            return False
+        self._nursery.start_soon(task)
+        return True
+
     def ping(self) -> None:
         """Send a WebSocket ping; :attr:`pong` is set when it is answered."""
         if self.close_request is None:

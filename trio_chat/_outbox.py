@@ -1,0 +1,108 @@
+"""A session's room messages on their way to Redis: several per round trip, in order.
+
+The read loop does not wait for a ``send``'s PUBLISH before it reads the next frame: it hands
+the payload to the session's :class:`Outbox` and goes on. A task of the session, started only
+while there is something to send, publishes everything handed over meanwhile in one batch (in
+the order the frames came), then writes the acks in the same order. So a client that sends
+faster than one Redis round trip per message is not held to that pace, and a busy instance
+pays one round trip for a burst instead of one per message.
+
+Replies stay in frame order: every other reply of the read loop (``joined``, an ``error``,
+``pong``...) waits until the outbox is idle (:meth:`Outbox.wait_idle`), so it cannot overtake
+the acks of the sends before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from . import _keys as keys
+from ._errors import BackendUnavailable, ProtocolError
+from ._messages import INTERNAL, UNAVAILABLE, error_frame
+from ._store import Batch
+
+if TYPE_CHECKING:
+    from ._metrics import Metrics
+    from ._session import Session
+    from ._store import Backend
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Outgoing:
+    """One accepted ``send``: what to publish, and the ack (or error) that answers it."""
+
+    room: str
+    payload: str
+    ack: str
+    ref: object
+
+
+class Outbox:
+    """Publishes one session's room messages in order, batching those that wait together."""
+
+    #: sends waiting at most; the read loop waits (reads no more frames) beyond it
+    LIMIT = 64
+
+    def __init__(self, session: Session, backend: Backend, metrics: Metrics) -> None:
+        self._session = session
+        self._backend = backend
+        self._metrics = metrics
+        self._waiting: list[Outgoing] = []
+        self._idle: trio.Event | None = None  # while a sender task runs: set when it ends
+
+    async def put(self, outgoing: Outgoing) -> None:
+        """Queue ``outgoing`` for the next batch, starting the sender task if none runs."""
+        while len(self._waiting) >= self.LIMIT and self._idle is not None:
+            await self._idle.wait()
+        self._waiting.append(outgoing)
+        if self._idle is None:
+            self._idle = trio.Event()
+            if not self._session.start_soon(self._send):
+                self._idle.set()  # the session is closing: nothing more goes out
+                self._idle, self._waiting = None, []
+
+    async def wait_idle(self) -> None:
+        """Wait until everything handed over is published and answered (or failed)."""
+        while self._idle is not None:
+            await self._idle.wait()
+
+    async def _send(self) -> None:
+        assert self._idle is not None
+        try:
+            while self._waiting:
+                taken, self._waiting = self._waiting, []
+                await self._publish(taken)
+        finally:
+            self._idle.set()
+            self._idle = None
+
+    async def _publish(self, taken: list[Outgoing]) -> None:
+        batch = Batch()
+        for outgoing in taken:
+            batch.publish(keys.room_channel(outgoing.room), outgoing.payload)
+        try:
+            with self._metrics.publishing():
+                await self._backend.execute(batch)
+        except BackendUnavailable as exc:
+            logger.warning("session %s: %d send(s) failed: %s", self._session.id, len(taken), exc)
+            for outgoing in taken:
+                self._session.reply(
+                    error_frame(
+                        ProtocolError(UNAVAILABLE, "store unreachable; not delivered", outgoing.ref)
+                    )
+                )
+        except Exception:
+            logger.exception("session %s: publishing failed", self._session.id)
+            for outgoing in taken:
+                self._session.reply(
+                    error_frame(ProtocolError(INTERNAL, "internal error", outgoing.ref))
+                )
+        else:
+            for outgoing in taken:
+                self._session.reply(outgoing.ack)
