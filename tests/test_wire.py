@@ -137,3 +137,61 @@ async def test_a_cork_joins_a_burst_into_one_write_and_keeps_order(nursery, monk
             got = [await client.get_message() for _ in range(5)]
             await client.send_message("bye")
     assert got == ["burst 0", "burst 1", "burst 2", "held", "direct"]
+
+
+class _Held:
+    """Stands in for a FrameWriter: what a Cork needs of one."""
+
+    def __init__(self, flushes: list[float]) -> None:
+        self._corked: list[bytes] = []
+        self._flushes = flushes
+
+    def uncork(self) -> None:
+        self._corked.clear()
+        self._flushes.append(trio.current_time())
+
+
+async def test_a_cork_with_a_delay_writes_a_wide_stream_once_per_delay(autojump_clock):
+    flushes: list[float] = []
+    wide = [_Held(flushes) for _ in range(Cork.WIDE)]
+    narrow = [_Held(flushes) for _ in range(Cork.WIDE - 1)]
+    cork = Cork(delay=0.005)
+
+    def burst(writers) -> None:
+        for writer in writers:
+            writer._corked.append(b"frame")
+            cork.add(writer)
+        cork.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cork.run)
+        start = trio.current_time()
+        burst(wide)  # the first after a quiet spell: at once
+        assert flushes == [start] * Cork.WIDE
+        await trio.sleep(0.001)
+        burst(wide)  # 1 ms after the last flush: held until 5 ms after it
+        await trio.sleep(0.002)
+        burst(wide)  # joined with the one held
+        assert len(flushes) == Cork.WIDE
+        await trio.sleep(0.01)
+        assert flushes[Cork.WIDE :] == [start + 0.005] * Cork.WIDE
+        assert all(not writer._corked for writer in wide)
+        flushes.clear()
+        burst(narrow)
+        await trio.sleep(0.001)
+        burst(narrow)  # too few sockets to be worth holding: at once, every time
+        assert len(flushes) == 2 * len(narrow)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_cork_without_a_delay_never_holds(autojump_clock):
+    flushes: list[float] = []
+    writers = [_Held(flushes) for _ in range(2 * Cork.WIDE)]
+    cork = Cork()
+    for _ in range(3):
+        for writer in writers:
+            writer._corked.append(b"frame")
+            cork.add(writer)
+        cork.release()
+        await trio.sleep(0.0001)
+    assert len(flushes) == 3 * len(writers)

@@ -85,6 +85,10 @@ class ServerConfig:
     workers: int = attrs.field(default=1, validator=v.and_(v.ge(1), v.le(256)))
     #: bind with SO_REUSEPORT, so several processes can share the port (set for workers)
     reuse_port: bool = False
+    #: seconds: under a steady stream to many local sockets, each gets the Pub/Sub traffic in
+    #: one write per this much time instead of one per message (0: off); adds at most this
+    #: much latency, and none to a message after a quiet spell or for a few sockets
+    write_delay: float = attrs.field(default=0.005, validator=v.and_(_non_negative, v.le(1.0)))
 
 
 @attrs.frozen(kw_only=True)

@@ -71,8 +71,9 @@ class Hub:
         self._pump_stale = False
         self._probe_nonce = 0
         self._probe_seen = trio.Event()
-        # While the pump reads a backlog, each socket gets one write for all of it.
-        self._cork = Cork()
+        # While the pump reads a backlog, each socket gets one write for all of it (and, with
+        # server.write_delay, at most one write per delay).
+        self._cork = Cork(config.server.write_delay)
         self._received = 0  # Pub/Sub messages read, for telling a stale pump from a busy one
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
@@ -283,12 +284,14 @@ class Hub:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._probe, scope)
                     nursery.start_soon(self._send_acks)
+                    if self._cork.delay:
+                        nursery.start_soon(self._cork.run)
                     try:
                         async for channel, payload in subscription.messages():
                             self._received += 1
                             self._dispatch(channel, payload)
                             if not subscription.backlog():
-                                self._cork.flush()
+                                self._cork.release()
                     finally:
                         self._cork.flush()
                     nursery.cancel_scope.cancel()
