@@ -14,7 +14,14 @@ import pytest
 import trio
 import trio.lowlevel
 import trio_websocket
-from trio_websocket import WebSocketConnection, open_websocket_url, serve_websocket
+import wsproto
+import wsproto.handshake
+from trio_websocket import (
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 from wsproto.frame_protocol import FrameProtocol
 
 from trio_chat import _wire as wire
@@ -35,6 +42,15 @@ def test_trio_websocket_internals_are_what_wire_expects():
     source = inspect.getsource(trio_websocket._impl)
     assert source.count("_stream_lock") == 2
     assert source.count("self._stream.send_all") == 1
+    # forget_handshake: after the upgrade, wsproto consults its handshake only for events(),
+    # and trio-websocket reads the request and its proposal only before accepting
+    events = inspect.getsource(wsproto.WSConnection.events)
+    assert "yield from self.handshake.events()" in events
+    for method in (wsproto.WSConnection.send, wsproto.WSConnection.receive_data):
+        assert "if self.connection is None:" in inspect.getsource(method)
+    assert "self._event = event" in inspect.getsource(WebSocketRequest.__init__)
+    assert source.count("_connection_proposal") == 6
+    assert source.count("self._event") == 5
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
@@ -78,7 +94,7 @@ async def test_frames_stay_whole_and_ordered_under_backpressure_and_pings(nurser
             writer.attach(inner)
             for n, size in enumerate(sizes):
                 assert writer.write(text_frame(json.dumps([n, "x" * size])))
-                queued.append(len(writer._queue))
+                queued.append(len(writer._queue or ()))
                 if n % 50 == 0:
                     inner.start_soon(ws.ping)  # written by trio-websocket itself
                     await trio.lowlevel.checkpoint()
@@ -195,3 +211,28 @@ async def test_a_cork_without_a_delay_never_holds(autojump_clock):
         cork.release()
         await trio.sleep(0.0001)
     assert len(flushes) == 3 * len(writers)
+
+
+async def test_a_connection_works_on_after_forgetting_its_handshake(nursery):
+    async def handler(request) -> None:
+        ws = await request.accept()
+        wire.forget_handshake(request)
+        assert request._event is None
+        assert ws._connection_proposal is None
+        assert not isinstance(ws._wsproto.handshake, wsproto.handshake.H11Handshake)
+        await ws.send_message(await ws.get_message())
+        await ws.ping(b"ping")  # answered: trio-websocket's reader still gets events
+        await ws.send_message("pong seen")
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+        closed.append(ws.closed.code)
+
+    closed = []
+    server = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0, None))
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as client:
+            await client.send_message("echo")
+            assert [await client.get_message() for _ in range(2)] == ["echo", "pong seen"]
+        while not closed:
+            await trio.sleep(0.01)
+    assert closed == [1000]

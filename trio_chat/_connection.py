@@ -60,6 +60,7 @@ from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, Session
 from ._store import Batch
+from ._wire import forget_handshake
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -158,6 +159,7 @@ class ConnectionHandler:
             subprotocol = SUBPROTOCOL if SUBPROTOCOL in info.subprotocols else None
             del info  # its headers are not needed for the rest of a long-lived connection
             ws = await request.accept(subprotocol=subprotocol)
+            forget_handshake(request)
             self.metrics.handshake("accepted")
             session = Session(
                 session_id,
@@ -324,18 +326,15 @@ class ConnectionHandler:
 
     async def _read_loop(self, session: Session) -> None:
         outbox = Outbox(session, self.backend, self.metrics)
-        try:
-            await self._read_frames(session, outbox)
-        except ConnectionClosed:
-            # The client is gone, but what it sent before it left still goes out.
-            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                await outbox.wait_idle()
-            raise
-
-    async def _read_frames(self, session: Session, outbox: Outbox) -> None:
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
-            raw = await session.ws.get_message()
+            try:
+                raw = await session.ws.get_message()
+            except ConnectionClosed:
+                # The client is gone, but what it sent before it left still goes out.
+                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    await outbox.wait_idle()
+                raise
             try:
                 message = parse_client_message(raw)
             except ProtocolError as exc:

@@ -79,9 +79,9 @@ class Session:
         self.pong: Pong | None = None
         self.bucket = bucket
         self._writer = FrameWriter(ws, queue_size)
-        # The connection's nursery and its scope while serve() runs; close() uses both.
+        # The connection's nursery while serve() runs: close() starts its task there, and
+        # bounds it with its cancel scope.
         self._nursery: trio.Nursery | None = None
-        self._scope: trio.CancelScope | None = None
         self._close_timeout = 5.0
 
     def __repr__(self) -> str:
@@ -140,8 +140,8 @@ class Session:
 
     def _start_close(self) -> None:
         assert self._nursery is not None
-        assert self._scope is not None
-        self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
+        scope = self._nursery.cancel_scope
+        scope.deadline = min(scope.deadline, trio.current_time() + self._close_timeout)
         self._nursery.start_soon(self._close_connection)
 
     async def serve(
@@ -153,27 +153,26 @@ class Session:
         (or ran out of time). Cancellation propagates; the caller cleans up the records.
         """
         self._close_timeout = close_timeout
-        with trio.CancelScope() as self._scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._writer.attach(nursery)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._writer.attach(nursery)
+            try:
+                if self.close_request is not None:  # closed before it started (shutdown)
+                    self._start_close()
                 try:
-                    if self.close_request is not None:  # closed before it started (shutdown)
-                        self._start_close()
-                    try:
-                        await reader(self)
-                    except ConnectionClosed:
-                        pass
-                    if self.close_request is None:
-                        # The client went away (or the reader returned): nothing to write.
-                        nursery.cancel_scope.cancel()
-                    # Stay in the body until the close task ends it (by cancelling): a nursery
-                    # whose body has ended refuses new tasks, and the pump may still deliver.
-                    await trio.sleep_forever()
-                finally:
-                    # However it ends, still inside the body: from now on deliveries drop.
-                    self._nursery = None
-                    self._writer.detach()
+                    await reader(self)
+                except ConnectionClosed:
+                    pass
+                if self.close_request is None:
+                    # The client went away (or the reader returned): nothing to write.
+                    nursery.cancel_scope.cancel()
+                # Stay in the body until the close task ends it (by cancelling): a nursery
+                # whose body has ended refuses new tasks, and the pump may still deliver.
+                await trio.sleep_forever()
+            finally:
+                # However it ends, still inside the body: from now on deliveries drop.
+                self._nursery = None
+                self._writer.detach()
 
     async def _close_connection(self) -> None:
         """Finish the frame being written, then the last frames, then the close frame."""

@@ -6,7 +6,12 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
 - ``WebSocketConnection._stream`` is the connection's ``trio.SocketStream``;
 - ``WebSocketConnection._stream_lock`` serializes every write trio-websocket makes itself
   (pongs, pings, close frames), and ``_send`` is its only user;
-- ``WebSocketConnection._pings`` maps a ping's payload to the event its pong sets.
+- ``WebSocketConnection._pings`` maps a ping's payload to the event its pong sets;
+- once a connection is open, nothing reads what is kept of its opening handshake:
+  ``WebSocketRequest._event`` (the request and its headers, the token among them),
+  ``WebSocketConnection._connection_proposal`` (the future that passed that request on) and
+  wsproto's ``WSConnection.handshake`` (the HTTP/1.1 parser; after the upgrade only its
+  ``events()``, empty, is called). :func:`forget_handshake` drops them: ~3 KiB per connection.
 
 Server frames are not masked, so a message's frame is the same bytes for every recipient: it is
 built once (:func:`text_frame`) and handed to each connection's :class:`FrameWriter`, which
@@ -28,9 +33,11 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from types import TracebackType
 
-    from trio_websocket import WebSocketConnection
+    from trio_websocket import WebSocketConnection, WebSocketRequest
+    from wsproto.events import Event
 
 #: most bytes joined into one ``send_all`` by the writer
 _BATCH_BYTES = 256 * 1024
@@ -49,13 +56,33 @@ def text_frame(payload: str) -> bytes:
     return header + data
 
 
+class _Upgraded:
+    """Stands in for wsproto's handshake state once the connection is open."""
+
+    @staticmethod
+    def events() -> Iterator[Event]:
+        return iter(())
+
+
+_UPGRADED = _Upgraded()
+
+
+def forget_handshake(request: WebSocketRequest) -> None:
+    """Drop what trio-websocket and wsproto keep of an accepted request (see the module docs)."""
+    ws = request._connection
+    assert ws._wsproto.connection is not None, "only once the connection is open"
+    ws._connection_proposal = None
+    ws._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
+    request._event = None  # type: ignore[assignment]
+
+
 class HandoffLock:
     """Stands in for a connection's write lock: ``async with`` and ``locked()`` as before, and
     FIFO, but not tied to a task, so a direct write from the pump can leave it to the writer."""
 
     def __init__(self) -> None:
         self._held = False
-        self._waiters = trio.lowlevel.ParkingLot()
+        self._waiters: trio.lowlevel.ParkingLot | None = None  # made at the first wait
 
     def locked(self) -> bool:
         return self._held
@@ -71,10 +98,12 @@ class HandoffLock:
         if self.acquire_nowait():
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
+            if self._waiters is None:
+                self._waiters = trio.lowlevel.ParkingLot()
             await self._waiters.park()  # release() hands the lock over: still held, now ours
 
     def release(self) -> None:
-        if not self._waiters.unpark():
+        if self._waiters is None or not self._waiters.unpark():
             self._held = False
 
     async def __aenter__(self) -> None:
@@ -180,7 +209,8 @@ class FrameWriter:
         ws._stream_lock = self._lock  # type: ignore[assignment]
         self._nursery: trio.Nursery | None = None  # where drains run, once attached
         self._limit = limit
-        self._queue: deque[bytes | memoryview] = deque()
+        # frames waiting for a drain; an empty deque costs 600 bytes, so it is made when needed
+        self._queue: deque[bytes | memoryview] | None = None
         self._corked: list[bytes] = []  # held by a Cork, written at its flush
         self._holding = False  # a frame was partly written; we hold the lock for the drain
         self._draining = False
@@ -225,13 +255,18 @@ class FrameWriter:
                 self._lock.release()
                 return True
             self._holding = True  # the drain finishes this frame before anyone else writes
-            self._queue.append(memoryview(frame)[sent:])
-        elif len(self._queue) >= self._limit:
+            self._enqueue(memoryview(frame)[sent:])
+        elif self._queue is not None and len(self._queue) >= self._limit:
             return False
         else:
-            self._queue.append(frame)
+            self._enqueue(frame)
         self._start_drain()
         return True
+
+    def _enqueue(self, frame: bytes | memoryview) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(frame)
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Run drains in ``nursery`` from now on (frames queued before wait for this)."""
@@ -243,7 +278,7 @@ class FrameWriter:
         """The nursery is closing: drop whatever is written from now on."""
         self._stopping = True
         self._nursery = None
-        self._queue.clear()
+        self._queue = None
         self._corked.clear()
 
     def _start_drain(self) -> None:
@@ -294,14 +329,15 @@ class FrameWriter:
                     self._holding = False
                     self._lock.release()
         finally:
-            if self._stopping or self._ws.closed is not None:
-                self._queue.clear()
+            if self._stopping or self._ws.closed is not None or not self._queue:
+                self._queue = None
             self._draining = False
             if self._idle is not None:
                 self._idle.set()
                 self._idle = None
 
     def _take_batch(self) -> bytes:
+        assert self._queue
         chunks = [self._queue.popleft()]
         size = len(chunks[0])
         while self._queue and size < _BATCH_BYTES:
