@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 import time
 import urllib.error
@@ -179,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._systemd import Notifier
 
     code = 0
-    _tune_gc()
+    _tune_process()
     try:
         notifier = Notifier.from_environ()
         trio.run(partial(serve, config, handle_signals=True, notifier=notifier))
@@ -194,17 +195,21 @@ def _serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _tune_gc() -> None:
-    """Garbage collection for a long-lived server holding thousands of connections.
+def _tune_process() -> None:
+    """Settings for a long-lived server process holding thousands of connections.
 
-    What startup made is frozen (full collections no longer walk it), and the youngest
-    generation is collected after 10,000 allocations instead of 700: with the defaults, the
-    collector's passes over every connection's objects cost about a third of a handshake's CPU
-    at 5,000 connections (bench/README.md). An embedding application tunes its own process.
+    Garbage collection: what startup made is frozen (full collections no longer walk it), and
+    the youngest generation is collected after 10,000 allocations instead of 700; with the
+    defaults, the collector's passes over every connection's objects cost about a third of a
+    handshake's CPU at 5,000 connections (bench/README.md). Logging: our formats show no file,
+    line or function, so records are made without looking for their caller, which costs time
+    and keeps a frame object alive for each connection that logged from its handler (the
+    optimisation in the logging HOWTO). An embedding application tunes its own process.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    logging._srcfile = None
 
 
 def _supervise(config: Config, args: argparse.Namespace) -> int:
