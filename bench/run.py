@@ -18,6 +18,7 @@ directory whose path is printed. Standard library only; run with any Python >= 3
   python3 bench/run.py --quick            # ~2 minutes
   python3 bench/run.py                    # the full run
   python3 bench/run.py --profile 800      # also: py-spy on trio-chat during fan-out at 800/s
+  python3 bench/run.py --profile-handshakes 8000   # also: py-spy while C opens 8000 connections
 """
 
 from __future__ import annotations
@@ -325,6 +326,7 @@ def one_pass(
     timeout: float,
     logs: Path,
     profile: dict[str, object] | None = None,
+    trigger: bytes = b"SENDING",
 ) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix=f"{system}-{workload}-", dir=logs))
     print(f"\n== {system_label(system)}: workload {workload} (logs in {workdir})", file=sys.stderr)
@@ -349,7 +351,7 @@ def one_pass(
         if profile is None:
             result = run_loadgen(command, timeout, workdir)
         else:
-            result = run_profiled(command, timeout, workdir, serving, profile)
+            result = run_profiled(command, timeout, workdir, serving, profile, trigger)
     result["log_notes"] = log_notes(workdir)
     result["logs"] = str(workdir)
     # the order of the generator's server_cpu_each and rss_*_kib lists
@@ -368,15 +370,56 @@ def one_pass(
 # --- profiling -----------------------------------------------------------------------------------
 
 
+def _py_spy(pid: int, seconds: int, kind: str, target: str) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` for ``seconds`` into ``target`` (format ``kind``), by
+    function (-F); idle samples excluded (py-spy's default)."""
+    command = [str(BENCH_PYTHON.parent / "py-spy"), "record", "--pid", str(pid), "--duration"]
+    command += [str(seconds), "--format", kind, "-F", "-o", target]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_after_opening(procs: list[subprocess.Popen[bytes]], workdir: Path, n: int) -> str:
+    """Wait for ``procs`` (py-spy); stop them with SIGINT (they write what they have) once the
+    trio-chat logs in ``workdir`` show ``n`` connections of workload C's users idle-*.
+    Returns why they stopped."""
+    needle = b": connected user=idle-"
+    offsets: dict[Path, int] = {}
+    seen = 0
+    while any(p.poll() is None for p in procs):
+        for log in workdir.glob("trio-*.log"):
+            with log.open("rb") as source:
+                source.seek(offsets.get(log, 0))
+                data = source.read()
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written: next time
+            offsets[log] = offsets.get(log, 0) + len(whole)
+            seen += whole.count(needle)
+        if seen >= n:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            return "at the end of the opening"
+        time.sleep(0.05)
+    return "after --profile-seconds"
+
+
 def run_profiled(
-    command: list[str], timeout: float, workdir: Path, pids: list[int], profile: dict[str, object]
+    command: list[str],
+    timeout: float,
+    workdir: Path,
+    pids: list[int],
+    profile: dict[str, object],
+    trigger: bytes = b"SENDING",
 ) -> dict[str, object]:
-    """Run the load generator and, once sending has begun, py-spy on both instances: first
-    --format raw (collapsed stacks, aggregated by function), then a flame graph SVG."""
-    py_spy = BENCH_PYTHON.parent / "py-spy"
+    """Run the load generator and, once it prints ``trigger`` on stderr, py-spy on each of
+    ``pids``: --format raw (collapsed stacks, aggregated by function), then a flame graph SVG.
+    With profile["opening"] = N (workload C): raw only, from the trigger on, and stopped early
+    once the servers have logged the N connections (at most as long as the opening lasts)."""
     seconds = int(profile["seconds"])  # type: ignore[call-overload]
     out = Path(str(profile["out"]))
+    opening = int(profile.get("opening", 0))  # type: ignore[call-overload]
+    raws = [f"{out}-instance{index}.txt" for index in range(1, len(pids) + 1)]
     procs: list[subprocess.Popen[bytes]] = []
+    recorded: dict[str, object] = {}
     stdout_path = workdir / "loadgen.out"
     with stdout_path.open("wb") as sink:
         loadgen = subprocess.Popen(
@@ -386,51 +429,31 @@ def run_profiled(
             assert loadgen.stderr is not None
             for raw in loadgen.stderr:
                 sys.stderr.write(raw.decode(errors="replace"))
-                if b"SENDING" in raw and not procs:
+                if trigger not in raw or procs:
+                    continue
+                if not opening:
                     time.sleep(1.0)  # past the first second of the step
-                    for index, pid in enumerate(pids, start=1):
-                        for fmt, suffix, extra in (("raw", "txt", ["-F"]),):
-                            target = f"{out}-instance{index}.{suffix}"
-                            cmd = [
-                                str(py_spy),
-                                "record",
-                                "--pid",
-                                str(pid),
-                                "--duration",
-                                str(seconds),
-                                "--format",
-                                fmt,
-                                "-o",
-                                target,
-                                *extra,
-                            ]
-                            procs.append(
-                                subprocess.Popen(
-                                    cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                                )
-                            )
-                    # A flame graph of the same step, right after the raw profile.
+                started = time.monotonic()
+                procs += [
+                    _py_spy(pid, seconds, "raw", path) for pid, path in zip(pids, raws, strict=True)
+                ]
+                if opening:
+                    stop = _stop_after_opening(procs, workdir, opening)
                     for p in procs:
-                        p.wait(seconds + 30)
-                    for index, pid in enumerate(pids, start=1):
-                        cmd = [
-                            str(py_spy),
-                            "record",
-                            "--pid",
-                            str(pid),
-                            "--duration",
-                            str(seconds),
-                            "--format",
-                            "flamegraph",
-                            "-F",
-                            "-o",
-                            f"{out}-instance{index}.svg",
-                        ]
-                        procs.append(
-                            subprocess.Popen(
-                                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                            )
-                        )
+                        p.wait(30)
+                    recorded = {
+                        "profiled_s": round(time.monotonic() - started, 2),
+                        "profile_stopped_at": stop,
+                    }
+                    print(f"py-spy stopped {stop}: {recorded['profiled_s']} s", file=sys.stderr)
+                    continue
+                # A flame graph of the same step, right after the raw profile.
+                for p in procs:
+                    p.wait(seconds + 30)
+                procs += [
+                    _py_spy(pid, seconds, "flamegraph", f"{out}-instance{index}.svg")
+                    for index, pid in enumerate(pids, start=1)
+                ]
             code = loadgen.wait(timeout)
         finally:
             for p in procs:
@@ -445,7 +468,10 @@ def run_profiled(
     text = stdout_path.read_text()
     if code != 0:
         raise BenchError(f"load generator exited {code}; stdout: {text[-2000:]}")
-    return dict(json.loads(text.strip().splitlines()[-1]))
+    result = dict(json.loads(text.strip().splitlines()[-1]))
+    # the raw profiles written (a layout with one process profiles one)
+    result["profile_files"] = [path for path in raws if Path(path).exists()]
+    return result | recorded
 
 
 def summarize_profile(path: Path, top: int = 25) -> str:
@@ -472,6 +498,14 @@ def summarize_profile(path: Path, top: int = 25) -> str:
     for frame, count in total_counts.most_common(top):
         lines.append(f"{100 * count / samples:8.1f}  {frame}")
     return "\n".join(lines) + "\n"
+
+
+def write_profile_summary(result: dict[str, object], out: str, header: str) -> str:
+    """``header`` and the summary of each raw profile of ``result``; also ``out``-summary.txt."""
+    files = cast("list[str]", result.get("profile_files") or [])
+    text = "\n".join([header, "", *(summarize_profile(Path(path)) for path in files)])
+    Path(f"{out}-summary.txt").write_text(text)
+    return text
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -834,11 +868,29 @@ def main() -> int:
         help="after the comparison: py-spy on both trio-chat instances during a "
         "fan-out step at RATE msg/s",
     )
-    parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--profile-seconds",
+        type=int,
+        default=10,
+        help="py-spy seconds: of each --profile recording; at most, of --profile-handshakes (10)",
+    )
     parser.add_argument(
         "--profile-out",
         default=str(BENCH / "profile-fanout"),
         help="path prefix of the profile files (bench/profile-fanout)",
+    )
+    parser.add_argument(
+        "--profile-handshakes",
+        type=int,
+        metavar="N",
+        help="after the comparison (and --profile): py-spy on trio-chat while a C pass opens N "
+        "connections, --profile-seconds at most and no longer than the opening (8000 take ~7 s "
+        "at ~1,200/s)",
+    )
+    parser.add_argument(
+        "--profile-handshakes-out",
+        default=str(BENCH / "profile-handshake"),
+        help="path prefix of the handshake profile files (bench/profile-handshake)",
     )
     parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument(
@@ -972,24 +1024,52 @@ def main() -> int:
                 profile={"seconds": seconds, "out": args.profile_out},
             )
             results.setdefault("profile", {})["A"] = result
-            summaries = []
-            for index in (1, 2):
-                raw = Path(f"{args.profile_out}-instance{index}.txt")
-                if raw.exists():
-                    summaries.append(summarize_profile(raw))
             step = result["steps"][0]  # type: ignore[index]
-            profile_text = (
+            profile_text = write_profile_summary(
+                result,
+                args.profile_out,
                 f"{system_label('trio')} fan-out at {profile_rate} msg/s to {args.subscribers} "
                 f"subscribers while profiled: delivered {step['received']}/{step['expected']}, p50 "
                 f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, server CPU {step['server_cpu']} "
-                f"s/s (each {step['server_cpu_each']}), Redis {step['redis_cpu']}\n\n"
-                + "\n".join(summaries)
+                f"s/s (each {step['server_cpu_each']}), Redis {step['redis_cpu']}",
             )
-            Path(f"{args.profile_out}-summary.txt").write_text(profile_text)
         except BenchError as exc:
             failed.append(f"profile: {exc}")
             print(f"FAILED: profile: {exc}", file=sys.stderr)
     profile_result = results.pop("profile", None)
+    handshake_text: str | None = None
+    handshake_result: dict[str, object] | None = None
+    if args.profile_handshakes:
+        n = args.profile_handshakes
+        try:
+            handshake_result = one_pass(
+                "trio",
+                "idle",
+                {**common, "connections": n},
+                n / 20 + args.quiet_max + 240,
+                logs,
+                profile={
+                    "seconds": args.profile_seconds,
+                    "out": args.profile_handshakes_out,
+                    "opening": n,
+                },
+                trigger=b"idle trio: opening ",
+            )
+            c = handshake_result
+            latency = cast("dict[str, object]", c["open_latency"])
+            handshake_text = write_profile_summary(
+                c,
+                args.profile_handshakes_out,
+                f"{system_label('trio')} C: opening {n:,} idle connections, {args.concurrency} in "
+                f"flight, while profiled: opened {c['connected']}/{c['connections']} in "
+                f"{c['open_s']} s, {fmt(c['opened_per_s'])}/s (open p50 {latency['p50_ms']} ms, "
+                f"p99 {latency['p99_ms']} ms), server CPU {c['open_server_cpu']} s/s, Redis "
+                f"{c['open_redis_cpu']}, other processes {c['open_other_cpu']}; py-spy ran "
+                f"{c.get('profiled_s')} s from its start (stopped {c.get('profile_stopped_at')})",
+            )
+        except BenchError as exc:
+            failed.append(f"profile-handshakes: {exc}")
+            print(f"FAILED: profile-handshakes: {exc}", file=sys.stderr)
 
     elapsed = time.monotonic() - started
     date = datetime.date.today().isoformat()
@@ -1017,6 +1097,9 @@ def main() -> int:
     if profile_text:
         print(f"\nProfile written to {args.profile_out}-*:\n")
         print(profile_text)
+    if handshake_text:
+        print(f"\nHandshake profile written to {args.profile_handshakes_out}-*:\n")
+        print(handshake_text)
     print(f"\nServer logs: {logs}")
     if args.json:
         Path(args.json).write_text(
@@ -1024,6 +1107,7 @@ def main() -> int:
                 {
                     "results": results,
                     "profile": profile_result,
+                    "profile_handshakes": handshake_result,
                     "failed": failed,
                     "versions": versions(),
                     "date": date,
