@@ -167,7 +167,7 @@ class Metrics:
             registry.register(family)
         self.publish_seconds = Histogram(
             "trio_chat_publish_seconds",
-            "Time of a successful PUBLISH round trip",
+            "Time of a successful round trip publishing a session's sends (one or a batch)",
             buckets=PUBLISH_BUCKETS,
             registry=registry,
         )
@@ -250,7 +250,8 @@ class Metrics:
     # --- Redis -----------------------------------------------------------------------------------
 
     def publishing(self) -> _Stopwatch:
-        """A context manager timing one PUBLISH round trip into ``trio_chat_publish_seconds``.
+        """A context manager timing one round trip of a session's PUBLISHes (its outbox batch)
+        into ``trio_chat_publish_seconds``.
 
         Only a round trip that completes is observed: a timeout or a cancellation would
         record the timeout, not Redis's latency.
