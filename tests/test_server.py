@@ -11,7 +11,9 @@ import trio
 from _chat import SECRET, make_config, make_token, open_backend, read_hash, snapshot, start
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
+from trio_chat._auth import AuthRecord
 from trio_chat._connection import ConnectionHandler
+from trio_chat._hub import Hub
 from trio_chat._store import Batch
 from trio_chat.client import ServerError, open_client
 
@@ -385,6 +387,36 @@ async def test_pipelined_sends_are_published_and_answered_in_order(store_url, nu
             assert {reply["type"] for reply in replies[:20] + replies[21:40]} == {"ack"}
             sent = [n for n in range(60) if n not in (20, 40)]
             assert [(await bob.receive())["data"] for _ in sent] == sent
+
+
+async def test_a_send_refused_by_a_ban_closes_after_the_acks_before_it(
+    store_url, nursery, monkeypatch
+):
+    # The sends before the refused one are published; their acks go out before the logout.
+    calls = 0
+    auth_record = Hub.auth_record
+
+    async def banned_after_eleven_checks(self, user_id):
+        nonlocal calls
+        calls += 1  # the join's check, then one per send
+        return AuthRecord(status="banned") if calls > 11 else await auth_record(self, user_id)
+
+    monkeypatch.setattr(Hub, "auth_record", banned_after_eleven_checks)
+    server = await start(nursery, make_config(store_url, limits={"send_burst": 100}))
+    with trio.fail_after(10):
+        async with open_client(server.url, make_token("alice")) as alice:
+            await alice.join("room")
+            for n in range(20):
+                await alice.send_frame({"type": "send", "room": "room", "data": n, "ref": n})
+            frames = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frames.append(json.loads(await alice.ws.get_message()))
+    assert [(frame["type"], frame["ref"]) for frame in frames[:10]] == [
+        ("ack", n) for n in range(10)
+    ]
+    assert frames[10:] == [{"type": "logout", "reason": "banned"}]
+    assert closed.value.reason.code == 4403
 
 
 async def test_sends_just_before_the_client_leaves_are_still_published(store_url, nursery):

@@ -428,6 +428,50 @@ async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
     assert pipelines[-2:] == [1, 1], pipelines
 
 
+async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
+    redis_server, monkeypatch
+):
+    # Redis answers within the timeout, but slower than half of it: a batch queued behind a
+    # pipeline that is out waits for it, and then its own round trip, and succeeds. (It must
+    # never be reported as failed after it ran.)
+    pipeline = trio_chat._redis._pipeline
+
+    async def slow(commands, client):
+        await trio.sleep(0.2)
+        return await pipeline(commands, client)
+
+    results = {}
+
+    async def one(n):
+        try:
+            await write(backend, f"v{n}", f"k{n}")
+        except BackendUnavailable:
+            results[n] = "unavailable"
+        else:
+            results[n] = "ok"
+
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=0.3) as backend:
+            monkeypatch.setattr(trio_chat._redis, "_pipeline", slow)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 1)
+                await trio.sleep(0.01)
+                nursery.start_soon(one, 2)
+            monkeypatch.setattr(trio_chat._redis, "_pipeline", pipeline)
+            assert results == {1: "ok", 2: "ok"}
+            assert [await read(backend, key) for key in ("k1", "k2")] == ["v1", "v2"]
+
+
+async def test_a_closed_redis_backend_fails_at_once(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            await write(backend, "v")
+        started = trio.current_time()
+        with pytest.raises(BackendUnavailable, match="closed"):
+            await read(backend)
+        assert trio.current_time() - started < 0.1
+
+
 async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redis_server):
     failed = []
 

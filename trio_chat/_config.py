@@ -87,7 +87,7 @@ class ServerConfig:
     reuse_port: bool = False
     #: seconds: under a steady stream to many local sockets, each gets the Pub/Sub traffic in
     #: one write per this much time instead of one per message (0: off); adds at most this
-    #: much latency, and none to a message after a quiet spell or for a few sockets
+    #: much latency (see :class:`~trio_chat._wire.Cork`)
     write_delay: float = attrs.field(default=0.005, validator=v.and_(_non_negative, v.le(1.0)))
 
 

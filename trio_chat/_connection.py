@@ -58,7 +58,7 @@ from ._messages import (
 )
 from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
-from ._session import INTERNAL_ERROR, POLICY, Session
+from ._session import INTERNAL_ERROR, POLICY, CloseRequest, Session
 from ._store import Batch
 from ._wire import forget_handshake
 
@@ -78,7 +78,15 @@ MALFORMED_STRIKES = 10
 
 
 class SessionEnded(Exception):
-    """The session was closed while a frame was handled (revoked, banned...)."""
+    """A frame ended the session (revoked, banned, abusive...).
+
+    With ``close``, the read loop closes the session that way once the acks of the sends
+    before that frame are out; without, the session was closed already.
+    """
+
+    def __init__(self, why: str, close: CloseRequest | None = None) -> None:
+        super().__init__(why)
+        self.close = close
 
 
 class ConnectionHandler:
@@ -357,7 +365,10 @@ class ConnectionHandler:
             except ProtocolError as exc:
                 await outbox.wait_idle()
                 session.reply(error_frame(exc))
-            except SessionEnded:
+            except SessionEnded as ended:
+                if ended.close is not None:
+                    await outbox.wait_idle()
+                    session.close(ended.close.code, ended.close.reason, *ended.close.last_frames)
                 return
 
     async def _handle(self, session: Session, message: ClientMessage) -> Outgoing | None:
@@ -399,8 +410,9 @@ class ConnectionHandler:
         refusal = judge(record, session.identity, require_record=self.config.auth.require_record)
         if refusal is not None:
             _, _, close_code, reason = REFUSALS[refusal]
-            session.close(close_code, reason, encode("logout", reason=reason))
-            raise SessionEnded(refusal)
+            raise SessionEnded(
+                refusal, CloseRequest(close_code, reason, (encode("logout", reason=reason),))
+            )
         if record is not None and record.muted_until > time.time():
             raise ProtocolError(MUTED, f"muted until {int(record.muted_until)}", ref)
 
@@ -442,8 +454,9 @@ class ConnectionHandler:
         if session.bucket.take():
             return
         if session.bucket.strikes >= ABUSE_STRIKES:
-            session.close(RATE_LIMIT_CLOSE, "rate limit exceeded repeatedly")
-            raise SessionEnded("rate limit")
+            raise SessionEnded(
+                "rate limit", CloseRequest(RATE_LIMIT_CLOSE, "rate limit exceeded repeatedly")
+            )
         raise ProtocolError(RATE_LIMITED, "slow down", ref)
 
     async def _send(self, session: Session, message: Send) -> Outgoing:

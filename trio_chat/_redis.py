@@ -163,13 +163,14 @@ def _reply(name: str, value: Any) -> Any:
 class _Queued:
     """A batch waiting for the next pipeline, and what became of it."""
 
-    __slots__ = ("abandoned", "batch", "done", "error")
+    __slots__ = ("abandoned", "batch", "done", "error", "taken")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.done = trio.Event()
         self.error: BaseException | None = None
-        self.abandoned = False  # its caller gave up waiting: do not send it
+        self.taken = False  # in a pipeline now: it may have run, whatever happens next
+        self.abandoned = False  # its caller gave up before it was taken: never send it
 
 
 class RedisBackend:
@@ -205,6 +206,7 @@ class RedisBackend:
         self._retire = trio.Event()  # set when self._client is replaced
         self._queued: deque[_Queued] = deque()
         self._wake = trio.Event()  # set when a batch is queued
+        self._sending = False  # the sender task runs; execute() fails at once without it
 
     def _new_client(self, **options: Any) -> coredis.Redis[str]:
         return coredis.Redis.from_url(
@@ -220,7 +222,7 @@ class RedisBackend:
     async def _open(self) -> None:
         await self._nursery.start(self._hold, self._client, self._retire)
         await self._call(lambda client: client.ping())
-        self._nursery.start_soon(self._send_queued)
+        await self._nursery.start(self._send_queued)
 
     async def _hold(
         self,
@@ -260,31 +262,44 @@ class RedisBackend:
     async def execute(self, batch: Batch) -> None:
         """Send ``batch`` in the next pipeline and fill in its replies.
 
-        It runs to its end, or to ``command_timeout``, even when the caller is cancelled
-        meanwhile (see the class docstring). A command on a key of the wrong type raises
-        coredis's ``WrongTypeError``, after the whole pipeline ran.
+        It waits at most ``command_timeout`` to be sent; once sent, it runs to its end, or to
+        its own ``command_timeout``, even when the caller is cancelled meanwhile (see the
+        class docstring). So BackendUnavailable means either "never sent" or "Redis did not
+        answer", never "ran, but we stopped waiting". A command on a key of the wrong type
+        raises coredis's ``WrongTypeError``, after the whole pipeline ran.
 
         Raises:
             BackendUnavailable: Redis could not be reached or did not answer in time.
         """
         if not batch.commands:
             return
+        if not self._sending:
+            raise BackendUnavailable(f"Redis at {self.url}: the backend is closed")
         queued = _Queued(batch)
         self._queued.append(queued)
         self._wake.set()
-        with trio.move_on_after(self._timeout, shield=True):
-            await queued.done.wait()
-        if not queued.done.is_set():
-            queued.abandoned = True  # if it was sent already, its replies go nowhere
-            raise BackendUnavailable(f"Redis at {self.url}: no answer within {self._timeout}s")
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._timeout):
+                await queued.done.wait()
+            if not queued.done.is_set():
+                if not queued.taken:
+                    queued.abandoned = True
+                    raise BackendUnavailable(
+                        f"Redis at {self.url}: not sent within {self._timeout}s (busy)"
+                    )
+                await queued.done.wait()  # bounded: the pipeline has its own timeout
         if queued.error is not None:
             raise queued.error
 
     #: commands per pipeline, beyond which queued batches wait for the next one
     PIPELINE_COMMANDS = 1000
 
-    async def _send_queued(self) -> None:
+    async def _send_queued(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Send what :meth:`execute` queued, one pipeline at a time, for as long as we live."""
+        self._sending = True
+        task_status.started()
         try:
             while True:
                 await self._wake.wait()
@@ -295,10 +310,12 @@ class RedisBackend:
                     while self._queued and size < self.PIPELINE_COMMANDS:
                         queued = self._queued.popleft()
                         if not queued.abandoned:
+                            queued.taken = True
                             taken.append(queued)
                             size += len(queued.batch.commands)
                     await self._send(taken)
         finally:  # the backend is closing: nothing will send what is still queued
+            self._sending = False
             while self._queued:
                 queued = self._queued.popleft()
                 queued.error = BackendUnavailable(f"Redis at {self.url}: the backend is closed")
@@ -321,12 +338,16 @@ class RedisBackend:
             for queued in taken:
                 mine = replies[position : position + len(queued.batch.commands)]
                 position += len(mine)
-                errors = [reply for reply in mine if isinstance(reply, ResponseError)]
-                if errors:
-                    queued.error = errors[0]
-                    continue
-                for command, reply in zip(queued.batch.commands, mine, strict=True):
-                    command.reply.set(_reply(command.name, reply))
+                try:
+                    errors = [reply for reply in mine if isinstance(reply, ResponseError)]
+                    if errors:
+                        queued.error = errors[0]
+                        continue
+                    for command, reply in zip(queued.batch.commands, mine, strict=True):
+                        command.reply.set(_reply(command.name, reply))
+                except Exception as exc:  # a reply we cannot read: this batch's failure only
+                    logger.exception("Redis reply not understood")
+                    queued.error = BackendUnavailable(f"Redis reply not understood: {exc!r}")
         finally:
             for queued in taken:
                 queued.done.set()

@@ -177,8 +177,9 @@ class Session:
     async def _close_connection(self) -> None:
         """Finish the frame being written, then the last frames, then the close frame."""
         request = self.close_request
+        nursery = self._nursery  # serve() lets go of it when the close runs out of time
         assert request is not None
-        assert self._nursery is not None
+        assert nursery is not None
         try:
             await self._writer.wait_idle()
             for frame in request.last_frames:
@@ -188,4 +189,4 @@ class Session:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; nothing more to write
         finally:
-            self._nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()

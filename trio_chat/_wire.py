@@ -8,8 +8,7 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
   (pongs, pings, close frames), and ``_send`` is its only user;
 - ``WebSocketConnection._pings`` maps a ping's payload to the event its pong sets;
 - once a connection is open, nothing reads what is kept of its opening handshake:
-  ``WebSocketRequest._event`` (the request and its headers, the token among them),
-  ``WebSocketConnection._connection_proposal`` (the future that passed that request on) and
+  ``WebSocketRequest._event`` (the request and its headers, the token among them) and
   wsproto's ``WSConnection.handshake`` (the HTTP/1.1 parser; after the upgrade only its
   ``events()``, empty, is called). :func:`forget_handshake` drops them: ~3 KiB per connection.
 
@@ -71,7 +70,6 @@ def forget_handshake(request: WebSocketRequest) -> None:
     """Drop what trio-websocket and wsproto keep of an accepted request (see the module docs)."""
     ws = request._connection
     assert ws._wsproto.connection is not None, "only once the connection is open"
-    ws._connection_proposal = None
     ws._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
     request._event = None  # type: ignore[assignment]
 
@@ -134,12 +132,13 @@ class Cork:
     """Holds the direct writes of a burst (the Pub/Sub pump reading a backlog) so that each
     connection gets one ``write`` for the whole burst instead of one per message.
 
-    With a ``delay``, a burst that reaches many connections (:attr:`WIDE`) flushes at most
-    once per ``delay`` seconds: one that ends sooner after the last flush is held until then
-    (by :meth:`run`), joined with whatever arrives meanwhile. The first message after a quiet
-    spell goes out at once, and so does a message for a few connections; under a steady stream
-    to a large room, each connection gets one write per ``delay`` instead of one per message,
-    for at most ``delay`` of added latency.
+    With a ``delay``, the cork flushes at most once per ``delay`` seconds while what it holds
+    reaches many connections (:attr:`WIDE`): a burst that ends sooner after the last flush is
+    held until then (by :meth:`run`), joined with whatever arrives meanwhile, for at most
+    ``delay`` of added latency. Under a steady stream to a large room, each connection gets
+    one write per ``delay`` instead of one per message. Bursts for fewer connections flush at
+    once unless a wide one is already waiting (they then go with it), and so does the first
+    burst after ``delay`` without a flush.
     """
 
     #: frames one connection may hold before its cork is flushed early
@@ -184,7 +183,8 @@ class Cork:
         while True:
             await self._due.wait()
             await trio.sleep_until(self._last_flush + self.delay)
-            self.flush()
+            if trio.current_time() >= self._last_flush + self.delay:
+                self.flush()  # else one happened meanwhile: wait for the next release()
 
 
 class FrameWriter:
