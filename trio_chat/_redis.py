@@ -329,10 +329,10 @@ class RedisBackend:
             for queued in taken:
                 queued.error = BackendUnavailable(str(exc))
                 queued.error.__cause__ = exc.__cause__
-        except Exception as exc:  # a bug of ours or coredis's: it fails these batches only
+        except Exception as exc:  # a bug of ours or coredis's: these batches fail with it
             logger.exception("Redis pipeline failed")
             for queued in taken:
-                queued.error = BackendUnavailable(f"Redis pipeline failed: {exc!r}")
+                queued.error = exc
         else:
             position = 0
             for queued in taken:
