@@ -432,6 +432,37 @@ async def test_sends_just_before_the_client_leaves_are_still_published(store_url
             assert [(await bob.receive())["data"] for _ in range(30)] == list(range(30))
 
 
+async def test_a_steady_stream_to_a_large_room_is_written_once_per_write_delay(store_url, nursery):
+    # 16 local subscribers make a "wide" burst: after the first message, the next ones in the
+    # same write_delay are held and written together when it has passed, in order.
+    delay = 0.3
+    server = await start(
+        nursery,
+        make_config(store_url, server={"write_delay": delay}, limits={"send_burst": 100}),
+    )
+    arrivals = {}
+
+    async def subscriber(n, task_status):
+        async with open_client(server.url, make_token(f"u{n}")) as chat:
+            await chat.join("big")
+            task_status.started()
+            arrivals[n] = [((await chat.receive())["data"], trio.current_time()) for _ in range(3)]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as subscribers:
+            for n in range(16):
+                await subscribers.start(subscriber, n)
+            async with open_client(server.url, make_token("sender")) as sender:
+                await sender.join("big")
+                for k in range(3):
+                    await sender.send("big", k)
+    for got in arrivals.values():
+        assert [data for data, _ in got] == [0, 1, 2]
+        (_, first), (_, second), (_, third) = got
+        assert second - first >= delay * 0.9  # held until the delay had passed
+        assert third - second < delay * 0.5  # and written together with the one after it
+
+
 async def test_send_while_redis_is_down_is_an_error(redis_server, nursery):
     server = await start(nursery, make_config(redis_server.url))
     async with open_client(server.url, make_token("alice")) as chat:

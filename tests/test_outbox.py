@@ -1,0 +1,105 @@
+"""The outbox on its own: a session's sends batched in order, failures answered in order,
+and the read loop held back once too many wait."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+import trio.testing
+
+from trio_chat._errors import BackendUnavailable
+from trio_chat._metrics import Metrics
+from trio_chat._outbox import Outbox, Outgoing
+
+
+class FakeSession:
+    """What an Outbox needs of a Session: an id, replies, and a nursery to run in."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.id = "s1"
+        self.replies: list[dict[str, object]] = []
+        self._nursery = nursery
+
+    def reply(self, text: str) -> bool:
+        self.replies.append(json.loads(text))
+        return True
+
+    def start_soon(self, task) -> bool:
+        self._nursery.start_soon(task)
+        return True
+
+
+class FakeBackend:
+    """Records each batch's PUBLISHed payloads; fails while ``down``; waits while ``held``."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.down = False
+        self.held: trio.Event | None = None
+
+    async def execute(self, batch) -> None:
+        if self.held is not None:
+            await self.held.wait()
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise BackendUnavailable("Redis at redis://test: down")
+        self.batches.append([command.args[1] for command in batch.commands])
+
+
+def outgoing(n: int) -> Outgoing:
+    return Outgoing("room", f"payload {n}", json.dumps({"type": "ack", "ref": n}), n)
+
+
+async def test_sends_waiting_together_go_in_one_batch_in_order_and_are_acked_in_order(nursery):
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics())
+    backend.held = trio.Event()
+    await outbox.put(outgoing(0))
+    await trio.testing.wait_all_tasks_blocked()  # the sender took 0 and waits for Redis
+    for n in range(1, 5):
+        await outbox.put(outgoing(n))  # these wait together for the next batch
+    backend.held.set()
+    backend.held = None
+    await outbox.wait_idle()
+    assert backend.batches == [["payload 0"], [f"payload {n}" for n in range(1, 5)]]
+    assert [reply["ref"] for reply in session.replies] == list(range(5))
+
+
+async def test_a_failed_batch_answers_each_of_its_sends_in_order_and_later_ones_go_on(nursery):
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics())
+    backend.down = True
+    for n in range(3):
+        await outbox.put(outgoing(n))
+    await outbox.wait_idle()
+    backend.down = False
+    for n in range(3, 5):
+        await outbox.put(outgoing(n))
+    await outbox.wait_idle()
+    assert [(reply["type"], reply.get("code"), reply["ref"]) for reply in session.replies] == [
+        ("error", "unavailable", 0),
+        ("error", "unavailable", 1),
+        ("error", "unavailable", 2),
+        ("ack", None, 3),
+        ("ack", None, 4),
+    ]
+    assert backend.batches == [["payload 3", "payload 4"]]
+
+
+async def test_the_read_loop_waits_once_the_limit_of_waiting_sends_is_reached(nursery):
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics())
+    backend.held = trio.Event()
+    await outbox.put(outgoing(0))  # taken by the sender, which waits for the backend
+    await trio.testing.wait_all_tasks_blocked()
+    for n in range(1, Outbox.LIMIT + 1):
+        await outbox.put(outgoing(n))  # these wait, up to the limit
+    with trio.move_on_after(0.2) as waited:
+        await outbox.put(outgoing(Outbox.LIMIT + 1))
+    assert waited.cancelled_caught  # one too many: the reader is held back
+    backend.held.set()
+    backend.held = None
+    await outbox.put(outgoing(Outbox.LIMIT + 1))
+    await outbox.wait_idle()
+    assert [reply["ref"] for reply in session.replies] == list(range(Outbox.LIMIT + 2))
