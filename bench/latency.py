@@ -114,6 +114,8 @@ def chat_server(workdir: Path, redis_url: str, instance_id: str) -> Iterator[str
         "TRIO_CHAT_ADMIN_ENABLED": "false",
         "TRIO_CHAT_LIMITS_SEND_RATE": "100000",
         "TRIO_CHAT_LIMITS_SEND_BURST": "100000",
+        "TRIO_CHAT_LIMITS_FRAME_RATE": "100000",
+        "TRIO_CHAT_LIMITS_FRAME_BURST": "100000",
     }
     command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0"]
     command += ["--redis-url", redis_url, "--instance-id", instance_id]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -161,15 +162,34 @@ def test_section_must_be_a_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "key"),
+    ("name", "message"),
     [
-        ("TRIO_CHAT_SERVER_BOGUS", "server.bogus"),
-        ("TRIO_CHAT_BOGUS_PORT", "bogus.port"),
-        ("TRIO_CHAT_AUTH_JWT_SECRETS", "auth.jwt_secrets"),
+        ("TRIO_CHAT_SERVER_BOGUS", "server.bogus: unknown key"),
+        ("TRIO_CHAT_AUTH_JWT_SECERT", "auth.jwt_secert: unknown key (did you mean jwt_secret?)"),
+        ("TRIO_CHAT_REDIS_URI", "redis.uri: unknown key (did you mean url?)"),
     ],
 )
-def test_unknown_key_in_env(name: str, key: str) -> None:
-    assert error_of(env={name: "1"}) == f"config error: {key}: unknown key (from {name})"
+def test_unknown_key_of_a_section_in_env(name: str, message: str) -> None:
+    assert error_of(env={name: "1"}) == f"config error: {message} (from {name})"
+
+
+def test_typo_in_toml_names_the_closest_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nsend_rat = 5\n")
+    message = "limits.send_rat: unknown key (did you mean send_rate?)"
+    assert error_of(path, env={}) == f"config error: {message} (in {path})"
+
+
+def test_env_outside_every_section_is_ignored_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"TRIO_CHAT_BIN": "/usr/bin/trio-chat", "TRIO_CHAT_SERVER_PORT": "9000"}
+    with caplog.at_level(logging.WARNING):
+        config = load_config(env=env)
+    assert config.server.port == 9000
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring TRIO_CHAT_BIN: 'bin' is no configuration section "
+        "(server, redis, auth, session, heartbeat, limits, admin)"
+    ]
 
 
 def test_unknown_key_in_overrides() -> None:
@@ -281,6 +301,15 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert result.stderr == f"trio-chat: config error: server.bogus: unknown key (in {path})\n"
+
+
+def test_cli_warns_once_of_a_variable_that_is_no_config_and_runs() -> None:
+    env = {"TRIO_CHAT_BIN": "/opt/bin/trio-chat", "TRIO_CHAT_AUTH_JWT_SECRET": "s" * 32}
+    result = run_cli("token", "alice", env=env)
+    assert result.returncode == 0
+    assert result.stdout.count(".") == 2  # a JWT
+    [line] = result.stderr.splitlines()
+    assert "ignoring TRIO_CHAT_BIN" in line
 
 
 def test_cli_bad_env_exits_2() -> None:

@@ -231,6 +231,61 @@ async def test_send_rate_limit_then_4429(nursery):
         assert {f["code"] for f in frames} == {"rate_limited"}
 
 
+async def test_every_frame_is_budgeted_then_4429(nursery):
+    # join/leave churn (SUBSCRIBE/UNSUBSCRIBE on Redis) and pings spend the frame bucket
+    limits = {"frame_rate": 0.001, "frame_burst": 3, "send_rate": 1000, "send_burst": 1000}
+    server = await start(nursery, make_config(limits=limits))
+    async with open_client(server.url, make_token("alice")) as chat:
+        assert (await chat.join("room"))["type"] == "joined"
+        assert (await chat.leave("room"))["type"] == "left"
+        assert (await chat.ping())["type"] == "pong"
+        with pytest.raises(ServerError) as info:
+            await chat.join("room")
+        assert (info.value.code, info.value.frame.get("ref")) == ("rate_limited", 4)
+        for _ in range(20):
+            await chat.send_frame({"type": "ping"})
+        frames, code = await _closed_with(chat)
+        assert code == 4429
+        assert {f["code"] for f in frames} == {"rate_limited"}
+
+
+async def test_the_frame_budget_refills(nursery):
+    # a client that keeps to the rate is never refused, however long it goes on
+    server = await start(nursery, make_config(limits={"frame_rate": 100, "frame_burst": 1}))
+    async with open_client(server.url, make_token("alice")) as chat:
+        for _ in range(30):
+            assert (await chat.ping())["type"] == "pong"
+            await trio.sleep(0.011)
+
+
+async def test_frame_size_is_counted_in_bytes(nursery):
+    # 40,000 two-byte characters: 80,000 bytes, over a 64 KiB limit that counts bytes
+    server = await start(nursery, make_config())
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        frame = json.dumps(
+            {"type": "send", "room": "room", "data": "é" * 40_000}, ensure_ascii=False
+        )
+        assert len(frame) < 65536 < len(frame.encode())
+        await chat.ws.send_message(frame)
+        frames, code = await _closed_with(chat)
+        assert (frames, code) == ([], 1009)
+
+
+async def test_a_frame_just_under_the_byte_limit_passes(nursery):
+    limit = 4096
+    server = await start(nursery, make_config(limits={"max_message_bytes": limit}))
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        frame = '{"type":"ping","ref":"%s"}'
+        padding = "é" * ((limit - len(frame % "")) // 2)
+        assert len((frame % padding).encode()) <= limit
+        await chat.ws.send_message(frame % padding)
+        assert (await chat.receive())["type"] == "pong"
+        await chat.ws.send_message(frame % (padding + "é"))
+        assert (await _closed_with(chat))[1] == 1009
+
+
 async def test_connection_and_room_limits(nursery):
     server = await start(
         nursery, make_config(limits={"max_connections": 1, "max_rooms_per_session": 1})

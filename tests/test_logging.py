@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from trio_chat._logging import JsonFormatter, setup_logging
+from trio_chat._logging import JsonFormatter, log_event, setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -139,3 +139,34 @@ async def test_serve_with_log_format_json_logs_json_lines(tmp_path: Path) -> Non
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert any("listening on ws://127.0.0.1:" in r["message"] for r in records)
     assert all(r["logger"].startswith("trio_chat") for r in records)
+
+
+def test_an_event_names_each_field_once_for_text_and_json(caplog) -> None:
+    logger = logging.getLogger("trio_chat._connection")
+    with caplog.at_level(logging.INFO):
+        log_event(logger, logging.INFO, "refused", **FIELDS)
+    [record] = caplog.records
+    text = (
+        "refused user=alice session=Zm9vYmFyYmF6cXV4cXV1eA instance=host-1-abc123 "
+        'reason="slow consumer" remote=127.0.0.1:50123 status=401 code=invalid_token'
+    )
+    assert record.getMessage() == text
+    parsed = json.loads(JsonFormatter().format(record))
+    assert {key: parsed[key] for key in FIELDS} == FIELDS
+    assert parsed["message"] == text
+
+
+@pytest.mark.parametrize(
+    "value", ["a b", 'say "hi"', "k=v", "line\nbreak", "sep\u2028", "nel\x85", "ünï", ""]
+)
+def test_a_text_value_cannot_break_the_line_or_forge_a_field(caplog, value) -> None:
+    logger = logging.getLogger("trio_chat._connection")
+    with caplog.at_level(logging.INFO):
+        log_event(logger, logging.INFO, "disconnected", user=value, reason="closed")
+    message = caplog.records[0].getMessage()
+    assert message.isascii()
+    assert message.endswith(" reason=closed")
+    assert (
+        json.loads(message.removeprefix("disconnected user=").removesuffix(" reason=closed"))
+        == value
+    )

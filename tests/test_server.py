@@ -332,16 +332,26 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(store_url, n
             assert (await chat.ping())["type"] == "pong"
 
 
-async def test_muted_user_cannot_send(redis_server, nursery):
+async def test_a_muted_user_reads_but_cannot_speak(redis_server, nursery):
+    # SPEC §6: a mute silences, it does not blind: join, leave and reading go on
     server = await start(nursery, make_config(redis_server.url, auth={"cache_ttl": 0}))
-    async with open_client(server.url, make_token("alice")) as chat:
-        await chat.join("room")
+    async with (
+        open_client(server.url, make_token("alice")) as alice,
+        open_client(server.url, make_token("bob")) as bob,
+    ):
+        await alice.join("room")
+        await bob.join("room")
         await _set_auth(redis_server.url, "alice", {"muted_until": str(2**31)})
-        with pytest.raises(ServerError) as info:
-            await chat.send("room", "hello")
-        assert info.value.code == "muted"
+        for speak in (lambda: alice.send("room", "hello"), lambda: alice.direct("bob", "hi")):
+            with pytest.raises(ServerError) as info:
+                await speak()
+            assert info.value.code == "muted"
+        assert (await alice.join("other"))["type"] == "joined"
+        assert (await alice.leave("other"))["type"] == "left"
+        await bob.send("room", "to the muted")
+        assert (await alice.receive())["data"] == "to the muted"
         await _set_auth(redis_server.url, "alice", {"muted_until": "0"})
-        assert (await chat.send("room", "hello"))["type"] == "ack"
+        assert (await alice.send("room", "hello"))["type"] == "ack"
 
 
 async def test_too_large_for_recipients(store_url, nursery):
@@ -567,7 +577,10 @@ async def test_session_and_instance_records_removed_on_cancellation(redis_server
 
 async def test_slow_consumer_is_closed_1008_while_others_keep_receiving(redis_server, nursery):
     server = await start(
-        nursery, make_config(redis_server.url, limits={"outbound_queue": 4, "send_rate": 1e6})
+        nursery,
+        make_config(
+            redis_server.url, limits={"outbound_queue": 4, "send_rate": 1e6, "frame_rate": 1e6}
+        ),
     )
     blob = "x" * 32_000
     count = 400  # ~13 MB: more than the socket buffers between the server and a stalled reader

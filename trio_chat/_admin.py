@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from . import _operations as ops
 from ._errors import BackendUnavailable
-from ._messages import ROOM_ID, USER_ID
+from ._messages import ROOM_ID, is_user_id
 from ._messages import loads as strict_loads
 
 if TYPE_CHECKING:
@@ -228,18 +228,18 @@ class _AdminApi:
         return {"id": message_id, "ts": ts}
 
     async def logout(self, request: Request) -> dict[str, Any]:
-        return {"closed": await ops.logout(self.hub, _path_id(request, "user_id", USER_ID))}
+        return {"closed": await ops.logout(self.hub, _path_id(request, "user_id", is_user_id))}
 
     async def ban(self, request: Request) -> dict[str, Any]:
-        return {"closed": await ops.ban(self.hub, _path_id(request, "user_id", USER_ID))}
+        return {"closed": await ops.ban(self.hub, _path_id(request, "user_id", is_user_id))}
 
     async def unban(self, request: Request) -> dict[str, Any]:
-        user_id = _path_id(request, "user_id", USER_ID)
+        user_id = _path_id(request, "user_id", is_user_id)
         await ops.unban(self.hub, user_id)
         return {"user_id": user_id, "status": "active"}
 
     async def mute(self, request: Request) -> dict[str, Any]:
-        user_id = _path_id(request, "user_id", USER_ID)
+        user_id = _path_id(request, "user_id", is_user_id)
         seconds = (await self._body(request)).get("seconds")
         if (
             not isinstance(seconds, int | float)
@@ -252,18 +252,18 @@ class _AdminApi:
         return {"muted_until": await ops.mute(self.hub, user_id, seconds)}
 
     async def sessions(self, request: Request) -> dict[str, Any]:
-        user_id = _path_id(request, "user_id", USER_ID)
+        user_id = _path_id(request, "user_id", is_user_id)
         return {"sessions": await ops.user_sessions(self.hub.backend, user_id)}
 
     async def kick(self, request: Request) -> dict[str, Any]:
-        session_id = _path_id(request, "session_id", SESSION_ID)
+        session_id = _path_id(request, "session_id", SESSION_ID.fullmatch)
         closed = await ops.kick(self.hub, session_id)
         if closed is None:
             raise ApiError(404, "not_found", f"no session {session_id!r}")
         return {"closed": closed}
 
     async def presence(self, request: Request) -> dict[str, Any]:
-        room = _path_id(request, "room", ROOM_ID)
+        room = _path_id(request, "room", ROOM_ID.fullmatch)
         sessions = await ops.room_presence(self.hub.backend, self.config, room)
         users = sorted({s["user_id"] for s in sessions})
         return {"room": room, "sessions": sessions, "users": users}
@@ -291,9 +291,9 @@ class _AdminApi:
         return body
 
 
-def _path_id(request: Request, name: str, pattern: re.Pattern[str]) -> str:
+def _path_id(request: Request, name: str, valid: Callable[[str], object]) -> str:
     value: str = request.path_params[name]
-    if not pattern.fullmatch(value):
+    if not valid(value):
         raise ApiError(400, "bad_request", f"{name} {value[:64]!r} is not a valid id")
     return value
 

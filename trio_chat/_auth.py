@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ import attrs
 import jwt
 
 from ._errors import AuthError, ConfigError
-from ._messages import USER_ID
+from ._messages import is_user_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -135,12 +136,20 @@ class TokenVerifier:
             self._keys[alg] = key
 
     def verify(self, token: str) -> Identity:
-        """Return the token's identity, or raise :class:`AuthError` (401)."""
+        """Return the token's identity, or raise :class:`AuthError` (401).
+
+        Only the header's ``alg`` is read before the signature is checked, and only to pick
+        one of the configured keys: ``kid``, ``jku``, ``x5u`` and ``jwk`` never choose a key,
+        and a ``crit`` header (extensions we would have to understand) refuses the token.
+        """
         config = self._config
         try:
-            alg = jwt.get_unverified_header(token).get("alg")
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
             if not isinstance(alg, str) or alg not in self._keys:
                 raise AuthError(401, "invalid_token", "token algorithm not accepted")
+            if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension
+                raise AuthError(401, "invalid_token", "critical header extensions not supported")
             claims = jwt.decode(
                 token,
                 self._keys[alg],
@@ -157,19 +166,32 @@ class TokenVerifier:
             raise AuthError(401, "token_expired", "token has expired") from exc
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, "invalid_token", f"invalid token: {exc}") from exc
+        except (OverflowError, ValueError, TypeError) as exc:
+            # PyJWT's own int() of a claim such as "exp": 1e400 (json reads it as infinity)
+            raise AuthError(
+                401, "invalid_token", "invalid token: a time claim is no number"
+            ) from exc
         return _identity(claims)
 
 
 def _identity(claims: dict[str, Any]) -> Identity:
     sub, iat, exp = claims["sub"], claims["iat"], claims["exp"]
-    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
-        raise AuthError(401, "invalid_token", "'sub' is not a valid user id")
+    if not is_user_id(sub):
+        raise AuthError(
+            401, "invalid_token", "'sub' must be 1-256 bytes of UTF-8 without control characters"
+        )
+    if not all(_finite_number(claims[name]) for name in ("iat", "exp")):
+        raise AuthError(401, "invalid_token", "'iat' and 'exp' must be numbers")
     rooms = claims.get("rooms")
     if rooms is not None and not (
         isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)
     ):
         raise AuthError(401, "invalid_token", "'rooms' must be a list of patterns")
     return Identity(sub, int(iat), int(exp), None if rooms is None else tuple(rooms))
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @attrs.frozen

@@ -172,8 +172,8 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_format)  # first: loading may warn
     config = load_config(args.config, overrides=_overrides(args))
-    setup_logging(args.log_level, args.log_format)
     if config.server.workers > 1:
         return _supervise(config, args)
     from ._server import serve  # late: of all the commands, only this one needs the server

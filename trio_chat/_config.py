@@ -7,7 +7,9 @@ naming the key.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
     # typed loosely so that one validator serves int and float fields alike
     _Validator = Callable[[object, attrs.Attribute[Any], Any], None]
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdminConfig",
@@ -89,6 +93,9 @@ class ServerConfig:
     #: one write per this much time instead of one per message (0: off); adds at most this
     #: much latency (see :class:`~trio_chat._wire.Cork`)
     write_delay: float = attrs.field(default=0.005, validator=v.and_(_non_negative, v.le(1.0)))
+    #: seconds a client has to complete its opening handshake (the HTTP upgrade request), so a
+    #: socket that sends half a request (slowloris) holds its memory no longer than this
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -138,6 +145,10 @@ class LimitsConfig:
     send_rate: float = attrs.field(default=20.0, validator=_positive)
     send_burst: int = attrs.field(default=40, validator=_positive)
     outbound_queue: int = attrs.field(default=256, validator=_positive)
+    #: every client frame spends a token of this bucket (SPEC §6): churning join/leave or
+    #: refresh costs Redis work too
+    frame_rate: float = attrs.field(default=100.0, validator=_positive)
+    frame_burst: int = attrs.field(default=200, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -257,20 +268,42 @@ def _credential_layers(env: Mapping[str, str]) -> Iterator[tuple[Mapping[str, ob
 
 
 def _env_layers(env: Mapping[str, str]) -> Iterator[tuple[Mapping[str, object], str]]:
+    """The ``TRIO_CHAT_<SECTION>_<KEY>`` variables, as layers.
+
+    A name that starts with a section but names no key of it is a typo of a real key, and an
+    error; one whose first word is no section (``TRIO_CHAT_BIN`` of a wrapper script) is not
+    ours at all: it gets one warning line and is ignored.
+    """
     for name, raw in env.items():
         if not name.startswith(_ENV_PREFIX):
             continue
         source = f"from {name}"
         if name not in _ENV_NAMES:
-            # name the key as it would be if the section existed: SERVER_BOGUS -> server.bogus
-            unknown = name.removeprefix(_ENV_PREFIX).lower().replace("_", ".", 1)
-            raise _error(unknown, "unknown key", source)
+            rest = name.removeprefix(_ENV_PREFIX).lower()
+            section = next((s for s in _SECTIONS if rest.startswith(f"{s}_")), None)
+            if section is None:
+                logger.warning(
+                    "ignoring %s: %r is no configuration section (%s)",
+                    name,
+                    rest.partition("_")[0],
+                    ", ".join(_SECTIONS),
+                )
+                continue
+            key = rest.removeprefix(f"{section}_")
+            raise _error(f"{section}.{key}", _unknown_key(key, _SECTIONS[section]), source)
         section, field = _ENV_NAMES[name]
         try:
             value = _parse_env(raw, _type_of(field))
         except ValueError as exc:
             raise _error(f"{section}.{field.name}", str(exc), source) from None
         yield {section: {field.name: value}}, source
+
+
+def _unknown_key(key: str, section: type[Any]) -> str:
+    """``unknown key``, with the closest real key of the section when one is close."""
+    names = [field.name for field in attrs.fields(section)]
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 
 def _parse_env(raw: str, type_: object) -> object:
@@ -360,7 +393,8 @@ def _problems(exc: BaseException, key: str = "") -> Iterator[tuple[str, str]]:
             yield from _problems(inner, key)
     elif isinstance(exc, ForbiddenExtraKeysError):
         for name in sorted(exc.extra_fields):
-            yield f"{key}.{name}".lstrip("."), "unknown key" if key else "unknown section"
+            message = _unknown_key(name, exc.cl) if key else "unknown section"
+            yield f"{key}.{name}".lstrip("."), message
     else:
         yield key, str(exc)
 

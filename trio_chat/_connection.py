@@ -31,6 +31,8 @@ from ._auth import (
     origin_allowed,
 )
 from ._errors import AuthError, BackendUnavailable, ProtocolError
+from ._limits import ABUSE_STRIKES, TokenBucket
+from ._logging import log_event
 from ._messages import (
     FORBIDDEN,
     INTERNAL,
@@ -39,7 +41,6 @@ from ._messages import (
     RATE_LIMITED,
     TOO_LARGE,
     UNAVAILABLE,
-    USER_ID,
     ClientMessage,
     Direct,
     Join,
@@ -50,6 +51,7 @@ from ._messages import (
     dumps,
     encode,
     error_frame,
+    is_user_id,
     new_message_id,
     new_session_id,
     now_ms,
@@ -65,7 +67,6 @@ from ._wire import forget_handshake
 if TYPE_CHECKING:
     from ._config import Config
     from ._hub import Hub
-from ._limits import ABUSE_STRIKES, TokenBucket
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 CLEANUP_TIMEOUT = 5.0
 TOKEN_EXPIRED_CLOSE = 4401
 RATE_LIMIT_CLOSE = 4429
+MESSAGE_TOO_BIG = 1009
 #: unparseable frames in a row after which the client is closed with 1008
 MALFORMED_STRIKES = 10
 
@@ -129,19 +131,15 @@ class ConnectionHandler:
                 raise AuthError(404, "not_found", "no WebSocket endpoint here")
             identity = await self._authenticate(info)
         except AuthError as exc:
-            logger.info(
-                "refused %s: %s %s (%s)",
-                remote,
-                exc.status,
-                exc.code,
-                exc.message,
-                extra={
-                    "remote": remote,
-                    "instance": self.hub.instance_id,
-                    "status": exc.status,
-                    "code": exc.code,
-                    "reason": exc.message,
-                },
+            log_event(
+                logger,
+                logging.INFO,
+                "refused",
+                remote=remote,
+                instance=self.hub.instance_id,
+                status=exc.status,
+                code=exc.code,
+                reason=exc.message,
             )
             self.metrics.handshake(exc.code)
             await _reject(request, exc)
@@ -160,7 +158,16 @@ class ConnectionHandler:
             try:
                 await self._register(session_id, identity, remote, connected_at)
             except BackendUnavailable as exc:
-                logger.warning("refused %s: redis unreachable at registration: %s", remote, exc)
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "refused",
+                    remote=remote,
+                    instance=self.hub.instance_id,
+                    status=503,
+                    code="unavailable",
+                    reason=f"redis unreachable at registration: {exc}",
+                )
                 self.metrics.handshake("unavailable")
                 await _reject(request, AuthError(503, "unavailable", "store unreachable"))
                 return
@@ -169,12 +176,14 @@ class ConnectionHandler:
             ws = await request.accept(subprotocol=subprotocol)
             forget_handshake(request)
             self.metrics.handshake("accepted")
+            limits = self.config.limits
             session = Session(
                 session_id,
                 identity,
                 ws,
-                queue_size=self.config.limits.outbound_queue,
-                bucket=TokenBucket(self.config.limits.send_rate, self.config.limits.send_burst),
+                queue_size=limits.outbound_queue,
+                send_bucket=TokenBucket(limits.send_rate, limits.send_burst),
+                frame_bucket=TokenBucket(limits.frame_rate, limits.frame_burst),
                 remote=remote,
                 metrics=self.metrics,
             )
@@ -190,18 +199,14 @@ class ConnectionHandler:
                 )
             )
             self.hub.add(session)
-            logger.info(
-                "connected user=%s session=%s instance=%s remote=%s",
-                identity.user_id,
-                session_id,
-                self.hub.instance_id,
-                remote,
-                extra={
-                    "user": identity.user_id,
-                    "session": session_id,
-                    "instance": self.hub.instance_id,
-                    "remote": remote,
-                },
+            log_event(
+                logger,
+                logging.INFO,
+                "connected",
+                user=identity.user_id,
+                session=session_id,
+                instance=self.hub.instance_id,
+                remote=remote,
             )
             if self.hub.draining:
                 session.close(1001, "server shutting down")
@@ -218,18 +223,14 @@ class ConnectionHandler:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await self._unregister(session_id, identity.user_id, session)
             reason = session.close_request.reason if session and session.close_request else "closed"
-            logger.info(
-                "disconnected user=%s session=%s instance=%s reason=%s",
-                identity.user_id,
-                session_id,
-                self.hub.instance_id,
-                reason,
-                extra={
-                    "user": identity.user_id,
-                    "session": session_id,
-                    "instance": self.hub.instance_id,
-                    "reason": reason,
-                },
+            log_event(
+                logger,
+                logging.INFO,
+                "disconnected",
+                user=identity.user_id,
+                session=session_id,
+                instance=self.hub.instance_id,
+                reason=reason,
             )
 
     # --- handshake -----------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class ConnectionHandler:
         except BackendUnavailable as exc:
             raise AuthError(503, "unavailable", "store unreachable") from exc
         user_id = fields.value.get("user_id", "")
-        if not USER_ID.fullmatch(user_id):
+        if not is_user_id(user_id):
             raise AuthError(401, "invalid_session", "unknown or expired session")
         now = int(time.time())
         try:
@@ -334,6 +335,7 @@ class ConnectionHandler:
 
     async def _read_loop(self, session: Session) -> None:
         outbox = Outbox(session, self.backend, self.metrics)
+        max_bytes = self.config.limits.max_message_bytes
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
             try:
@@ -343,10 +345,15 @@ class ConnectionHandler:
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await outbox.wait_idle()
                 raise
+            if _too_big(raw, max_bytes):  # trio-websocket counted characters, not bytes
+                await outbox.wait_idle()
+                session.close(MESSAGE_TOO_BIG, f"message over {max_bytes} bytes")
+                return
             try:
                 message = parse_client_message(raw)
             except ProtocolError as exc:
                 self.metrics.frame_in(None)
+                session.frame_bucket.take()  # a bad frame costs its token too
                 malformed += 1
                 await outbox.wait_idle()  # the acks of the sends before it come first
                 if malformed >= MALFORMED_STRIKES:  # SPEC §7: bad frames after warnings
@@ -357,6 +364,7 @@ class ConnectionHandler:
             malformed = 0
             self.metrics.frame_in(message)
             try:
+                _spend(session.frame_bucket, message.ref)
                 if not isinstance(message, Send):
                     await outbox.wait_idle()  # its reply comes after the acks before it
                 outgoing = await self._handle(session, message)
@@ -404,8 +412,9 @@ class ConnectionHandler:
             )
             raise ProtocolError(INTERNAL, "internal error", message.ref) from exc
 
-    async def _authorize(self, session: Session, ref: object) -> None:
-        """Check ``auth:<uid>`` before acting for the session (SPEC §6)."""
+    async def _authorize(self, session: Session, ref: object, *, speaks: bool) -> None:
+        """Check ``auth:<uid>`` before acting for the session (SPEC §6): a ban or a revocation
+        ends it; a mute refuses only what ``speaks`` (a muted user may still join and read)."""
         record = await self.hub.auth_record(session.user_id)
         refusal = judge(record, session.identity, require_record=self.config.auth.require_record)
         if refusal is not None:
@@ -413,7 +422,7 @@ class ConnectionHandler:
             raise SessionEnded(
                 refusal, CloseRequest(close_code, reason, (encode("logout", reason=reason),))
             )
-        if record is not None and record.muted_until > time.time():
+        if speaks and record is not None and record.muted_until > time.time():
             raise ProtocolError(MUTED, f"muted until {int(record.muted_until)}", ref)
 
     async def _join(self, session: Session, message: Join) -> None:
@@ -423,7 +432,7 @@ class ConnectionHandler:
                 raise ProtocolError(FORBIDDEN, "your token does not allow this room", message.ref)
             if len(session.rooms) >= self.config.limits.max_rooms_per_session:
                 raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
-            await self._authorize(session, message.ref)
+            await self._authorize(session, message.ref, speaks=False)
             await self.hub.join(session, room)
             batch = Batch()
             batch.zadd(keys.room_presence(room), {session.id: now_ms()})
@@ -450,21 +459,12 @@ class ConnectionHandler:
                 logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
         session.reply(encode("left", message.ref, room=message.room))
 
-    def _rate_limit(self, session: Session, ref: object) -> None:
-        if session.bucket.take():
-            return
-        if session.bucket.strikes >= ABUSE_STRIKES:
-            raise SessionEnded(
-                "rate limit", CloseRequest(RATE_LIMIT_CLOSE, "rate limit exceeded repeatedly")
-            )
-        raise ProtocolError(RATE_LIMITED, "slow down", ref)
-
     async def _send(self, session: Session, message: Send) -> Outgoing:
         """Check a ``send`` and make its room message; the outbox publishes it and acks."""
         if message.room not in session.rooms:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
-        self._rate_limit(session, message.ref)
-        await self._authorize(session, message.ref)
+        _spend(session.send_bucket, message.ref)
+        await self._authorize(session, message.ref, speaks=True)
         message_id, ts, payload = room_message(
             message.room, session.user_id, session.id, message.data
         )
@@ -474,8 +474,8 @@ class ConnectionHandler:
         )
 
     async def _direct(self, session: Session, message: Direct) -> None:
-        self._rate_limit(session, message.ref)
-        await self._authorize(session, message.ref)
+        _spend(session.send_bucket, message.ref)
+        await self._authorize(session, message.ref, speaks=True)
         message_id, ts = new_message_id(), now_ms()
         payload = dumps(
             {
@@ -573,6 +573,25 @@ class ConnectionHandler:
             )
             return
         session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
+
+
+def _spend(bucket: TokenBucket, ref: object) -> None:
+    """Take a token for a frame: ``rate_limited`` without one; 4429 when that goes on."""
+    if bucket.take():
+        return
+    if bucket.strikes >= ABUSE_STRIKES:
+        raise SessionEnded(
+            "rate limit", CloseRequest(RATE_LIMIT_CLOSE, "rate limit exceeded repeatedly")
+        )
+    raise ProtocolError(RATE_LIMITED, "slow down", ref)
+
+
+def _too_big(raw: str | bytes, limit: int) -> bool:
+    """Whether a frame is over ``limit`` bytes of UTF-8 (SPEC §6: sizes are bytes)."""
+    if isinstance(raw, bytes):
+        return len(raw) > limit
+    # a character is at most 4 bytes of UTF-8: most frames are sized without encoding them
+    return len(raw) * 4 > limit and len(raw.encode("utf-8", "surrogatepass")) > limit
 
 
 def _remote(request: WebSocketRequest) -> str:

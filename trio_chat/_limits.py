@@ -1,4 +1,5 @@
-"""A per-session token bucket for ``send``/``direct`` (SPEC §10 ``limits.send_*``)."""
+"""Per-session token buckets (SPEC §6, §10): ``limits.frame_*`` for every client frame,
+``limits.send_*`` for ``send``/``direct``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ ABUSE_STRIKES = 10
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; one token per frame."""
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate", "strikes")  # two per connection
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate

@@ -1,14 +1,17 @@
-"""Process-wide logging set-up for the command line: plain text or one JSON object per line.
+"""Logging: events with fields, and the command line's set-up (plain text or JSON lines).
 
-Only the ``trio-chat`` command calls :func:`setup_logging`; embedders configure logging
-themselves. Structured fields go in ``extra=`` (``user``, ``session``, ``instance``,
-``reason``, ``remote``, ``status``, ``code``...): the JSON format emits each as a key of its
-own, the text format shows the message alone.
+An event is one call, :func:`log_event`, that names each field once (``user``, ``session``,
+``instance``, ``reason``, ``remote``, ``status``, ``code``...): the message reads
+``connected user=alice session=...`` in any handler, and each field is also an attribute of
+the record, which the JSON format emits as a key of its own. Only the ``trio-chat`` command
+calls :func:`setup_logging`; embedders configure logging themselves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -18,12 +21,32 @@ from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "setup_logging"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "log_event", "setup_logging"]
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: Sequence[LogFormat] = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_event(logger: logging.Logger, level: int, event: str, /, **fields: object) -> None:
+    """Log ``event`` with its fields, each named once.
+
+    The message is ``event key=value ...`` (logfmt: a value with a space, a quote, an ``=`` or
+    anything but printable ASCII is written as a JSON string, so no value can break the line
+    or pass for another field); ``extra=fields`` makes each field a key of the JSON record.
+    """
+    if logger.isEnabledFor(level):
+        text = " ".join([event, *(f"{key}={_logfmt(value)}" for key, value in fields.items())])
+        logger.log(level, text, extra=fields, stacklevel=2)
+
+
+_BARE = re.compile(r"[!#-<>-~]+")  # printable ASCII but space, '"' and '='
+
+
+def _logfmt(value: object) -> str:
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
 class JsonFormatter(_JsonFormatter):

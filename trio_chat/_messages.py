@@ -20,8 +20,10 @@ JSONValue: TypeAlias = Any
 """Any value ``json.loads`` can return; ``data`` of a message is passed through untouched."""
 
 ROOM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: user ids are chosen by the token issuer; they only have to be safe inside key names
-USER_ID = re.compile(r"[^\s{}]{1,256}")
+#: the longest user id, in bytes of UTF-8 (SPEC §6)
+MAX_USER_ID_BYTES = 256
+# C0, DEL and C1: the control characters (Unicode category Cc)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 BAD_REQUEST = "bad_request"
 UNKNOWN_TYPE = "unknown_type"
@@ -105,20 +107,36 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         case "send":
             return Send(_room(frame, ref), _data(frame, ref), ref)
         case "direct":
-            return Direct(_string(frame, "to", USER_ID, ref), _data(frame, ref), ref)
+            return Direct(_user_id(frame, "to", ref), _data(frame, ref), ref)
         case "refresh":
-            return Refresh(_string(frame, "token", None, ref), ref)
+            return Refresh(_string(frame, "token", ref), ref)
         case "ping":
             return Ping(ref)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", ref)
 
 
-def _string(frame: dict[str, Any], field: str, pattern: re.Pattern[str] | None, ref: Any) -> str:
+def is_user_id(value: object) -> bool:
+    """Whether ``value`` is a user id (SPEC §6): 1-256 bytes of UTF-8 without control
+    characters. Ids are chosen by the token issuer; they end up in key names and log lines."""
+    if not isinstance(value, str) or not value or _CONTROL.search(value):
+        return False
+    try:
+        return len(value.encode()) <= MAX_USER_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate is no UTF-8
+        return False
+
+
+def _string(frame: dict[str, Any], field: str, ref: Any) -> str:
     value = frame.get(field)
     if not isinstance(value, str) or not value:
         raise ProtocolError(BAD_REQUEST, f"'{field}' must be a non-empty string", ref)
-    if pattern is not None and not pattern.fullmatch(value):
-        raise ProtocolError(BAD_REQUEST, f"'{field}' is not a valid id", ref)
+    return value
+
+
+def _user_id(frame: dict[str, Any], field: str, ref: Any) -> str:
+    value = _string(frame, field, ref)
+    if not is_user_id(value):
+        raise ProtocolError(BAD_REQUEST, f"'{field}' is not a valid user id", ref)
     return value
 
 
@@ -174,9 +192,14 @@ def dumps(value: JSONValue) -> str:
     return _encoder.encode(value)
 
 
-def room_message(room: str, sender: str, session_id: str, data: JSONValue) -> tuple[str, int, str]:
+def room_message(
+    room: str, sender: str | None, session_id: str | None, data: JSONValue
+) -> tuple[str, int, str]:
     """A new room message: its ``id``, its ``ts`` and its ``chat:room`` payload (SPEC §4),
-    which carries ids and data, never a token. The one place payloads are shaped."""
+    which carries ids and data, never a token. The one place payloads are shaped.
+
+    ``sender`` and ``session_id`` are None for a message of the admin API: no user id can
+    stand for it, so no user can impersonate it."""
     message_id, ts = new_message_id(), now_ms()
     payload = dumps(
         {

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: the ``from`` of messages the admin API publishes; real messages also carry their origin
-#: ``session``, which is empty here
-ADMIN_SENDER = "admin"
-
 
 class NoRecord(ChatError):
     """``auth.require_record`` is on and the user has no ``auth:<uid>`` to change."""
@@ -40,7 +36,8 @@ class PayloadTooLarge(ChatError):
 
 
 async def publish(backend: Backend, config: Config, room: str, data: JSONValue) -> tuple[str, int]:
-    """PUBLISH a room message shaped as a client's (SPEC §4), from :data:`ADMIN_SENDER`.
+    """PUBLISH a room message shaped as a client's (SPEC §4), with ``from`` and ``session``
+    null: it comes from no user.
 
     Returns:
         The message's ``(id, ts)``, as recipients see them.
@@ -49,7 +46,7 @@ async def publish(backend: Backend, config: Config, room: str, data: JSONValue) 
         PayloadTooLarge: the payload is over ``limits.max_message_bytes``.
         BackendUnavailable: the store could not be reached.
     """
-    message_id, ts, payload = room_message(room, ADMIN_SENDER, "", data)
+    message_id, ts, payload = room_message(room, None, None, data)
     if len(payload.encode()) > config.limits.max_message_bytes:
         raise PayloadTooLarge(f"message over {config.limits.max_message_bytes} bytes")
     batch = Batch()

@@ -178,7 +178,7 @@ async def _serve_connections(
                         listeners,
                         handler_nursery=handlers,
                         max_message_size=config.limits.max_message_bytes,
-                        connect_timeout=10,
+                        connect_timeout=config.server.handshake_timeout,
                         disconnect_timeout=CLEANUP_TIMEOUT,
                     ).run
                 )

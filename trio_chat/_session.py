@@ -58,7 +58,8 @@ class Session:
         ws: WebSocketConnection,
         *,
         queue_size: int,
-        bucket: TokenBucket,
+        send_bucket: TokenBucket,
+        frame_bucket: TokenBucket,
         remote: str,
         metrics: Metrics,
     ) -> None:
@@ -77,7 +78,10 @@ class Session:
         self.expiry_timers: list[Timer] = []
         #: set by the pong of the last ping sent, if any
         self.pong: Pong | None = None
-        self.bucket = bucket
+        #: ``limits.send_*``: spent by ``send`` and ``direct``
+        self.send_bucket = send_bucket
+        #: ``limits.frame_*``: spent by every client frame
+        self.frame_bucket = frame_bucket
         self._writer = FrameWriter(ws, queue_size)
         # The connection's nursery while serve() runs: close() starts its task there, and
         # bounds it with its cancel scope.

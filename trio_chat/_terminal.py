@@ -25,7 +25,7 @@ def describe(frame: dict[str, object]) -> str:
     text = data if isinstance(data, str) else json.dumps(data)
     match frame.get("type"):
         case "message":
-            return f"[{frame['room']}] {frame['from']}: {text}"
+            return f"[{frame['room']}] {frame['from'] or '(admin)'}: {text}"
         case "direct":
             return f"(direct) {frame['from']}: {text}"
         case "joined" | "left" as kind:
