@@ -150,8 +150,12 @@ async def _hold_backend(
             await release.wait()
 
 
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+async def _cancel_on_signal(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Cancel ``scope`` on SIGTERM or SIGINT; started once the handlers are installed."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             logger.info("received %s: draining", signal.Signals(signum).name)
             scope.cancel()
@@ -198,7 +202,8 @@ async def _serve_connections(
                         partial(serve_admin, metrics=hub.metrics.render), config, hub
                     )
                 if handle_signals:
-                    front.start_soon(_cancel_on_signal, front.cancel_scope)
+                    # before READY=1: a SIGTERM right after it must drain, not kill
+                    await front.start(_cancel_on_signal, front.cancel_scope)
                 logger.info(
                     "instance %s listening on ws://%s:%d%s (store %s)",
                     hub.instance_id,
