@@ -8,6 +8,7 @@ import fnmatch
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -160,21 +161,22 @@ class TokenVerifier:
                 options={
                     "require": ["exp", "iat", "sub"],
                     "verify_aud": config.audience is not None,
+                    # checked by _identity once 'exp' is known to be a number: PyJWT reads
+                    # "exp": true as 1, and would call a malformed token an expired one
+                    "verify_exp": False,
                 },
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise AuthError(401, "token_expired", "token has expired") from exc
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, "invalid_token", f"invalid token: {exc}") from exc
         except (OverflowError, ValueError, TypeError) as exc:
-            # PyJWT's own int() of a claim such as "exp": 1e400 (json reads it as infinity)
+            # PyJWT's own int() of a claim such as "iat": 1e400 (json reads it as infinity)
             raise AuthError(
                 401, "invalid_token", "invalid token: a time claim is no number"
             ) from exc
-        return _identity(claims)
+        return _identity(claims, config.leeway)
 
 
-def _identity(claims: dict[str, Any]) -> Identity:
+def _identity(claims: dict[str, Any], leeway: float) -> Identity:
     sub, iat, exp = claims["sub"], claims["iat"], claims["exp"]
     if not is_user_id(sub):
         raise AuthError(
@@ -182,6 +184,8 @@ def _identity(claims: dict[str, Any]) -> Identity:
         )
     if not all(_finite_number(claims[name]) for name in ("iat", "exp")):
         raise AuthError(401, "invalid_token", "'iat' and 'exp' must be numbers")
+    if exp <= time.time() - leeway:
+        raise AuthError(401, "token_expired", "token has expired")
     rooms = claims.get("rooms")
     if rooms is not None and not (
         isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)
@@ -191,7 +195,12 @@ def _identity(claims: dict[str, Any]) -> Identity:
 
 
 def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too big for a double: "exp": 1000...0, 400 digits
+        return False
 
 
 @attrs.frozen
@@ -213,16 +222,24 @@ class AuthRecord:
         )
 
 
+#: 9999-12-31T23:59:59Z, the latest time an auth record field stands for
+_FOREVER = 253402300799.0
+
+
 def _seconds(fields: Mapping[str, str], name: str) -> float:
     raw = fields.get(name)
     if not raw:
         return 0.0
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
+        value = math.nan
+    if math.isnan(value):
         # Another service wrote garbage: ignoring one field beats locking everyone out.
         logger.warning("auth record field %s=%r is not a number; ignored", name, raw)
         return 0.0
+    # "inf" means for ever, and must stay a number the rest of the code can print as a time
+    return max(-_FOREVER, min(value, _FOREVER))
 
 
 #: why a record refuses an identity -> (handshake status, error code, close code, logout reason)
