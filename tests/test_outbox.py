@@ -8,6 +8,7 @@ import json
 import trio
 import trio.testing
 
+from trio_chat._config import HistoryConfig
 from trio_chat._errors import BackendUnavailable
 from trio_chat._metrics import Metrics
 from trio_chat._outbox import Outbox, Outgoing
@@ -45,15 +46,18 @@ class FakeBackend:
         if self.down:
             raise BackendUnavailable("Redis at redis://test: down")
         self.batches.append([command.args[1] for command in batch.commands])
+        for command in batch.commands:
+            assert command.name == "append"  # the history script: its reply is the id
+            command.reply.set(f"1-{command.args[1].removeprefix('payload ')}")
 
 
 def outgoing(n: int) -> Outgoing:
-    return Outgoing("room", f"payload {n}", json.dumps({"type": "ack", "ref": n}), n)
+    return Outgoing("room", f"payload {n}", 1000 + n, n)
 
 
 async def test_sends_waiting_together_go_in_one_batch_in_order_and_are_acked_in_order(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics())
+    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
     backend.held = trio.Event()
     await outbox.put(outgoing(0))
     await trio.testing.wait_all_tasks_blocked()  # the sender took 0 and waits for Redis
@@ -63,12 +67,14 @@ async def test_sends_waiting_together_go_in_one_batch_in_order_and_are_acked_in_
     backend.held = None
     await outbox.wait_idle()
     assert backend.batches == [["payload 0"], [f"payload {n}" for n in range(1, 5)]]
-    assert [reply["ref"] for reply in session.replies] == list(range(5))
+    assert session.replies == [
+        {"type": "ack", "id": f"1-{n}", "ts": 1000 + n, "ref": n} for n in range(5)
+    ]
 
 
 async def test_a_failed_batch_answers_each_of_its_sends_in_order_and_later_ones_go_on(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics())
+    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
     backend.down = True
     for n in range(3):
         await outbox.put(outgoing(n))
@@ -89,7 +95,7 @@ async def test_a_failed_batch_answers_each_of_its_sends_in_order_and_later_ones_
 
 async def test_the_read_loop_waits_once_the_limit_of_waiting_sends_is_reached(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics())
+    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
     backend.held = trio.Event()
     await outbox.put(outgoing(0))  # taken by the sender, which waits for the backend
     await trio.testing.wait_all_tasks_blocked()

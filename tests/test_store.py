@@ -328,6 +328,108 @@ async def test_unsubscribe_stops_delivery(backend):
         assert after_close.value == 0
 
 
+# --- streams and the history script, on both backends
+
+
+def append(batch, key, n, *, maxlen=100, ttl=60.0):
+    return batch.append(key, f'{{"n":{n}}}', maxlen=maxlen, ttl=ttl)
+
+
+async def test_append_adds_expires_and_publishes_with_the_entry_id(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as subscription:
+            await subscription.subscribe("chat:room:r")
+            batch = Batch()
+            ids = [append(batch, "chat:room:r", n, ttl=30) for n in range(3)]
+            await backend.execute(batch)
+            batch = Batch()
+            ttl = batch.ttl("chat:room:r")
+            entries = batch.xrange("chat:room:r", "-", "+", 10)
+            await backend.execute(batch)
+            ids = [reply.value for reply in ids]
+            assert all(re.fullmatch(r"\d+-\d+", i) for i in ids)
+            assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+            assert len(set(ids)) == 3
+            assert 29 < ttl.value <= 30
+            assert entries.value == [(i, {"m": f'{{"n":{n}}}'}) for n, i in enumerate(ids)]
+            published = await take(subscription, 3)
+            assert published == [
+                ("chat:room:r", f'{{"id":"{i}","n":{n}}}') for n, i in enumerate(ids)
+            ]
+
+
+async def test_ranges_both_ways_with_exclusive_bounds_and_counts(backend):
+    batch = Batch()
+    ids = [append(batch, "s", n) for n in range(5)]
+    await backend.execute(batch)
+    ids = [reply.value for reply in ids]
+    batch = Batch()
+    everything = batch.xrange("s", "-", "+", 100)
+    after_second = batch.xrange("s", f"({ids[1]}", "+", 100)
+    from_second = batch.xrange("s", ids[1], ids[3], 100)
+    newest_two = batch.xrevrange("s", "+", "-", 2)
+    before_fourth = batch.xrevrange("s", f"({ids[3]}", "-", 100)
+    above_last = batch.xrange("s", f"({ids[4]}", "+", 100)
+    missing = batch.xrange("nothing", "-", "+", 100)
+    await backend.execute(batch)
+
+    def ids_of(reply):
+        return [entry_id for entry_id, _ in reply.value]
+
+    assert ids_of(everything) == ids
+    assert ids_of(after_second) == ids[2:]
+    assert ids_of(from_second) == ids[1:4]
+    assert ids_of(newest_two) == [ids[4], ids[3]]
+    assert ids_of(before_fourth) == [ids[2], ids[1], ids[0]]
+    assert (above_last.value, missing.value) == ([], [])
+
+
+async def test_append_trims_the_oldest_entries(backend):
+    # MAXLEN ~ trims whole blocks of entries in Redis: it keeps at least maxlen, and the
+    # oldest go first; memory trims exactly
+    batch = Batch()
+    ids = [append(batch, "s", n, maxlen=10) for n in range(250)]
+    await backend.execute(batch)
+    batch = Batch()
+    kept = batch.xrange("s", "-", "+", 1000)
+    await backend.execute(batch)
+    kept_ids = [entry_id for entry_id, _ in kept.value]
+    assert 10 <= len(kept_ids) < 250
+    assert kept_ids == [reply.value for reply in ids][-len(kept_ids) :]
+
+
+async def test_a_stream_is_not_another_type(backend):
+    batch = Batch()
+    batch.hset("h", {"a": "1"})
+    await backend.execute(batch)
+    batch = Batch()
+    append(batch, "h", 1)
+    with pytest.raises((WrongTypeError, TypeError)):
+        await backend.execute(batch)
+
+
+async def test_the_script_is_loaded_again_after_redis_restarted_empty(redis_server):
+    async with open_redis_backend(redis_server.url, command_timeout=2) as backend:
+        batch = Batch()
+        first = append(batch, "s", 1)
+        await backend.execute(batch)
+        redis_server.restart()  # empty, without the script
+        with trio.fail_after(TIME_LIMIT):
+            while True:
+                batch = Batch()
+                second = append(batch, "s", 2)
+                try:
+                    await backend.execute(batch)
+                    break
+                except BackendUnavailable:
+                    await trio.sleep(0.05)  # the pool reconnects
+        batch = Batch()
+        entries = batch.xrange("s", "-", "+", 10)
+        await backend.execute(batch)
+    assert first.value != second.value
+    assert entries.value == [(second.value, {"m": '{"n":2}'})]
+
+
 # --- opening
 
 

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from . import _operations as ops
 from ._errors import BackendUnavailable
-from ._messages import ROOM_ID, is_user_id
+from ._messages import DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, ROOM_ID, is_user_id
 from ._messages import loads as strict_loads
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ def create_app(
         Route("/v1/users/{user_id:path}/sessions", v1(api.sessions), methods=["GET"]),
         Route("/v1/sessions/{session_id}", v1(api.kick), methods=["DELETE"]),
         Route("/v1/rooms/{room}/presence", v1(api.presence), methods=["GET"]),
+        Route("/v1/rooms/{room}/history", v1(api.history), methods=["GET"]),
         Route("/v1/instances", v1(api.instances), methods=["GET"]),
     ]
     return Starlette(
@@ -267,6 +268,22 @@ class _AdminApi:
         sessions = await ops.room_presence(self.hub.backend, self.config, room)
         users = sorted({s["user_id"] for s in sessions})
         return {"room": room, "sessions": sessions, "users": users}
+
+    async def history(self, request: Request) -> dict[str, Any]:
+        room = _path_id(request, "room", ROOM_ID.fullmatch)
+        raw_limit = request.query_params.get("limit", str(DEFAULT_HISTORY_PAGE))
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_HISTORY_PAGE:
+            raise ApiError(
+                400, "bad_request", f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}"
+            )
+        before = request.query_params.get("before")
+        try:
+            messages, more = await ops.room_history(
+                self.hub.backend, self.config.history, room, before, int(raw_limit)
+            )
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
+        return {"room": room, "messages": messages, "more": more}
 
     async def instances(self, request: Request) -> dict[str, Any]:
         return {"instances": await ops.instances(self.hub.backend)}

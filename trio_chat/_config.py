@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HeartbeatConfig",
+    "HistoryConfig",
     "LimitsConfig",
     "RedisConfig",
     "ServerConfig",
@@ -152,6 +153,14 @@ class LimitsConfig:
 
 
 @attrs.frozen(kw_only=True)
+class HistoryConfig:
+    #: messages kept per room (``MAXLEN ~``: approximately); 0 turns history and recovery off
+    size: int = attrs.field(default=200, validator=_non_negative)
+    #: seconds a room's stream lives after its last message
+    ttl: float = attrs.field(default=86400.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
 class AdminConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -169,6 +178,7 @@ class Config:
     session: SessionConfig = attrs.Factory(SessionConfig)
     heartbeat: HeartbeatConfig = attrs.Factory(HeartbeatConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
+    history: HistoryConfig = attrs.Factory(HistoryConfig)
     admin: AdminConfig = attrs.Factory(AdminConfig)
 
 

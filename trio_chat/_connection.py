@@ -31,9 +31,11 @@ from ._auth import (
     origin_allowed,
 )
 from ._errors import AuthError, BackendUnavailable, ProtocolError
+from ._history import ID_BYTES, message_frame, parse_id, recover
 from ._limits import ABUSE_STRIKES, TokenBucket
 from ._logging import log_event
 from ._messages import (
+    BAD_REQUEST,
     FORBIDDEN,
     INTERNAL,
     MUTED,
@@ -43,6 +45,7 @@ from ._messages import (
     UNAVAILABLE,
     ClientMessage,
     Direct,
+    History,
     Join,
     Leave,
     Ping,
@@ -58,6 +61,7 @@ from ._messages import (
     parse_client_message,
     room_message,
 )
+from ._operations import room_history
 from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, CloseRequest, Session
@@ -334,7 +338,7 @@ class ConnectionHandler:
     # --- frames --------------------------------------------------------------------------------
 
     async def _read_loop(self, session: Session) -> None:
-        outbox = Outbox(session, self.backend, self.metrics)
+        outbox = Outbox(session, self.backend, self.metrics, self.config.history)
         max_bytes = self.config.limits.max_message_bytes
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
@@ -395,6 +399,8 @@ class ConnectionHandler:
                     await self._refresh(session, message)
                 case Ping():
                     session.reply(encode("pong", message.ref))
+                case History():
+                    await self._history(session, message)
                 case _:
                     assert_never(message)
             return None
@@ -426,24 +432,73 @@ class ConnectionHandler:
             raise ProtocolError(MUTED, f"muted until {int(record.muted_until)}", ref)
 
     async def _join(self, session: Session, message: Join) -> None:
-        room = message.room
-        if room not in session.rooms:
+        """Join, and with ``since`` replay what the client missed (SPEC §11).
+
+        A replay holds the room's live messages for the session from before the stream is
+        read until the replay is written; the hub then hands over those that followed it.
+        """
+        room, history = message.room, self.config.history
+        since = None
+        if message.since is not None and history.size:
+            if (since := parse_id(message.since)) is None:
+                raise ProtocolError(BAD_REQUEST, "'since' must be a message id", message.ref)
+        new = room not in session.rooms
+        if new:
             if not session.identity.may_join(room):
                 raise ProtocolError(FORBIDDEN, "your token does not allow this room", message.ref)
             if len(session.rooms) >= self.config.limits.max_rooms_per_session:
                 raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
             await self._authorize(session, message.ref, speaks=False)
-            await self.hub.join(session, room)
-            batch = Batch()
+        if new or since is not None:
+            await self.hub.join(session, room, hold=since is not None)
+        batch = Batch()
+        if new:
             batch.zadd(keys.room_presence(room), {session.id: now_ms()})
             batch.expire(keys.room_presence(room), self.config.session.ttl)
             batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
-            try:
+        if since is not None:
+            stream = keys.room_channel(room)
+            first = batch.xrange(stream, "-", "+", 1)
+            newest = batch.xrevrange(stream, "+", f"({message.since}", history.size + 1)
+            last = batch.xrevrange(stream, "+", "-", 1)
+        try:
+            if batch:
                 await self.backend.execute(batch)
-            except BackendUnavailable:
+        except BackendUnavailable:
+            if new:
                 await self.hub.leave(session, room)
-                raise
-        session.reply(encode("joined", message.ref, room=room))
+            else:
+                self.hub.release(session, room, None)  # joined as before, without a replay
+            raise
+        if since is None:
+            if message.since is None:
+                session.reply(encode("joined", message.ref, room=room))
+            else:  # history is off: nothing to replay, and nothing vouches for the gap
+                session.reply(encode("joined", message.ref, room=room, recovered=False, missed=0))
+            return
+        recovery = recover(since, first.value, newest.value, history.size)
+        joined = encode(
+            "joined",
+            message.ref,
+            room=room,
+            recovered=recovery.recovered,
+            missed=len(recovery.missed),
+        )
+        missed = [message_frame(room, str(m["id"]), m) for m in recovery.missed]
+        session.reply_all([joined, *missed])
+        self.hub.release(session, room, parse_id(last.value[0][0]) if last.value else None)
+
+    async def _history(self, session: Session, message: History) -> None:
+        if message.room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        try:
+            messages, more = await room_history(
+                self.backend, self.config.history, message.room, message.before, message.limit
+            )
+        except ValueError as exc:
+            raise ProtocolError(BAD_REQUEST, str(exc), message.ref) from exc
+        reply = encode("history", message.ref, room=message.room, messages=messages, more=more)
+        session.reply(reply)
 
     async def _leave(self, session: Session, message: Leave) -> None:
         room = message.room
@@ -465,13 +520,9 @@ class ConnectionHandler:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
         _spend(session.send_bucket, message.ref)
         await self._authorize(session, message.ref, speaks=True)
-        message_id, ts, payload = room_message(
-            message.room, session.user_id, session.id, message.data
-        )
-        self._check_size(payload, message.ref)
-        return Outgoing(
-            message.room, payload, encode("ack", message.ref, id=message_id, ts=ts), message.ref
-        )
+        ts, payload = room_message(message.room, session.user_id, session.id, message.data)
+        self._check_size(payload, message.ref, ID_BYTES)
+        return Outgoing(message.room, payload, ts, message.ref)
 
     async def _direct(self, session: Session, message: Direct) -> None:
         _spend(session.send_bucket, message.ref)
@@ -505,9 +556,10 @@ class ConnectionHandler:
             await self.backend.execute(publish)
         session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
-    def _check_size(self, payload: str, ref: object) -> None:
-        """Recipients refuse frames over the limit; refuse what would become one."""
-        if len(payload.encode()) > self.config.limits.max_message_bytes:
+    def _check_size(self, payload: str, ref: object, extra: int = 0) -> None:
+        """Recipients refuse frames over the limit; refuse what would become one (``extra``:
+        bytes publishing adds)."""
+        if len(payload.encode()) + extra > self.config.limits.max_message_bytes:
             raise ProtocolError(TOO_LARGE, "message too large for recipients", ref)
 
     async def _refresh(self, session: Session, message: Refresh) -> None:
@@ -595,7 +647,10 @@ def _too_big(raw: str | bytes, limit: int) -> bool:
 
 
 def _remote(request: WebSocketRequest) -> str:
-    remote = request.remote
+    try:
+        remote = request.remote
+    except OSError:  # the client reset the connection before we looked (ENOTCONN)
+        return "gone"
     return str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
 
 

@@ -20,6 +20,7 @@ import trio
 from . import _keys as keys
 from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
+from ._history import StreamId, message_frame, parse_id, stored
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
 from ._store import Backend, Batch, Subscription
@@ -58,6 +59,14 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self._by_user: defaultdict[str, set[Session]] = defaultdict(set)
         self._by_room: defaultdict[str, set[Session]] = defaultdict(set)
+        # Sessions whose join replays a room's history: the pump holds their live messages of
+        # that room until the replay is written, and drops those the replay carried.
+        self._holds: dict[str, dict[Session, _Hold]] = {}
+        # With history: per subscribed room, the id of the last message the pump handed out
+        # (at first, the room's last entry before we subscribed). A reconnected pump reads
+        # what followed from the stream; a live message at or below it was handed out already.
+        self._delivered: dict[str, StreamId] = {}
+        self._history = config.history
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
         # Bumped by every announced change; a read that straddles one is not cached.
         self._auth_generation = 0
@@ -101,7 +110,8 @@ class Hub:
             self._auth_cache.pop(session.user_id, None)  # no local session needs it any more
         emptied = []
         for room in session.rooms:
-            if not _discard(self._by_room, room, session):
+            self._end_hold(room, session)
+            if not _discard(self._by_room, room, session) and room not in self._holds:
                 emptied.append(room)
         return emptied
 
@@ -113,39 +123,88 @@ class Hub:
 
     # --- rooms ---------------------------------------------------------------------------------
 
-    async def join(self, session: Session, room: str) -> None:
+    async def join(self, session: Session, room: str, *, hold: bool = False) -> None:
         """Add ``session`` to ``room`` locally, subscribing the room's channel first if needed.
+
+        With ``hold``, the room's live messages for the session are held back from now on,
+        until :meth:`release` (for a replay). Joining a room already joined only holds.
 
         Raises:
             BackendUnavailable: the channel could not be subscribed; nothing was changed.
         """
-        await self._subscribe(keys.room_channel(room))
+        if hold:
+            self._holds.setdefault(room, {})[session] = _Hold()
+            _discard(self._by_room, room, session)
+        try:
+            await self._subscribe(room)
+        except BaseException:
+            if hold:
+                self._end_hold(room, session)
+            raise
         session.rooms.add(room)
+        if not hold:
+            self._by_room[room].add(session)
+
+    def release(self, session: Session, room: str, replayed_to: StreamId | None) -> None:
+        """End the hold of :meth:`join`: the replay up to ``replayed_to`` (the room's last
+        entry when it was read; None: there was none) is written, so hand over the held live
+        messages that came after it, and from now on every live one."""
+        hold = self._holds.get(room, {}).get(session)
+        if hold is None:
+            return
+        later = hold.release(replayed_to, self._delivered.get(room))
+        if later is None:
+            return  # the pump has yet to pass the replay: it drops until then (_Hold.offer)
+        self._end_hold(room, session)
         self._by_room[room].add(session)
+        for frame in later:
+            session.deliver(frame)
+
+    def _end_hold(self, room: str, session: Session) -> None:
+        holds = self._holds.get(room)
+        if holds is not None and holds.pop(session, None) is not None and not holds:
+            del self._holds[room]
 
     async def leave(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
-        if not _discard(self._by_room, room, session):
+        self._end_hold(room, session)
+        if not _discard(self._by_room, room, session) and room not in self._holds:
             await self.release_rooms([room])
 
     async def release_rooms(self, rooms: Iterable[str]) -> None:
         """Unsubscribe the channels of ``rooms`` that still have no local member."""
         async with self._subscription_lock:
-            channels = [
-                keys.room_channel(r)
+            idle = [
+                r
                 for r in rooms
-                if r not in self._by_room and keys.room_channel(r) in self._subscribed
+                if r not in self._by_room
+                and r not in self._holds
+                and keys.room_channel(r) in self._subscribed
             ]
-            if not channels:
+            if not idle:
                 return
+            channels = [keys.room_channel(r) for r in idle]
             self._subscribed.difference_update(channels)
+            for room in idle:
+                self._delivered.pop(room, None)
             if self._subscription is not None:
                 try:
                     await self._subscription.unsubscribe(*channels)
                 except BackendUnavailable:
                     pass  # the pump reconnects and subscribes only what is still needed
 
-    async def _subscribe(self, channel: str) -> None:
+    async def _subscribe(self, room: str) -> None:
+        channel = keys.room_channel(room)
+        if channel in self._subscribed:
+            return
+        floor = None
+        if self._history.size:
+            # Before subscribing: every message after this one reaches us live or, if the
+            # Pub/Sub connection drops meanwhile, through the catch-up read.
+            batch = Batch()
+            last = batch.xrevrange(channel, "+", "-", 1)
+            await self.backend.execute(batch)
+            floor = parse_id(last.value[0][0]) if last.value else (0, 0)
         async with self._subscription_lock:
             if channel in self._subscribed:
                 return
@@ -153,6 +212,8 @@ class Hub:
                 raise BackendUnavailable("the Pub/Sub connection is down")
             await self._subscription.subscribe(channel)
             self._subscribed.add(channel)
+            if floor is not None:
+                self._delivered[room] = floor
 
     # --- auth records --------------------------------------------------------------------------
 
@@ -276,6 +337,7 @@ class Hub:
         """One connection's life; returns (to reconnect) when its probes stop coming back."""
         async with self.backend.subscription() as subscription:
             await self._resubscribe(subscription)
+            await self._catch_up()
             self._pump_stale = False
             if not self._pump_ready.is_set():
                 self._pump_ready.set()
@@ -332,10 +394,37 @@ class Hub:
 
     async def _resubscribe(self, subscription: Subscription) -> None:
         async with self._subscription_lock:
-            channels = [*self.base_channels, *map(keys.room_channel, self._by_room)]
+            rooms = self._by_room.keys() | self._holds.keys()
+            channels = [*self.base_channels, *map(keys.room_channel, rooms)]
             await subscription.subscribe(*channels)
             self._subscribed = set(channels)
             self._subscription = subscription
+
+    async def _catch_up(self) -> None:
+        """Hand out what each subscribed room's stream holds after the last message the pump
+        handed out: what was published while the Pub/Sub connection was down (SPEC §11).
+
+        Runs before the live messages of the new connection are read, so members get the
+        missed messages first; those that also arrive live are dropped as already handed out.
+        """
+        if not self._delivered:
+            return
+        batch = Batch()
+        reads = {
+            room: batch.xrange(
+                keys.room_channel(room), f"({_format(last)}", "+", self._history.size
+            )
+            for room, last in self._delivered.items()
+        }
+        await self.backend.execute(batch)
+        caught_up = 0
+        for room, entries in reads.items():
+            for message in stored(entries.value):
+                caught_up += 1
+                self._deliver_room(room, message)
+        if caught_up:
+            logger.info("Pub/Sub reconnected: %d missed message(s) handed out", caught_up)
+        self._cork.release()
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
@@ -354,21 +443,26 @@ class Hub:
 
     def _deliver_room(self, room: str, event: dict[str, object]) -> None:
         self.metrics.pump_lag(event.get("ts"))
+        message_id = parse_id(event["id"])
+        if message_id is not None and (last := self._delivered.get(room)) is not None:
+            if message_id <= last:
+                return  # the catch-up handed it out already
+            self._delivered[room] = message_id
         members = self._by_room.get(room)
-        if not members:
+        holds = self._holds.get(room)
+        if not members and not holds:
             return
         origin = event.get("session")
-        frame = text_frame(
-            encode(
-                "message",
-                id=event["id"],
-                room=room,
-                data=event["data"],
-                ts=event["ts"],
-                **{"from": event["from"]},
-            )
-        )
-        self._fan_out("message", members, origin, frame)
+        frame = text_frame(message_frame(room, str(event["id"]), event))
+        if members:
+            self._fan_out("message", members, origin, frame)
+        if holds:
+            for session, hold in list(holds.items()):
+                if session.id != origin and hold.offer(message_id, frame):
+                    # past the replay: from now on, one of the members
+                    self._end_hold(room, session)
+                    self._by_room[room].add(session)
+                    session.deliver(frame, self._cork)
 
     def _control(self, event: dict[str, object]) -> None:
         """A message on our own control channel (SPEC §4 ``ws:control:<id>``)."""
@@ -486,6 +580,48 @@ class _Acknowledgements:
     def _check(self) -> None:
         if self.expected is not None and self.received >= self.expected:
             self.complete.set()
+
+
+class _Hold:
+    """A session's live messages of one room while its replay is read and written.
+
+    While the replay is read, every live message is kept. Once it is written up to the room's
+    last entry at the time of the read, the kept ones after that entry are handed over; if
+    none is, the pump has not passed that entry yet, and live messages are dropped until it
+    does (the replay carried them).
+    """
+
+    __slots__ = ("after", "kept")
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[StreamId | None, bytes]] | None = []
+        self.after: StreamId | None = None
+
+    def offer(self, message_id: StreamId | None, frame: bytes) -> bool:
+        """Take a live message; True when it is the first past the replay: deliver it and
+        end the hold."""
+        if self.kept is not None:
+            self.kept.append((message_id, frame))
+            return False
+        return _after(message_id, self.after)
+
+    def release(self, after: StreamId | None, delivered: StreamId | None) -> list[bytes] | None:
+        """The replay is written up to ``after``: the kept frames to hand over (ending the
+        hold), or None while the pump (at ``delivered``) has not passed ``after`` yet."""
+        kept, self.kept, self.after = self.kept or [], None, after
+        later = [frame for message_id, frame in kept if _after(message_id, after)]
+        if later or after is None or (delivered is not None and delivered >= after):
+            return later
+        return None
+
+
+def _after(message_id: StreamId | None, after: StreamId | None) -> bool:
+    # an id that is no stream id cannot have been replayed
+    return message_id is None or after is None or message_id > after
+
+
+def _format(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
 
 
 def _discard(index: defaultdict[str, set[Session]], key: str, session: Session) -> bool:

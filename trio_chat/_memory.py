@@ -7,16 +7,19 @@ as the real thing. Keys expire on :func:`trio.current_time`, so trio's ``MockClo
 from __future__ import annotations
 
 import math
+import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from ._history import FIELD, StreamId, parse_id, with_id
+
 if TYPE_CHECKING:
     import builtins
     from collections.abc import AsyncIterator, Mapping, Sized
 
-    from ._store import Batch
+    from ._store import Batch, StreamEntry
 
 # Redis's own wording; the Redis backend raises coredis's WrongTypeError with the same text.
 _WRONGTYPE = "Operation against a key holding the wrong kind of value"
@@ -37,9 +40,16 @@ class _SortedSet(dict[str, float]):
     """member -> score"""
 
 
-_Value = str | _Hash | _Set | _SortedSet
-_V = TypeVar("_V", str, _Hash, _Set, _SortedSet)
-_Container = TypeVar("_Container", _Hash, _Set, _SortedSet)
+class _Stream(list[tuple[StreamId, dict[str, str]]]):
+    """Entries in id order, and the last id given (kept when its entry is trimmed)."""
+
+    last: StreamId = (0, 0)
+
+
+_Value = str | _Hash | _Set | _SortedSet | _Stream
+_V = TypeVar("_V", str, _Hash, _Set, _SortedSet, _Stream)
+_Container = TypeVar("_Container", _Hash, _Set, _SortedSet, _Stream)
+_MAX_ID: StreamId = (2**64 - 1, 2**64 - 1)
 _T = TypeVar("_T")
 
 
@@ -198,6 +208,46 @@ class _Keyspace:
     def zcard(self, key: str) -> int:
         return len(self._read(key, _SortedSet) or ())
 
+    # streams
+    def xadd(self, key: str, fields: dict[str, str], maxlen: int) -> str:
+        """XADD key MAXLEN maxlen * ...; trims exactly (Redis's ``~`` may keep more)."""
+        stream = self._container(key, _Stream)
+        ms = time.time_ns() // 1_000_000
+        stream.last = (ms, 0) if ms > stream.last[0] else (stream.last[0], stream.last[1] + 1)
+        stream.append((stream.last, fields))
+        del stream[: max(0, len(stream) - maxlen)]
+        return _format_id(stream.last)
+
+    def xrange(self, key: str, start: str, end: str, count: int) -> list[StreamEntry]:
+        low, high = _bound(start, low=True), _bound(end, low=False)
+        entries = self._read(key, _Stream) or _Stream()
+        return [(_format_id(i), dict(f)) for i, f in entries if low <= i <= high][:count]
+
+    def xrevrange(self, key: str, end: str, start: str, count: int) -> list[StreamEntry]:
+        low, high = _bound(start, low=True), _bound(end, low=False)
+        entries = self._read(key, _Stream) or _Stream()
+        return [(_format_id(i), dict(f)) for i, f in reversed(entries) if low <= i <= high][:count]
+
+
+def _format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def _bound(text: str, *, low: bool) -> StreamId:
+    """An XRANGE bound: ``-``, ``+``, ``<ms>-<seq>``, or ``(<ms>-<seq>`` (exclusive)."""
+    if text in ("-", "+"):
+        return (0, 0) if text == "-" else _MAX_ID
+    exclusive = text.startswith("(")
+    stream_id = parse_id(text.removeprefix("("))
+    if stream_id is None:
+        raise ValueError(f"Invalid stream ID specified as stream command argument: {text}")
+    if not exclusive:
+        return stream_id
+    ms, seq = stream_id
+    if low:
+        return (ms, seq + 1) if seq < _MAX_ID[1] else (ms + 1, 0)
+    return (ms, seq - 1) if seq > 0 else (ms - 1, _MAX_ID[1])
+
 
 class _MemorySubscription:
     """A subscriber's channels and the messages published to them since it subscribed.
@@ -252,10 +302,20 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()  # a real round trip is one too
         self._keyspace.sweep()
         for command in batch.commands:
-            if command.name == "publish":
-                command.reply.set(self._publish(*command.args))
-            else:
-                command.reply.set(getattr(self._keyspace, command.name)(*command.args))
+            match command.name:
+                case "publish":
+                    command.reply.set(self._publish(*command.args))
+                case "append":
+                    command.reply.set(self._append(*command.args))
+                case _:
+                    command.reply.set(getattr(self._keyspace, command.name)(*command.args))
+
+    def _append(self, key: str, message: str, maxlen: int, ttl: float) -> str:
+        """The history script of the Redis backend (:data:`~trio_chat._history.APPEND_SCRIPT`)."""
+        entry_id = self._keyspace.xadd(key, {FIELD: message}, maxlen)
+        self._keyspace.expire(key, ttl)
+        self._publish(key, with_id(message, entry_id))
+        return entry_id
 
     def _publish(self, channel: str, message: str) -> int:
         receivers = [sub for sub in self._subscriptions if channel in sub.channels]

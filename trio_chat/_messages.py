@@ -40,6 +40,8 @@ INTERNAL = "internal"
 class Join:
     room: str
     ref: JSONValue = None
+    #: the last message id the client saw in the room: replay what followed (SPEC §11)
+    since: str | None = None
 
 
 @attrs.frozen
@@ -73,7 +75,19 @@ class Ping:
     ref: JSONValue = None
 
 
-ClientMessage: TypeAlias = Join | Leave | Send | Direct | Refresh | Ping
+@attrs.frozen
+class History:
+    room: str
+    #: a message id: only older messages
+    before: str | None = None
+    limit: int = 50  # DEFAULT_HISTORY_PAGE
+    ref: JSONValue = None
+
+
+ClientMessage: TypeAlias = Join | Leave | Send | Direct | Refresh | Ping | History
+#: the longest ``history`` page, and the page without a ``limit`` (SPEC §6)
+MAX_HISTORY_PAGE = 100
+DEFAULT_HISTORY_PAGE = 50
 
 
 def parse_client_message(raw: str | bytes) -> ClientMessage:
@@ -101,7 +115,7 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         raise ProtocolError(BAD_REQUEST, "frame needs a string 'type'", ref)
     match kind:
         case "join":
-            return Join(_room(frame, ref), ref)
+            return Join(_room(frame, ref), ref, _optional_string(frame, "since", ref))
         case "leave":
             return Leave(_room(frame, ref), ref)
         case "send":
@@ -112,6 +126,9 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
             return Refresh(_string(frame, "token", ref), ref)
         case "ping":
             return Ping(ref)
+        case "history":
+            before = _optional_string(frame, "before", ref)
+            return History(_room(frame, ref), before, _limit(frame, ref), ref)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", ref)
 
 
@@ -130,6 +147,17 @@ def _string(frame: dict[str, Any], field: str, ref: Any) -> str:
     value = frame.get(field)
     if not isinstance(value, str) or not value:
         raise ProtocolError(BAD_REQUEST, f"'{field}' must be a non-empty string", ref)
+    return value
+
+
+def _optional_string(frame: dict[str, Any], field: str, ref: Any) -> str | None:
+    return None if frame.get(field) is None else _string(frame, field, ref)
+
+
+def _limit(frame: dict[str, Any], ref: Any) -> int:
+    value = frame.get("limit", DEFAULT_HISTORY_PAGE)
+    if type(value) is not int or not 1 <= value <= MAX_HISTORY_PAGE:
+        raise ProtocolError(BAD_REQUEST, f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}", ref)
     return value
 
 
@@ -194,24 +222,16 @@ def dumps(value: JSONValue) -> str:
 
 def room_message(
     room: str, sender: str | None, session_id: str | None, data: JSONValue
-) -> tuple[str, int, str]:
-    """A new room message: its ``id``, its ``ts`` and its ``chat:room`` payload (SPEC §4),
-    which carries ids and data, never a token. The one place payloads are shaped.
+) -> tuple[int, str]:
+    """A new room message: its ``ts``, and its ``chat:room`` payload (SPEC §4) without the
+    ``id``, which publishing gives it (:func:`trio_chat._history.publish`). The payload
+    carries ids and data, never a token. The one place payloads are shaped.
 
     ``sender`` and ``session_id`` are None for a message of the admin API: no user id can
     stand for it, so no user can impersonate it."""
-    message_id, ts = new_message_id(), now_ms()
-    payload = dumps(
-        {
-            "id": message_id,
-            "room": room,
-            "from": sender,
-            "session": session_id,
-            "data": data,
-            "ts": ts,
-        }
-    )
-    return message_id, ts, payload
+    ts = now_ms()
+    payload = dumps({"room": room, "from": sender, "session": session_id, "data": data, "ts": ts})
+    return ts, payload
 
 
 def now_ms() -> int:
@@ -219,10 +239,8 @@ def now_ms() -> int:
 
 
 def new_message_id() -> str:
-    """The one place message ids are made: opaque, unique, roughly time-ordered strings.
-
-    (SPEC §11: they will become Redis Stream ids; nothing may parse them.)
-    """
+    """An opaque, unique, roughly time-ordered id: for direct messages, and for room messages
+    when history is off (with history, a room message's id is its stream entry id)."""
     return f"{now_ms():x}-{secrets.token_hex(6)}"
 
 

@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from ._messages import Direct, Join, Leave, Ping, Refresh, Send
+from ._messages import Direct, History, Join, Leave, Ping, Refresh, Send
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sized
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_FRAME_TYPES", "HANDSHAKE_OUTCOMES", "SERVER_FRAME_TYPES", "Metrics"]
 
 #: the ``type`` of every client frame (SPEC §6); anything else counts as ``invalid``
-CLIENT_FRAME_TYPES = ("join", "leave", "send", "direct", "refresh", "ping")
+CLIENT_FRAME_TYPES = ("join", "leave", "send", "direct", "refresh", "ping", "history")
 #: the ``type`` of every server frame (SPEC §6)
 SERVER_FRAME_TYPES = (
     "welcome",
@@ -55,6 +55,7 @@ SERVER_FRAME_TYPES = (
     "token_expiring",
     "logout",
     "error",
+    "history",
 )
 #: ``accepted`` and every refusal code of the handshake (SPEC §5), bound up front so that each
 #: series exists (at 0) from the first scrape
@@ -83,6 +84,7 @@ _CLIENT_CLASSES: dict[type[object], str] = {
     Direct: "direct",
     Refresh: "refresh",
     Ping: "ping",
+    History: "history",
 }
 # Every server frame starts like this: _messages.encode() puts "type" first, compactly.
 _FRAME_PREFIX = '{"type":"'

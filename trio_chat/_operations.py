@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from . import _keys as keys
 from ._errors import BackendUnavailable, ChatError
+from ._history import ID_BYTES, parse_id, stored
+from ._history import publish as publish_message
 from ._messages import JSONValue, dumps, now_ms, room_message
 from ._registry import session_rooms
 from ._store import Batch
@@ -20,7 +22,7 @@ from ._store import Batch
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from ._config import Config
+    from ._config import Config, HistoryConfig
     from ._hub import Hub
     from ._store import Backend
 
@@ -46,12 +48,13 @@ async def publish(backend: Backend, config: Config, room: str, data: JSONValue) 
         PayloadTooLarge: the payload is over ``limits.max_message_bytes``.
         BackendUnavailable: the store could not be reached.
     """
-    message_id, ts, payload = room_message(room, None, None, data)
-    if len(payload.encode()) > config.limits.max_message_bytes:
+    ts, message = room_message(room, None, None, data)
+    if len(message.encode()) + ID_BYTES > config.limits.max_message_bytes:
         raise PayloadTooLarge(f"message over {config.limits.max_message_bytes} bytes")
     batch = Batch()
-    batch.publish(keys.room_channel(room), payload)
+    reply = publish_message(batch, config.history, room, message)
     await backend.execute(batch)
+    message_id = reply.value
     logger.info("admin published %s to room %s", message_id, room)
     return message_id, ts
 
@@ -198,6 +201,31 @@ async def kick(hub: Hub, session_id: str) -> int | None:
     closed = await hub.logout(user_id.value, "kicked", session_id=session_id)
     logger.info("admin kicked session %s of user %s: %d closed", session_id, user_id.value, closed)
     return closed
+
+
+async def room_history(
+    backend: Backend, history: HistoryConfig, room: str, before: str | None, limit: int
+) -> tuple[list[dict[str, object]], bool]:
+    """A page of the room's history (SPEC §11): up to ``limit`` messages older than
+    ``before`` (the latest when None), oldest first, and whether older ones remain.
+
+    Raises:
+        ValueError: ``before`` is not a message id.
+        BackendUnavailable: the store could not be reached.
+    """
+    if not history.size:
+        return [], False
+    if before is not None and parse_id(before) is None:
+        raise ValueError("'before' must be a message id")
+    batch = Batch()
+    end = "+" if before is None else f"({before}"
+    newest = batch.xrevrange(keys.room_channel(room), end, "-", limit + 1)
+    await backend.execute(batch)
+    messages = [
+        {"id": m["id"], "room": room, "from": m["from"], "data": m["data"], "ts": m["ts"]}
+        for m in stored(reversed(newest.value[:limit]))
+    ]
+    return messages, len(newest.value) > limit
 
 
 async def room_presence(backend: Backend, config: Config, room: str) -> list[dict[str, str]]:

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from . import _keys as keys
 from ._errors import BackendUnavailable, ProtocolError
-from ._messages import INTERNAL, UNAVAILABLE, error_frame
+from ._history import publish
+from ._messages import INTERNAL, UNAVAILABLE, encode, error_frame
 from ._store import Batch
 
 if TYPE_CHECKING:
+    from ._config import HistoryConfig
     from ._metrics import Metrics
     from ._session import Session
     from ._store import Backend
@@ -35,11 +36,12 @@ logger = logging.getLogger(__name__)
 
 @attrs.frozen
 class Outgoing:
-    """One accepted ``send``: what to publish, and the ack (or error) that answers it."""
+    """One accepted ``send``: the room message to publish, and what its ack carries."""
 
     room: str
-    payload: str
-    ack: str
+    #: the payload without its id (:func:`~trio_chat._messages.room_message`)
+    message: str
+    ts: int
     ref: object
 
 
@@ -49,10 +51,13 @@ class Outbox:
     #: sends waiting at most; the read loop waits (reads no more frames) beyond it
     LIMIT = 64
 
-    def __init__(self, session: Session, backend: Backend, metrics: Metrics) -> None:
+    def __init__(
+        self, session: Session, backend: Backend, metrics: Metrics, history: HistoryConfig
+    ) -> None:
         self._session = session
         self._backend = backend
         self._metrics = metrics
+        self._history = history
         self._waiting: list[Outgoing] = []
         self._idle: trio.Event | None = None  # while a sender task runs: set when it ends
 
@@ -84,8 +89,7 @@ class Outbox:
 
     async def _publish(self, taken: list[Outgoing]) -> None:
         batch = Batch()
-        for outgoing in taken:
-            batch.publish(keys.room_channel(outgoing.room), outgoing.payload)
+        ids = [publish(batch, self._history, o.room, o.message) for o in taken]
         try:
             with self._metrics.publishing():
                 await self._backend.execute(batch)
@@ -104,5 +108,6 @@ class Outbox:
                     error_frame(ProtocolError(INTERNAL, "internal error", outgoing.ref))
                 )
         else:
-            for outgoing in taken:
-                self._session.reply(outgoing.ack)
+            for outgoing, message_id in zip(taken, ids, strict=True):
+                ack = encode("ack", outgoing.ref, id=message_id.value, ts=outgoing.ts)
+                self._session.reply(ack)

@@ -20,11 +20,12 @@ import anyio
 import coredis
 import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
-from coredis.exceptions import ResponseError
+from coredis.exceptions import NoScriptError, ResponseError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
 from ._errors import BackendUnavailable, ConfigError, single_error
+from ._history import APPEND_SCRIPT, APPEND_SHA
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -136,11 +137,33 @@ def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
             return pipe.zcard(key)
         case "publish", (channel, message):
             return pipe.publish(channel, message)
+        case "append", (key, message, maxlen, ttl):
+            args = (message, maxlen, _milliseconds(ttl), "PUBLISH")
+            return pipe.evalsha(APPEND_SHA, keys=[key], args=args)
+        case "xrange", (key, start, end, count):
+            return pipe.xrange(key, start, end, count)
+        case "xrevrange", (key, end, start, count):
+            return pipe.xrevrange(key, end, start, count)
     raise ValueError(f"unsupported command {command.name}{command.args!r}")
 
 
 async def _pipeline(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
-    """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with."""
+    """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with.
+
+    The history script is sent by its SHA only; where Redis does not have it (it restarted
+    empty, or SCRIPT FLUSH), it is loaded and those commands, which did not run, are sent again
+    in their order.
+    """
+    replies = await _run(commands, client)
+    if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
+        await client.script_load(APPEND_SCRIPT)
+        again = await _run([commands[n] for n in missing], client)
+        for n, reply in zip(missing, again, strict=True):
+            replies[n] = reply
+    return replies
+
+
+async def _run(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
     async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
         requests = [_queue(pipe, command) for command in commands]
     replies: list[Any] = []
@@ -157,6 +180,8 @@ def _reply(name: str, value: Any) -> Any:
         return None if value < 0 else value / 1000
     if name == "zrangebyscore":
         return list(value)
+    if name in ("xrange", "xrevrange"):
+        return [(entry.identifier, dict(entry.field_values)) for entry in value]
     return value
 
 

@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed
 from ._wire import Cork, FrameWriter, Pong, text_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from trio_websocket import WebSocketConnection
 
@@ -115,6 +115,15 @@ class Session:
         if not self.deliver(text_frame(text)):
             return False
         self._metrics.frame_out(text)
+        return True
+
+    def reply_all(self, texts: Sequence[str]) -> bool:
+        """:meth:`reply` with several frames in one write, which takes one place in the queue
+        however many they are (a replay of history)."""
+        if not self.deliver(b"".join(map(text_frame, texts))):
+            return False
+        for text in texts:
+            self._metrics.frame_out(text)
         return True
 
     def start_soon(self, task: Callable[[], Awaitable[object]]) -> bool:

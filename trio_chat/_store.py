@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
 T = TypeVar("T")
+#: one stream entry: its id and its fields
+StreamEntry = tuple[str, dict[str, str]]
 
 _UNSET: Any = object()
 # ``Batch.set`` (Redis SET) shadows the builtin inside the class body.
@@ -135,6 +137,30 @@ class Batch:
 
     def zcard(self, key: str) -> Reply[int]:
         return self._add("zcard", key)
+
+    # streams
+    def append(self, key: str, message: str, *, maxlen: int, ttl: float) -> Reply[str]:
+        """Append a room message to its history and publish it, in one step (SPEC §11).
+
+        The history script: XADD ``message`` (a JSON object without ``id``) as field ``m`` of
+        the stream ``key`` (``MAXLEN ~ maxlen``), expire the stream after ``ttl``, and PUBLISH
+        the message, with ``"id"`` = the new entry id first, on the channel of the same name.
+        The reply is the entry id, ``<ms>-<seq>``.
+
+        Redis runs the script by its SHA. Where Redis has lost it (restarted empty), the
+        appends of that round trip are sent again, in order, once it is loaded: after the
+        other commands of the round trip, so read a stream in a later batch than its appends.
+        """
+        return self._add("append", key, message, maxlen, ttl)
+
+    def xrange(self, key: str, start: str, end: str, count: int) -> Reply[list[StreamEntry]]:
+        """XRANGE: at most ``count`` entries with ``start <= id <= end``, oldest first;
+        ``-``/``+`` are the ends, and ``(<id>`` excludes that id."""
+        return self._add("xrange", key, start, end, count)
+
+    def xrevrange(self, key: str, end: str, start: str, count: int) -> Reply[list[StreamEntry]]:
+        """XREVRANGE: as :meth:`xrange`, newest first."""
+        return self._add("xrevrange", key, end, start, count)
 
     # pub/sub
     def publish(self, channel: str, message: str) -> Reply[int]:
