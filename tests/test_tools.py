@@ -31,6 +31,8 @@ async def test_terminal_client_chats_with_a_live_server(nursery):
     with trio.fail_after(30):
         async with open_client(server.url, make_token("bob")) as bob:
             await bob.join("lobby")
+            for n in range(12):
+                await bob.send("lobby", f"earlier {n}")
             process = await trio.lowlevel.open_process(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
@@ -44,6 +46,12 @@ async def test_terminal_client_chats_with_a_live_server(nursery):
                 output = b""
                 while b"[lobby] bob: hi alice" not in output:
                     output += await process.stdout.receive_some()
+                await process.stdin.send_all(b"/history\n")
+                while b"bob: earlier 1\n" not in output:
+                    output += await process.stdout.receive_some()
+                await process.stdin.send_all(b"/history\n")
+                while b"no earlier messages" not in output:
+                    output += await process.stdout.receive_some()
                 await process.stdin.aclose()  # end of input: the client says goodbye
                 assert await process.wait() == 0
             finally:
@@ -51,3 +59,8 @@ async def test_terminal_client_chats_with_a_live_server(nursery):
     text = output.decode()
     assert "* connected as alice" in text
     assert "* joined lobby" in text
+    # /join shows the last ten, /history the two before them, then says there are no more
+    shown = [
+        line.removeprefix("[lobby] bob: ") for line in text.splitlines() if "bob: earl" in line
+    ]
+    assert shown == [f"earlier {n}" for n in (*range(2, 12), 0, 1)]

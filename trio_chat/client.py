@@ -1,17 +1,27 @@
 """A small Python client for trio-chat, used by the tests, the benchmark and the CLI client.
 
-Example::
+One connection::
 
     async with open_client("ws://127.0.0.1:8765/", token) as chat:
         await chat.join("lobby")
         await chat.send("lobby", {"text": "hi"})
         frame = await chat.receive()   # {"type": "message", ...}
+
+A connection that comes back by itself, rejoining its rooms with the last message id it saw
+in each, so that nothing said meanwhile is lost (SPEC §11)::
+
+    async with open_reconnecting_client("ws://127.0.0.1:8765/", get_token) as chat:
+        await chat.join("lobby")
+        frame = await chat.receive()   # messages, live or replayed after a reconnect
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
+import math
+import random
 from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,11 +36,23 @@ from trio_websocket import (
 )
 
 from ._errors import single_error
+from ._history import parse_id
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
-__all__ = ["ChatClient", "ConnectionClosed", "ConnectionRejected", "ServerError", "open_client"]
+__all__ = [
+    "ChatClient",
+    "ConnectionClosed",
+    "ConnectionRejected",
+    "LoggedOut",
+    "ReconnectingClient",
+    "ServerError",
+    "open_client",
+    "open_reconnecting_client",
+]
+
+logger = logging.getLogger(__name__)
 
 Frame = dict[str, Any]
 
@@ -144,9 +166,229 @@ async def open_client(
                     client.welcome = await client.receive()
                 try:
                     yield client
-                finally:
-                    with trio.move_on_after(connect_timeout, shield=True):
-                        await ws.aclose()
+                except trio.Cancelled:
+                    # No close handshake: its reply would be read by a task of this nursery,
+                    # which is cancelled too. The stream is closed below.
                     nursery.cancel_scope.cancel()
+                    raise
+                finally:
+                    if not nursery.cancel_scope.cancel_called:
+                        with trio.move_on_after(connect_timeout, shield=True):
+                            await ws.aclose()
+                        nursery.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(stream)
+
+
+#: close codes after which reconnecting is pointless: logged out, kicked, banned (SPEC §7)
+FINAL_CLOSE_CODES = frozenset({4000, 4403})
+TOKEN_EXPIRED_CLOSE = 4401
+
+
+class LoggedOut(Exception):
+    """The server ended the session for good (logout, kick, ban, or an expired token with no
+    way to get a new one); the client does not reconnect."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"closed by the server with {code}")
+        self.code = code
+
+
+class ReconnectingClient:
+    """A chat connection that reconnects by itself (see :func:`open_reconnecting_client`).
+
+    It remembers the rooms it joined and, per room, the id of the last message it saw (or
+    sent); after a reconnect it joins each again with ``since``, so the server replays what
+    was missed. The ``joined`` replies of those rejoins are handed to :meth:`receive` too:
+    ``recovered: false`` there means a gap the server could not fill.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | Callable[[], Awaitable[str]],
+        *,
+        min_delay: float = 0.05,
+        max_delay: float = 5.0,
+        inbox_size: float = math.inf,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._delays = (min_delay, max_delay)
+        #: joined rooms -> the last message id seen in each (None: none yet)
+        self.rooms: dict[str, str | None] = {}
+        #: the welcome of the current connection
+        self.welcome: Frame = {}
+        #: connections made after the first
+        self.reconnects = 0
+        self._chat: ChatClient | None = None
+        self._connected = trio.Event()
+        self._replies: dict[int, trio.MemorySendChannel[Frame]] = {}
+        self._refs = itertools.count(1)
+        self._inbox, self._frames = trio.open_memory_channel[Frame](inbox_size)
+        self._ended: LoggedOut | None = None
+
+    async def request(self, kind: str, **fields: Any) -> Frame:
+        """Send a frame once connected and return its reply.
+
+        Raises:
+            ServerError: the reply was an ``error`` frame.
+            ConnectionClosed: the connection dropped before the reply came (the frame may or
+                may not have been acted on).
+            LoggedOut: the session ended for good.
+        """
+        while self._chat is None:
+            if self._ended is not None:
+                raise self._ended
+            await self._connected.wait()
+        chat, ref = self._chat, next(self._refs)
+        send, receive = trio.open_memory_channel[Frame](1)
+        self._replies[ref] = send
+        try:
+            await chat.send_frame({"type": kind, "ref": ref, **fields})
+            try:
+                reply = await receive.receive()
+            except trio.EndOfChannel:
+                raise ConnectionClosed(None) from None
+        finally:
+            del self._replies[ref]
+        if reply["type"] == "error":
+            raise ServerError(reply)
+        return reply
+
+    async def join(self, room: str) -> Frame:
+        """Join ``room`` (and rejoin it after every reconnect)."""
+        reply = await self.request("join", room=room)
+        self.rooms.setdefault(room, None)
+        return reply
+
+    async def leave(self, room: str) -> Frame:
+        self.rooms.pop(room, None)
+        return await self.request("leave", room=room)
+
+    async def send(self, room: str, data: Any) -> Frame:
+        ack = await self.request("send", room=room, data=data)
+        self._saw(room, ack["id"])
+        return ack
+
+    async def direct(self, to: str, data: Any) -> Frame:
+        return await self.request("direct", to=to, data=data)
+
+    async def history(self, room: str, **fields: Any) -> Frame:
+        return await self.request("history", room=room, **fields)
+
+    async def ping(self) -> Frame:
+        return await self.request("ping")
+
+    async def receive(self) -> Frame:
+        """The next frame that answers no request: messages (live or replayed), directs,
+        the ``joined`` of a rejoin, ``token_expiring``...
+
+        Raises:
+            LoggedOut: the session ended for good, and every frame before that was read.
+        """
+        try:
+            return await self._frames.receive()
+        except trio.EndOfChannel:
+            assert self._ended is not None
+            raise self._ended from None
+
+    def _saw(self, room: str, message_id: str) -> None:
+        if room in self.rooms:
+            last = self.rooms[room]
+            new, old = parse_id(message_id), parse_id(last)
+            if last is None or new is None or old is None or new > old:
+                self.rooms[room] = message_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and connect again after every close but a final one, with jittered
+        exponential backoff; started once the first connection is up. Returns when the
+        session has ended for good (:class:`LoggedOut` from :meth:`receive` then)."""
+        delay = 0.0
+        started = False
+        try:
+            while True:
+                token = self._token if isinstance(self._token, str) else await self._token()
+                code = None
+                try:
+                    async with open_client(self.url, token) as chat:
+                        delay = 0.0
+                        code = await self._serve(chat, task_status if not started else None)
+                        started = True
+                except (ConnectionClosed, OSError, ConnectionRejected, trio.TooSlowError) as exc:
+                    if not started and isinstance(exc, ConnectionRejected):
+                        raise  # the first connection tells the caller at once
+                    logger.info("connection to %s lost or refused: %r", self.url, exc)
+                if code in FINAL_CLOSE_CODES or (
+                    code == TOKEN_EXPIRED_CLOSE and isinstance(self._token, str)
+                ):
+                    self._ended = LoggedOut(code)
+                    return
+                low, high = self._delays
+                delay = min(max(delay * 2, low), high)
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                self.reconnects += 1
+        finally:
+            if self._ended is None:
+                self._ended = LoggedOut(1001)
+            self._inbox.close()
+            for waiting in self._replies.values():
+                waiting.close()
+
+    async def _serve(
+        self, chat: ChatClient, task_status: trio.TaskStatus[None] | None
+    ) -> int | None:
+        """Read one connection's frames until it closes; return the close code."""
+        self.welcome = chat.welcome
+        rejoins = {}
+        for room, since in self.rooms.items():
+            ref = next(self._refs)
+            rejoins[ref] = room
+            join: Frame = {"type": "join", "ref": ref, "room": room}
+            await chat.send_frame(join if since is None else {**join, "since": since})
+        self._chat = chat
+        self._connected.set()
+        self._connected = trio.Event()
+        if task_status is not None:
+            task_status.started()
+        try:
+            while True:
+                frame = await chat.receive()
+                answers: int = frame.get("ref", 0)
+                if (waiting := self._replies.get(answers)) is not None:
+                    waiting.send_nowait(frame)
+                    continue
+                if rejoins.pop(answers, None) is not None and frame["type"] == "error":
+                    logger.warning("rejoin refused: %s", frame)
+                if frame.get("type") == "message":
+                    self._saw(frame["room"], frame["id"])
+                await self._inbox.send(frame)
+        except ConnectionClosed as closed:
+            return closed.reason.code if closed.reason else None
+        finally:
+            self._chat = None
+            for waiting in list(self._replies.values()):
+                waiting.close()
+
+
+@asynccontextmanager
+async def open_reconnecting_client(
+    url: str, token: str | Callable[[], Awaitable[str]], **options: Any
+) -> AsyncIterator[ReconnectingClient]:
+    """Connect a :class:`ReconnectingClient` and yield it once its first connection is up;
+    on exit, close it.
+
+    Args:
+        url: the ``ws://`` URL.
+        token: a JWT, or an async function returning one, called before every connection
+            (a token function also lets it reconnect after a 4401, token expired).
+        options: ``min_delay``/``max_delay`` (seconds) of the backoff, ``inbox_size``.
+
+    Raises:
+        ConnectionRejected: the first connection was refused.
+    """
+    client = ReconnectingClient(url, token, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        yield client
+        nursery.cancel_scope.cancel()
