@@ -424,7 +424,7 @@ class Hub:
                 self._deliver_room(room, message)
         if caught_up:
             logger.info("Pub/Sub reconnected: %d missed message(s) handed out", caught_up)
-        self._cork.release()
+        self._cork.flush()  # the delayed flushes start with the pump's loop, after this
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
