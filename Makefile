@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server clean bench
+.PHONY: run test lint typecheck check redis-server chromium clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 # Development secrets unless configured; never use them in production.
 run: export TRIO_CHAT_AUTH_JWT_SECRET ?= dev-secret-change-me-at-least-32-bytes
 run: export TRIO_CHAT_ADMIN_API_KEY ?= dev-admin-key-change-me
+run: export TRIO_CHAT_ADMIN_DEMO ?= true
 run: $(STAMP)
-	@echo "trio-chat on ws://127.0.0.1:8765/ (memory store). In another terminal, chat as alice:"
+	@echo "trio-chat on ws://127.0.0.1:8765/ (memory store)."
+	@echo "  demo chat page:  http://127.0.0.1:8766/demo/"
+	@echo "  dashboard:       http://127.0.0.1:8766/   (admin key: $$TRIO_CHAT_ADMIN_API_KEY)"
+	@echo "In another terminal, chat as alice:"
 	@echo "  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat client ws://127.0.0.1:8765/ --user alice"
 	@echo "or mint a token for any client:  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat token alice"
 	$(BIN)/trio-chat serve $(ARGS)
@@ -28,7 +32,13 @@ redis-server:
 	  echo "redis-server not found: installing Debian's redis-server"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-test: $(STAMP) redis-server
+# The browser tests drive Debian's chromium with playwright (never `playwright install`).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  echo "chromium not found: installing Debian's chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) redis-server chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

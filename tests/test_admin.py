@@ -133,7 +133,6 @@ async def test_bad_requests_are_json(redis_server, nursery):
         ("GET", "/v1/rooms/no%20spaces/presence", b"", 400),
         ("DELETE", "/v1/sessions/a.b", b"", 400),
         ("GET", "/v1/nothing", b"", 404),
-        ("GET", "/", b"", 404),
         ("GET", "/v1/publish", b"", 405),
         ("DELETE", "/healthz", b"", 405),
     ]

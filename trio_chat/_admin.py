@@ -27,6 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import _operations as ops
+from . import _pages as pages
+from ._auth import NoSigningKey, mint_token
 from ._errors import BackendUnavailable
 from ._messages import DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, ROOM_ID, is_user_id
 from ._messages import loads as strict_loads
@@ -47,6 +49,9 @@ _server_logger = logging.getLogger(f"{__name__}.hypercorn")
 _server_logger.setLevel(logging.WARNING)
 
 #: session ids are 128 random bits, url-safe (SPEC §5)
+#: the demo page's tokens: long enough to try things out, short enough not to matter
+DEMO_TOKEN_SECONDS = 15 * 60
+DEMO_USER_CHARS = 64
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_MUTE_SECONDS = 365 * 24 * 3600
 #: room and data fit in ``limits.max_message_bytes``; this leaves room for JSON whitespace
@@ -74,9 +79,13 @@ def error_response(
 
 
 def create_app(
-    config: Config, hub: Hub, *, metrics: Callable[[], tuple[bytes, str]] | None = None
+    config: Config,
+    hub: Hub,
+    *,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ws_url: str | None = None,
 ) -> Starlette:
-    """Build the admin API for one instance.
+    """Build the admin API for one instance, with its pages (SPEC §13).
 
     Args:
         config: the server configuration (``admin.api_key`` guards ``/v1``).
@@ -84,10 +93,17 @@ def create_app(
         metrics: returns ``(body, content type)`` of the Prometheus exposition for
             ``GET /metrics`` (``_metrics.Metrics.render``); None answers 501.
             Wire ``_metrics`` where ``_server._serve_connections`` starts :func:`serve_admin`.
+        ws_url: the WebSocket URL pages connect to: ``server.public_url``, else the bound
+            listener's; None: ``server.public_url`` or the configured host, port and path.
     """
-    api = _AdminApi(config, hub, metrics)
+    api = _AdminApi(config, hub, metrics, ws_url or config.server.public_url or _ws_url(config))
     v1 = api.v1
     routes = [
+        Route("/", api.open(api.dashboard), methods=["GET"]),
+        Route("/client.js", api.open(api.client_js), methods=["GET"]),
+        Route("/static/{name}", api.open(api.static), methods=["GET"]),
+        Route("/demo/", api.open(api.demo_page), methods=["GET"]),
+        Route("/demo/token", api.open(api.demo_token), methods=["POST"]),
         Route("/healthz", api.open(api.healthz), methods=["GET"]),
         Route("/readyz", api.open(api.readyz), methods=["GET"]),
         Route("/metrics", api.open(api.metrics), methods=["GET"]),
@@ -115,12 +131,14 @@ async def serve_admin(
     hub: Hub,
     *,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ws_url: str | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on ``admin.host``/``admin.port`` until cancelled.
 
     ``task_status.started()`` reports the bound port once the listener is bound. Cancelling
-    closes the listener and cuts any request in flight. ``metrics``: see :func:`create_app`.
+    closes the listener and cuts any request in flight. ``metrics``, ``ws_url``: see
+    :func:`create_app`.
     """
     settings = hypercorn.Config()
     host, port = config.admin.host, config.admin.port
@@ -130,7 +148,7 @@ async def serve_admin(
     if not config.admin.api_key:
         logger.warning("admin.api_key is not set: every /v1 request is refused with 401")
     # Starlette's ASGI type hints are looser than Hypercorn's; the protocol is the same.
-    app = cast("ASGIFramework", create_app(config, hub, metrics=metrics))
+    app = cast("ASGIFramework", create_app(config, hub, metrics=metrics, ws_url=ws_url))
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(hypercorn.trio.serve, app, settings, mode="asgi")
@@ -141,13 +159,25 @@ async def serve_admin(
         task_status.started(bound.port)
 
 
+def _ws_url(config: Config) -> str:
+    server = config.server
+    return f"ws://{server.host}:{server.port}{server.path}"
+
+
 class _AdminApi:
     def __init__(
-        self, config: Config, hub: Hub, metrics: Callable[[], tuple[bytes, str]] | None
+        self,
+        config: Config,
+        hub: Hub,
+        metrics: Callable[[], tuple[bytes, str]] | None,
+        ws_url: str,
     ) -> None:
         self.config = config
         self.hub = hub
         self._metrics = metrics
+        self._ws_url = ws_url
+        self._files = pages.static_files()
+        self._page_headers = pages.page_headers(ws_url)
         key = config.admin.api_key
         self._key = key.encode() if key else None
         self._openapi = resources.files(__package__).joinpath("openapi.json").read_bytes()
@@ -215,6 +245,57 @@ class _AdminApi:
 
     async def openapi(self, request: Request) -> Response:
         return Response(self._openapi, media_type="application/json")
+
+    # --- pages (SPEC §13) ---------------------------------------------------------------------
+
+    async def dashboard(self, request: Request) -> Response:
+        return self._page("dashboard.html")
+
+    async def demo_page(self, request: Request) -> Response:
+        self._demo_only()
+        return self._page("demo.html")
+
+    async def client_js(self, request: Request) -> Response:
+        return self._file("client.js")
+
+    async def static(self, request: Request) -> Response:
+        return self._file(request.path_params["name"])
+
+    async def demo_token(self, request: Request) -> dict[str, Any]:
+        """A token for any user name, 15 minutes (only with ``admin.demo``)."""
+        self._demo_only()
+        user = (await self._body(request)).get("user")
+        if (
+            not isinstance(user, str)
+            or not 0 < len(user) <= DEMO_USER_CHARS
+            or not is_user_id(user)
+        ):
+            raise ApiError(
+                422, "invalid_field", f"'user' must be 1-{DEMO_USER_CHARS} printable characters"
+            )
+        try:
+            token = mint_token(self.config.auth, user, ttl=DEMO_TOKEN_SECONDS)
+        except NoSigningKey as exc:
+            raise ApiError(409, "no_signing_key", f"cannot mint tokens: {exc}") from exc
+        return {"token": token, "url": self._ws_url}
+
+    def _demo_only(self) -> None:
+        if not self.config.admin.demo:
+            raise ApiError(404, "not_found", "the demo is off (admin.demo)")
+
+    def _page(self, name: str) -> Response:
+        return Response(
+            self._files[name], media_type=pages.content_type(name), headers=self._page_headers
+        )
+
+    def _file(self, name: str) -> Response:
+        if name not in self._files or name.endswith(".html"):
+            raise ApiError(404, "not_found", f"no file {name[:64]!r}")
+        headers = {
+            "Cache-Control": f"public, max-age={pages.CACHE_SECONDS}",
+            "X-Content-Type-Options": "nosniff",
+        }
+        return Response(self._files[name], media_type=pages.content_type(name), headers=headers)
 
     # --- /v1 ---------------------------------------------------------------------------------
 

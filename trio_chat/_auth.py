@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import jwt
 
-from ._errors import AuthError, ConfigError
+from ._errors import AuthError, ChatError, ConfigError
 from ._messages import is_user_id
 
 if TYPE_CHECKING:
@@ -201,6 +201,36 @@ def _finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer too big for a double: "exp": 1000...0, 400 digits
         return False
+
+
+class NoSigningKey(ChatError):
+    """Tokens cannot be minted: no HMAC secret, or no HS* algorithm, is configured."""
+
+
+def mint_token(
+    config: AuthConfig, user: str, *, ttl: float, rooms: Iterable[str] | None = None
+) -> str:
+    """A JWT for ``user`` that this server accepts, signed with ``auth.jwt_secret`` and the
+    first HS* algorithm allowed (for development, tests and the demo page; production
+    tokens come from your auth service). Carries ``iss``/``aud`` when they are configured.
+
+    Raises:
+        NoSigningKey: nothing to sign with.
+    """
+    if config.jwt_secret is None:
+        raise NoSigningKey("auth.jwt_secret: not set (TRIO_CHAT_AUTH_JWT_SECRET)")
+    algorithm = next((a for a in config.jwt_algorithms if a in _HMAC), None)
+    if algorithm is None:
+        raise NoSigningKey("auth.jwt_algorithms: no HS* algorithm to sign with")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + int(ttl)}
+    if config.issuer is not None:
+        claims["iss"] = config.issuer
+    if config.audience is not None:
+        claims["aud"] = config.audience
+    if rooms:
+        claims["rooms"] = list(rooms)
+    return jwt.encode(claims, config.jwt_secret, algorithm=algorithm)
 
 
 @attrs.frozen

@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import sys
-import time
 import urllib.error
 import urllib.request
 from functools import partial
@@ -16,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-import jwt
 import trio
 
+from ._auth import NoSigningKey, mint_token
 from ._config import load_config
 from ._errors import BackendUnavailable, ConfigError
 from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
@@ -265,21 +264,10 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _mint(auth: AuthConfig, user: str, *, ttl: int, rooms: list[str] | None) -> str:
-    """A JWT for ``user`` signed with the configured secret (a development convenience)."""
-    if auth.jwt_secret is None:
-        raise ConfigError("config error: auth.jwt_secret: not set (TRIO_CHAT_AUTH_JWT_SECRET)")
-    algorithm = next((a for a in auth.jwt_algorithms if a.startswith("HS")), None)
-    if algorithm is None:
-        raise ConfigError("config error: auth.jwt_algorithms: no HS* algorithm to sign with")
-    now = int(time.time())
-    claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + ttl}
-    if auth.issuer is not None:
-        claims["iss"] = auth.issuer
-    if auth.audience is not None:
-        claims["aud"] = auth.audience
-    if rooms:
-        claims["rooms"] = rooms
-    return jwt.encode(claims, auth.jwt_secret, algorithm=algorithm)
+    try:
+        return mint_token(auth, user, ttl=ttl, rooms=rooms)
+    except NoSigningKey as exc:
+        raise ConfigError(f"config error: {exc}") from None
 
 
 def _first(exc: BaseException) -> BaseException:

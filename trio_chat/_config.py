@@ -79,6 +79,11 @@ def _jwt_algorithms(
             )
 
 
+def _ws_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and not value.startswith(("ws://", "wss://")):
+        raise ValueError(f"must be a ws:// or wss:// URL, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -97,6 +102,9 @@ class ServerConfig:
     #: seconds a client has to complete its opening handshake (the HTTP upgrade request), so a
     #: socket that sends half a request (slowloris) holds its memory no longer than this
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: the WebSocket URL pages and demo tokens point clients to; None: ``ws://<host>:<port><path>``
+    #: (behind a proxy, set the public one)
+    public_url: str | None = attrs.field(default=None, validator=_ws_url)
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +174,9 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8766, validator=_port)
     api_key: str | None = attrs.field(default=None, repr=False)
+    #: serve the demo chat page (/demo/) and its token endpoint: for trying it out, never in
+    #: production (anyone who reaches the admin port gets a token for any user)
+    demo: bool = False
 
 
 @attrs.frozen(kw_only=True)

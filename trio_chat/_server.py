@@ -197,9 +197,13 @@ async def _serve_connections(
                 # Among the services, so /readyz still answers (503, draining) while the
                 # connections drain, for the load balancer's sake.
                 admin_port: int | None = None
+                bound_url = f"ws://{config.server.host}:{port}{config.server.path}"
+                public_url = config.server.public_url or bound_url
                 if config.admin.enabled:
                     admin_port = await services.start(
-                        partial(serve_admin, metrics=hub.metrics.render), config, hub
+                        partial(serve_admin, metrics=hub.metrics.render, ws_url=public_url),
+                        config,
+                        hub,
                     )
                 if handle_signals:
                     # before READY=1: a SIGTERM right after it must drain, not kill
