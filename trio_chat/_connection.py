@@ -411,6 +411,9 @@ class ConnectionHandler:
             ) from exc
         except (ProtocolError, SessionEnded, ConnectionClosed):
             raise
+        except RecursionError as exc:
+            # data nested just under the parser's limit, but deeper for the encoder
+            raise ProtocolError(BAD_REQUEST, "'data' is nested too deeply", message.ref) from exc
         except Exception as exc:
             # A bug in one frame's handling must not end the connection, nor leak details.
             logger.exception(

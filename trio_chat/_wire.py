@@ -10,7 +10,10 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
 - once a connection is open, nothing reads what is kept of its opening handshake:
   ``WebSocketRequest._event`` (the request and its headers, the token among them) and
   wsproto's ``WSConnection.handshake`` (the HTTP/1.1 parser; after the upgrade only its
-  ``events()``, empty, is called). :func:`forget_handshake` drops them: ~3 KiB per connection.
+  ``events()``, empty, is called). :func:`forget_handshake` drops them: ~3 KiB per connection;
+- ``WebSocketConnection._send`` is how its reader task answers a ping (a pong) or an oversized
+  message (a close 1009); :func:`forget_handshake` also makes those answers give way once our
+  close frame is out (see :func:`_send_unless_closed`).
 
 Server frames are not masked, so a message's frame is the same bytes for every recipient: it is
 built once (:func:`text_frame`) and handed to each connection's :class:`FrameWriter`, which
@@ -22,21 +25,27 @@ inherits the stream lock, which is why ours can be handed from one task to anoth
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import struct
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+from wsproto import events
+from wsproto.utilities import LocalProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
     from types import TracebackType
 
     from trio_websocket import WebSocketConnection, WebSocketRequest
     from wsproto.events import Event
+
+logger = logging.getLogger(__name__)
 
 #: most bytes joined into one ``send_all`` by the writer
 _BATCH_BYTES = 256 * 1024
@@ -67,11 +76,34 @@ _UPGRADED = _Upgraded()
 
 
 def forget_handshake(request: WebSocketRequest) -> None:
-    """Drop what trio-websocket and wsproto keep of an accepted request (see the module docs)."""
+    """Drop what trio-websocket and wsproto keep of an accepted request, and make its late
+    answers give way to our close (see the module docs)."""
     ws = request._connection
     assert ws._wsproto.connection is not None, "only once the connection is open"
     ws._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
     request._event = None  # type: ignore[assignment]
+    ws._send = partial(_send_unless_closed, ws, ws._send)  # type: ignore[method-assign]
+
+
+async def _send_unless_closed(
+    ws: WebSocketConnection, send: Callable[[Event], Awaitable[None]], event: Event
+) -> None:
+    """Send ``event``, but drop a pong or a close that wsproto refuses because our close frame
+    is out already.
+
+    trio-websocket's reader answers a ping with a pong, and an oversized message with a close
+    1009, whatever the state; once we have sent our close, wsproto refuses both
+    (``LocalProtocolError``), and raised in the reader task the error would end the whole
+    handlers' nursery: one client could stop the server (trio-websocket issue #184). After our
+    close nothing more is due, so the answer is dropped and the reader goes on to the
+    client's close.
+    """
+    try:
+        await send(event)
+    except LocalProtocolError:
+        if not isinstance(event, events.Pong | events.CloseConnection):
+            raise
+        logger.debug("%s: no %s after our close", ws, type(event).__name__)
 
 
 class HandoffLock:
