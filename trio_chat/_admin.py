@@ -353,7 +353,10 @@ class _AdminApi:
     async def history(self, request: Request) -> dict[str, Any]:
         room = _path_id(request, "room", ROOM_ID.fullmatch)
         raw_limit = request.query_params.get("limit", str(DEFAULT_HISTORY_PAGE))
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_HISTORY_PAGE:
+        if (
+            not re.fullmatch(r"[0-9]{1,3}", raw_limit)
+            or not 1 <= int(raw_limit) <= MAX_HISTORY_PAGE
+        ):
             raise ApiError(
                 400, "bad_request", f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}"
             )

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: logout reasons (SPEC §4) -> close code (SPEC §7)
 LOGOUT_CLOSE_CODES = {"logout": 4000, "kicked": 4000, "banned": 4403, "revoked": 4401}
 HEARTBEAT_TIMEOUT_CLOSE = 4408
+#: longest wait between two Pub/Sub reconnection attempts, in seconds
+_MAX_BACKOFF = 5.0
 #: failed cleanups kept for a retry; beyond, the oldest are left to the TTLs and the reaper
 _MAX_FAILED_CLEANUPS = 100_000
 
@@ -64,8 +66,11 @@ class Hub:
         self._holds: dict[str, dict[Session, _Hold]] = {}
         # With history: per subscribed room, the id of the last message the pump handed out
         # (at first, the room's last entry before we subscribed). A reconnected pump reads
-        # what followed from the stream; a live message at or below it was handed out already.
+        # what followed from the stream.
         self._delivered: dict[str, StreamId] = {}
+        # Per room, the last id a catch-up handed out, until a live message passes it: live
+        # ones up to it were in the stream the catch-up read, and so handed out already.
+        self._caught_up: dict[str, StreamId] = {}
         self._history = config.history
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
         # Bumped by every announced change; a read that straddles one is not cached.
@@ -77,6 +82,7 @@ class Hub:
         # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.
         self._subscription_lock = trio.Lock()
         self._pump_ready = trio.Event()
+        self._up_since: float | None = None  # when the current Pub/Sub connection was ready
         self._pump_stale = False
         self._probe_nonce = 0
         self._probe_seen = trio.Event()
@@ -187,6 +193,7 @@ class Hub:
             self._subscribed.difference_update(channels)
             for room in idle:
                 self._delivered.pop(room, None)
+                self._caught_up.pop(room, None)
             if self._subscription is not None:
                 try:
                     await self._subscription.unsubscribe(*channels)
@@ -206,14 +213,15 @@ class Hub:
             await self.backend.execute(batch)
             floor = parse_id(last.value[0][0]) if last.value else (0, 0)
         async with self._subscription_lock:
-            if channel in self._subscribed:
-                return
-            if self._subscription is None:
-                raise BackendUnavailable("the Pub/Sub connection is down")
-            await self._subscription.subscribe(channel)
-            self._subscribed.add(channel)
+            if channel not in self._subscribed:
+                if self._subscription is None:
+                    raise BackendUnavailable("the Pub/Sub connection is down")
+                await self._subscription.subscribe(channel)
+                self._subscribed.add(channel)
+            # (subscribed meanwhile by a reconnected pump, for this very join: the floor is
+            # still ours to set)
             if floor is not None:
-                self._delivered[room] = floor
+                self._delivered.setdefault(room, floor)
 
     # --- auth records --------------------------------------------------------------------------
 
@@ -319,6 +327,7 @@ class Hub:
         """
         delay = 0.0
         while True:
+            self._up_since = None
             try:
                 await self._pump(task_status)
             except BackendUnavailable as exc:
@@ -330,7 +339,9 @@ class Hub:
                 delay = 0.0
             finally:
                 self._subscription = None
-            delay = min(max(delay * 2, 0.05), 5.0)
+            if self._up_since is not None and trio.current_time() - self._up_since > _MAX_BACKOFF:
+                delay = 0.0  # it was up for a while: this loss starts a new series
+            delay = min(max(delay * 2, 0.05), _MAX_BACKOFF)
             await trio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _pump(self, task_status: trio.TaskStatus[None]) -> None:
@@ -338,6 +349,7 @@ class Hub:
         async with self.backend.subscription() as subscription:
             await self._resubscribe(subscription)
             await self._catch_up()
+            self._up_since = trio.current_time()
             self._pump_stale = False
             if not self._pump_ready.is_set():
                 self._pump_ready.set()
@@ -422,6 +434,8 @@ class Hub:
             for message in stored(entries.value):
                 caught_up += 1
                 self._deliver_room(room, message)
+                if (message_id := parse_id(message["id"])) is not None:
+                    self._caught_up[room] = message_id
         if caught_up:
             logger.info("Pub/Sub reconnected: %d missed message(s) handed out", caught_up)
         self._cork.flush()  # the delayed flushes start with the pump's loop, after this
@@ -444,9 +458,13 @@ class Hub:
     def _deliver_room(self, room: str, event: dict[str, object]) -> None:
         self.metrics.pump_lag(event.get("ts"))
         message_id = parse_id(event["id"])
-        if message_id is not None and (last := self._delivered.get(room)) is not None:
-            if message_id <= last:
-                return  # the catch-up handed it out already
+        if message_id is not None and room in self._delivered:
+            if (caught_up := self._caught_up.get(room)) is not None:
+                if message_id <= caught_up:
+                    return  # the catch-up handed it out already
+                del self._caught_up[room]
+            # the last handed out, not the highest: after Redis restarted empty on a clock
+            # behind the old one, ids start lower, and the next catch-up must read from there
             self._delivered[room] = message_id
         members = self._by_room.get(room)
         holds = self._holds.get(room)
