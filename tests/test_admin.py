@@ -314,9 +314,9 @@ async def test_presence_and_instances(redis_server, nursery):
                 "users": ["bob"],
             }
             instances = (await http.get("/v1/instances")).json()["instances"]
-            assert [(i["instance_id"], i["alive"]) for i in instances] == [
-                ("inst-1", True),
-                ("inst-2", True),
+            assert [(i["instance_id"], i["alive"], i["sessions"]) for i in instances] == [
+                ("inst-1", True, 0),
+                ("inst-2", True, 2),
             ]
             assert instances[1]["port"] == two.port
 

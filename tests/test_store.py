@@ -142,9 +142,12 @@ async def test_hashes(backend):
         no_hash = batch.hget("nope", "a")
         everything = batch.hgetall("h")
         nothing = batch.hgetall("nope")
+        size = batch.hlen("h")
         removed = batch.hdel("h", "a", "a", "zz")
         rest = batch.hgetall("h")
+        no_size = batch.hlen("nope")
         await backend.execute(batch)
+        assert (size.value, no_size.value) == (3, 0)
         assert (added.value, updated.value) == (2, 1)
         assert field.value == "3"
         assert no_field.value is None

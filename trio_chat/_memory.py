@@ -163,6 +163,9 @@ class _Keyspace:
     def hdel(self, key: str, *fields: str) -> int:
         return self._pop(key, self._container(key, _Hash), fields)
 
+    def hlen(self, key: str) -> int:
+        return len(self._read(key, _Hash) or ())
+
     # sets
     def sadd(self, key: str, *members: str) -> int:
         container = self._container(key, _Set)

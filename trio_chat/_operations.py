@@ -247,7 +247,8 @@ async def room_presence(backend: Backend, config: Config, room: str) -> list[dic
 
 async def instances(backend: Backend) -> list[dict[str, object]]:
     """Every member of ``ws:instances`` with its record; ``alive`` is whether the record
-    (renewed every ``session.instance_ttl / 3``) still exists.
+    (renewed every ``session.instance_ttl / 3``) still exists, ``sessions`` how many sessions
+    it holds (those of a dead instance until it is reaped).
 
     Raises:
         BackendUnavailable: the store could not be reached.
@@ -256,7 +257,9 @@ async def instances(backend: Backend) -> list[dict[str, object]]:
     members = lookup.smembers(keys.INSTANCES)
     await backend.execute(lookup)
     batch = Batch()
-    records = {iid: batch.hgetall(keys.instance(iid)) for iid in sorted(members.value)}
+    ids = sorted(members.value)
+    records = {iid: batch.hgetall(keys.instance(iid)) for iid in ids}
+    sessions = {iid: batch.hlen(keys.instance_sessions(iid)) for iid in ids}
     if records:
         await backend.execute(batch)
     return [
@@ -267,6 +270,7 @@ async def instances(backend: Backend) -> list[dict[str, object]]:
             "pid": _int(record.value.get("pid")),
             "port": _int(record.value.get("port")),
             "started_at": _int(record.value.get("started_at")),
+            "sessions": sessions[iid].value,
         }
         for iid, record in records.items()
     ]

@@ -117,6 +117,8 @@ def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
             return pipe.hgetall(key)
         case "hdel", (key, *fields):
             return pipe.hdel(key, fields)
+        case "hlen", (key,):
+            return pipe.hlen(key)
         case "sadd", (key, *members):
             return pipe.sadd(key, members)
         case "srem", (key, *members):

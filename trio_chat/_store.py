@@ -108,6 +108,9 @@ class Batch:
     def hdel(self, key: str, *fields: str) -> Reply[int]:
         return self._add("hdel", key, *fields)
 
+    def hlen(self, key: str) -> Reply[int]:
+        return self._add("hlen", key)
+
     # sets
     def sadd(self, key: str, *members: str) -> Reply[int]:
         return self._add("sadd", key, *members)
