@@ -181,7 +181,7 @@ async def test_history_off(store_url, nursery):
         open_client(server.url, make_token("bob")) as bob,
     ):
         await alice.join("room")
-        await bob.join("room")
+        assert await bob.join("room") == {"type": "joined", "room": "room", "ref": 1}
         ack = await alice.send("room", 1)
         assert (await bob.receive())["id"] == ack["id"]
         joined = await bob.request("join", room="room", since=ack["id"])
@@ -200,3 +200,21 @@ async def test_history_off_writes_no_stream(redis_server, nursery):
         stream = batch.exists("chat:room:room")
         await backend.execute(batch)
     assert stream.value == 0
+
+
+async def test_a_first_join_names_the_last_message_to_rejoin_from(store_url, nursery):
+    server = await start(nursery, make_config(store_url))
+    with trio.fail_after(TIME_LIMIT):
+        async with open_client(server.url, make_token("alice")) as alice:
+            empty = await alice.join("room")
+            before = await alice.send("room", "before bob")
+            async with open_client(server.url, make_token("bob")) as bob:
+                joined = await bob.join("room")  # and his connection drops at once
+            after = await alice.send("room", "while bob was away")
+            async with open_client(server.url, make_token("bob")) as bob:
+                rejoined = await bob.request("join", room="room", since=joined["last"])
+                replayed = await bob.receive()
+    assert empty["last"] is None  # no stream yet
+    assert joined["last"] == before["id"]
+    assert (rejoined["recovered"], rejoined["missed"], rejoined["last"]) == (True, 1, after["id"])
+    assert replayed["id"] == after["id"]

@@ -29,8 +29,9 @@ async def test_pages_forbid_inline_script_and_other_origins(nursery):
                 assert "frame-ancestors 'none'" in policy
                 assert r.headers["x-content-type-options"] == "nosniff"
                 assert "<script>" not in r.text  # every script is a file of ours
-            r = await http.get("/client.js")
+            r = await http.get("/client.js", headers={"Origin": "https://app.example.com"})
             assert r.headers["content-type"].startswith("text/javascript")
+            assert r.headers["access-control-allow-origin"] == "*"
             assert "export class TrioChat extends EventTarget" in r.text
 
 

@@ -256,7 +256,10 @@ class _AdminApi:
         return self._page("demo.html")
 
     async def client_js(self, request: Request) -> Response:
-        return self._file("client.js")
+        response = self._file("client.js")
+        # public code: a page of another origin may import it (module scripts use CORS)
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
 
     async def static(self, request: Request) -> Response:
         return self._file(request.path_params["name"])

@@ -437,8 +437,11 @@ class ConnectionHandler:
     async def _join(self, session: Session, message: Join) -> None:
         """Join, and with ``since`` replay what the client missed (SPEC §11).
 
-        A replay holds the room's live messages for the session from before the stream is
-        read until the replay is written; the hub then hands over those that followed it.
+        With history, a first join or a replay holds the room's live messages for the
+        session from before the stream is read until the answer is written; the hub then
+        hands over those that followed the stream's last entry. ``joined`` names that entry
+        (``last``): the client gets every message after it, and can rejoin with it as
+        ``since`` even if nothing was said before its connection dropped.
         """
         room, history = message.room, self.config.history
         since = None
@@ -452,18 +455,20 @@ class ConnectionHandler:
             if len(session.rooms) >= self.config.limits.max_rooms_per_session:
                 raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
             await self._authorize(session, message.ref, speaks=False)
-        if new or since is not None:
-            await self.hub.join(session, room, hold=since is not None)
+        hold = bool(history.size) and (new or since is not None)
+        if new or hold:
+            await self.hub.join(session, room, hold=hold)
         batch = Batch()
         if new:
             batch.zadd(keys.room_presence(room), {session.id: now_ms()})
             batch.expire(keys.room_presence(room), self.config.session.ttl)
             batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
+        stream = keys.room_channel(room)
+        if hold:
+            last = batch.xrevrange(stream, "+", "-", 1)
         if since is not None:
-            stream = keys.room_channel(room)
             first = batch.xrange(stream, "-", "+", 1)
             newest = batch.xrevrange(stream, "+", f"({message.since}", history.size + 1)
-            last = batch.xrevrange(stream, "+", "-", 1)
         try:
             if batch:
                 await self.backend.execute(batch)
@@ -473,23 +478,26 @@ class ConnectionHandler:
             else:
                 self.hub.release(session, room, None)  # joined as before, without a replay
             raise
-        if since is None:
-            if message.since is None:
-                session.reply(encode("joined", message.ref, room=room))
-            else:  # history is off: nothing to replay, and nothing vouches for the gap
-                session.reply(encode("joined", message.ref, room=room, recovered=False, missed=0))
+        if not hold:  # history off, or a plain join of a room joined already
+            gap = {} if message.since is None else {"recovered": False, "missed": 0}
+            session.reply(encode("joined", message.ref, room=room, **gap))
             return
-        recovery = recover(since, first.value, newest.value, history.size)
-        joined = encode(
-            "joined",
-            message.ref,
-            room=room,
-            recovered=recovery.recovered,
-            missed=len(recovery.missed),
-        )
-        missed = [message_frame(room, str(m["id"]), m) for m in recovery.missed]
-        session.reply_all([joined, *missed])
-        self.hub.release(session, room, parse_id(last.value[0][0]) if last.value else None)
+        last_id = last.value[0][0] if last.value else None
+        if since is None:
+            session.reply(encode("joined", message.ref, room=room, last=last_id))
+        else:
+            recovery = recover(since, first.value, newest.value, history.size)
+            joined = encode(
+                "joined",
+                message.ref,
+                room=room,
+                recovered=recovery.recovered,
+                missed=len(recovery.missed),
+                last=last_id,
+            )
+            missed = [message_frame(room, str(m["id"]), m) for m in recovery.missed]
+            session.reply_all([joined, *missed])
+        self.hub.release(session, room, parse_id(last_id))
 
     async def _history(self, session: Session, message: History) -> None:
         if message.room not in session.rooms:

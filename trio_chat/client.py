@@ -197,9 +197,9 @@ class LoggedOut(Exception):
 class ReconnectingClient:
     """A chat connection that reconnects by itself (see :func:`open_reconnecting_client`).
 
-    It remembers the rooms it joined and, per room, the id of the last message it saw (or
-    sent); after a reconnect it joins each again with ``since``, so the server replays what
-    was missed. The ``joined`` replies of those rejoins are handed to :meth:`receive` too:
+    It remembers the rooms it joined and, per room, the id of the last message it received
+    (at first, the room's last when joined); after a reconnect it joins each again with
+    ``since``, so the server replays what was missed, its own sends included. The ``joined`` replies of those rejoins are handed to :meth:`receive` too:
     ``recovered: false`` there means a gap the server could not fill.
     """
 
@@ -257,9 +257,11 @@ class ReconnectingClient:
         return reply
 
     async def join(self, room: str) -> Frame:
-        """Join ``room`` (and rejoin it after every reconnect)."""
+        """Join ``room`` (and rejoin it after every reconnect, from the room's last message
+        when joined if nothing is seen here before)."""
         reply = await self.request("join", room=room)
-        self.rooms.setdefault(room, None)
+        if self.rooms.get(room) is None:
+            self.rooms[room] = reply.get("last")
         return reply
 
     async def leave(self, room: str) -> Frame:
@@ -267,9 +269,9 @@ class ReconnectingClient:
         return await self.request("leave", room=room)
 
     async def send(self, room: str, data: Any) -> Frame:
-        ack = await self.request("send", room=room, data=data)
-        self._saw(room, ack["id"])
-        return ack
+        # The ack's id does not move the rejoin point: a message of someone else's with a
+        # lower id may still be on its way (the write delay holds messages, not acks).
+        return await self.request("send", room=room, data=data)
 
     async def direct(self, to: str, data: Any) -> Frame:
         return await self.request("direct", to=to, data=data)
