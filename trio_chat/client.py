@@ -199,8 +199,9 @@ class ReconnectingClient:
 
     It remembers the rooms it joined and, per room, the id of the last message it received
     (at first, the room's last when joined); after a reconnect it joins each again with
-    ``since``, so the server replays what was missed, its own sends included. The ``joined`` replies of those rejoins are handed to :meth:`receive` too:
-    ``recovered: false`` there means a gap the server could not fill.
+    ``since``, so the server replays what was missed, its own sends included. The ``joined``
+    replies of those rejoins are handed to :meth:`receive` too: ``recovered: false`` there
+    means a gap the server could not fill.
     """
 
     def __init__(
