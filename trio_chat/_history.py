@@ -84,6 +84,11 @@ def parse_id(text: object) -> StreamId | None:
     return (ms, seq) if ms < _U64 and seq < _U64 else None
 
 
+def format_id(stream_id: StreamId) -> str:
+    """A stream id pair as Redis writes it, ``<ms>-<seq>``."""
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
 def message_frame(room: str, message_id: str, message: dict[str, object]) -> str:
     """The ``message`` frame of a published or stored message: the same bytes either way."""
     return encode(

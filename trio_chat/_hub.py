@@ -20,7 +20,7 @@ import trio
 from . import _keys as keys
 from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
-from ._history import StreamId, message_frame, parse_id, stored
+from ._history import StreamId, format_id, message_frame, parse_id, stored
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
 from ._store import Backend, Batch, Subscription
@@ -61,8 +61,9 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self._by_user: defaultdict[str, set[Session]] = defaultdict(set)
         self._by_room: defaultdict[str, set[Session]] = defaultdict(set)
-        # Sessions whose join replays a room's history: the pump holds their live messages of
-        # that room until the replay is written, and drops those the replay carried.
+        # Sessions whose join reads the room's stream (a first join, a replay): the pump holds
+        # their live messages of that room until the answer is written, then hands over those
+        # after the stream's last entry at the read.
         self._holds: dict[str, dict[Session, _Hold]] = {}
         # With history: per subscribed room, the id of the last message the pump handed out
         # (at first, the room's last entry before we subscribed). A reconnected pump reads
@@ -133,7 +134,8 @@ class Hub:
         """Add ``session`` to ``room`` locally, subscribing the room's channel first if needed.
 
         With ``hold``, the room's live messages for the session are held back from now on,
-        until :meth:`release` (for a replay). Joining a room already joined only holds.
+        until :meth:`release` (while the join reads the stream). Joining a room already joined
+        only holds.
 
         Raises:
             BackendUnavailable: the channel could not be subscribed; nothing was changed.
@@ -152,9 +154,9 @@ class Hub:
             self._by_room[room].add(session)
 
     def release(self, session: Session, room: str, replayed_to: StreamId | None) -> None:
-        """End the hold of :meth:`join`: the replay up to ``replayed_to`` (the room's last
-        entry when it was read; None: there was none) is written, so hand over the held live
-        messages that came after it, and from now on every live one."""
+        """End the hold of :meth:`join`: the session has everything up to ``replayed_to`` (the
+        room's last entry when the join read it; None: there was none), so hand over the held
+        live messages that came after it, and from now on every live one."""
         hold = self._holds.get(room, {}).get(session)
         if hold is None:
             return
@@ -424,7 +426,7 @@ class Hub:
         batch = Batch()
         reads = {
             room: batch.xrange(
-                keys.room_channel(room), f"({_format(last)}", "+", self._history.size
+                keys.room_channel(room), f"({format_id(last)}", "+", self._history.size
             )
             for room, last in self._delivered.items()
         }
@@ -601,12 +603,12 @@ class _Acknowledgements:
 
 
 class _Hold:
-    """A session's live messages of one room while its replay is read and written.
+    """A session's live messages of one room while its join reads the stream and answers.
 
-    While the replay is read, every live message is kept. Once it is written up to the room's
-    last entry at the time of the read, the kept ones after that entry are handed over; if
-    none is, the pump has not passed that entry yet, and live messages are dropped until it
-    does (the replay carried them).
+    While the stream is read, every live message is kept. Once the answer (and any replay) is
+    written, up to the room's last entry at the time of the read, the kept ones after that
+    entry are handed over; if none is, the pump has not passed that entry yet, and live
+    messages are dropped until it does (the session has them, or joined after them).
     """
 
     __slots__ = ("after", "kept")
@@ -636,10 +638,6 @@ class _Hold:
 def _after(message_id: StreamId | None, after: StreamId | None) -> bool:
     # an id that is no stream id cannot have been replayed
     return message_id is None or after is None or message_id > after
-
-
-def _format(stream_id: StreamId) -> str:
-    return f"{stream_id[0]}-{stream_id[1]}"
 
 
 def _discard(index: defaultdict[str, set[Session]], key: str, session: Session) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from ._history import FIELD, StreamId, parse_id, with_id
+from ._history import FIELD, StreamId, format_id, parse_id, with_id
 
 if TYPE_CHECKING:
     import builtins
@@ -219,21 +219,17 @@ class _Keyspace:
         stream.last = (ms, 0) if ms > stream.last[0] else (stream.last[0], stream.last[1] + 1)
         stream.append((stream.last, fields))
         del stream[: max(0, len(stream) - maxlen)]
-        return _format_id(stream.last)
+        return format_id(stream.last)
 
     def xrange(self, key: str, start: str, end: str, count: int) -> list[StreamEntry]:
         low, high = _bound(start, low=True), _bound(end, low=False)
         entries = self._read(key, _Stream) or _Stream()
-        return [(_format_id(i), dict(f)) for i, f in entries if low <= i <= high][:count]
+        return [(format_id(i), dict(f)) for i, f in entries if low <= i <= high][:count]
 
     def xrevrange(self, key: str, end: str, start: str, count: int) -> list[StreamEntry]:
         low, high = _bound(start, low=True), _bound(end, low=False)
         entries = self._read(key, _Stream) or _Stream()
-        return [(_format_id(i), dict(f)) for i, f in reversed(entries) if low <= i <= high][:count]
-
-
-def _format_id(stream_id: StreamId) -> str:
-    return f"{stream_id[0]}-{stream_id[1]}"
+        return [(format_id(i), dict(f)) for i, f in reversed(entries) if low <= i <= high][:count]
 
 
 def _bound(text: str, *, low: bool) -> StreamId:
