@@ -19,6 +19,7 @@ from _chat import closed_with as _closed_with
 from trio_websocket import ConnectionRejected
 
 from trio_chat._hub import Hub
+from trio_chat._reaper import sweep
 from trio_chat._store import Batch
 from trio_chat.client import ServerError, open_client
 
@@ -353,6 +354,37 @@ async def test_sigkill_instance_is_reaped_by_a_live_one(redis_server, nursery, t
     assert instances.value == {"survivor"}
 
 
+async def test_a_redis_stall_longer_than_instance_ttl_reaps_no_live_instance(redis_server, nursery):
+    # Every ws:instance key expires during the stall, the live ones' too; the heartbeats
+    # write them back within a third of instance_ttl, before any cleaner may reap.
+    short = {"session": {"ttl": 30, "instance_ttl": 0.4}, "redis": {"command_timeout": 0.3}}
+    names = ["inst-1", "inst-2", "inst-3"]
+    servers = [await start(nursery, make_config(redis_server.url, n, **short)) for n in names]
+    async with (
+        open_client(servers[1].url, make_token("alice")) as alice,
+        open_client(servers[2].url, make_token("bob")) as bob,
+    ):
+        await alice.join("room")
+        await bob.join("room")
+        kept = [f"ws:session:{c.welcome['session_id']}" for c in (alice, bob)]
+        kept += ["ws:user:alice", "ws:user:bob", "ws:room:room"]
+        redis_server.pause()
+        await trio.sleep(1.0)  # 2.5 x instance_ttl
+        redis_server.resume()
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            with trio.fail_after(5):
+                for _ in range(40):  # 2 s: several sweeps of every cleaner
+                    left = await snapshot(backend, *kept)
+                    assert set(left.values()) == {1}, left
+                    await trio.sleep(0.05)
+            batch = Batch()
+            instances = batch.smembers("ws:instances")
+            await backend.execute(batch)
+        assert instances.value == set(names)
+        assert (await bob.send("room", "still here"))["type"] == "ack"
+        assert (await alice.receive())["data"] == "still here"
+
+
 async def test_sigterm_drains_with_1001_and_exit_0(redis_server, tmp_path):
     process, url = await _spawn(tmp_path / "draining.log", redis_server.url, "draining")
     try:
@@ -558,3 +590,28 @@ async def test_a_stale_pump_is_logged_and_reconnected(nursery, caplog):
         await trio.sleep(0.5)  # probes on the new connection come back
         assert hub.pump_healthy
         assert hub.reconnects == 1
+
+
+async def test_the_cleaner_reaps_only_an_instance_missing_for_the_whole_grace(autojump_clock):
+    # the rule behind the stall test above, step by step on the memory store
+    async with open_backend("memory://", command_timeout=1) as backend:
+        batch = Batch()
+        batch.sadd("ws:instances", "me", "stalled", "dead")
+        batch.hset("ws:instance:dead:sessions", {"s1": "alice"})
+        batch.sadd("ws:user:alice", "s1")
+        await backend.execute(batch)
+        suspects: dict[str, float] = {}
+        assert await sweep(backend, "me", suspects=suspects, grace=1.0) == []
+        assert set(suspects) == {"stalled", "dead"}
+        batch = Batch()
+        batch.hset("ws:instance:stalled", {"host": "h"})  # its heartbeat wrote it back
+        await backend.execute(batch)
+        await trio.sleep(1.0)
+        assert await sweep(backend, "me", suspects=suspects, grace=1.0) == ["dead"]
+        assert set(suspects) == {"dead"}  # (the next sweep sees it gone from ws:instances)
+        assert (await snapshot(backend, "ws:user:alice"))["ws:user:alice"] == 0
+        # without a memory (trio-chat clean), a missing key is reaped at once
+        batch = Batch()
+        batch.delete("ws:instance:stalled")
+        await backend.execute(batch)
+        assert await sweep(backend, "me") == ["stalled"]

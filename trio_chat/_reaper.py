@@ -34,8 +34,23 @@ REAP_LOCK_SECONDS = 30.0
 _CHUNK = 1000
 
 
-async def sweep(backend: Backend, reaper_id: str) -> list[str]:
+async def sweep(
+    backend: Backend,
+    reaper_id: str,
+    *,
+    suspects: dict[str, float] | None = None,
+    grace: float = 0.0,
+) -> list[str]:
     """Reap every registered instance whose liveness key has expired.
+
+    Args:
+        backend: the store.
+        reaper_id: who takes the locks (never reaped by itself).
+        suspects: a reaper's memory across sweeps: instance id -> when (trio time) its key
+            was first seen missing. With it, an instance is reaped only once its key has been
+            missing for ``grace`` seconds. After Redis stalled for longer than
+            ``session.instance_ttl``, every instance key has expired at once, the live ones'
+            too; those are written back within a third of that by their heartbeats.
 
     Returns:
         The ids of the instances this call reaped (not those another reaper holds).
@@ -53,6 +68,11 @@ async def sweep(backend: Backend, reaper_id: str) -> list[str]:
     alive = [probe.exists(keys.instance(i)) for i in candidates]
     await backend.execute(probe)
     dead = [i for i, reply in zip(candidates, alive, strict=True) if not reply.value]
+    if suspects is not None:
+        now = trio.current_time()
+        for instance_id in suspects.keys() - set(dead):
+            del suspects[instance_id]  # back (or reaped by another)
+        dead = [i for i in dead if now - suspects.setdefault(i, now) >= grace]
     if not dead:
         return []
     locking = Batch()
@@ -93,11 +113,19 @@ async def reap(backend: Backend, instance_id: str) -> int:
 
 
 async def cleaner(backend: Backend, config: Config) -> None:
-    """Sweep every ``session.instance_ttl`` (with jitter, so peers don't sweep in step)."""
+    """Sweep every ``session.instance_ttl`` (with jitter, so peers don't sweep in step); an
+    instance is reaped once its key has been missing for ``session.instance_ttl`` (see
+    :func:`sweep`), so a Redis stall does not get live peers reaped."""
+    suspects: dict[str, float] = {}
     while True:
         await trio.sleep(config.session.instance_ttl * random.uniform(0.5, 1.0))
         try:
-            await sweep(backend, config.server.instance_id)
+            await sweep(
+                backend,
+                config.server.instance_id,
+                suspects=suspects,
+                grace=config.session.instance_ttl,
+            )
         except BackendUnavailable as exc:
             logger.warning("cleaner: redis unreachable: %s", exc)
 
