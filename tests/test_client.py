@@ -78,3 +78,25 @@ async def test_a_ban_ends_it_for_good(redis_server, nursery):
             with pytest.raises(LoggedOut):
                 await bob.ping()
     assert (ended.value.code, bob.reconnects) == (4403, 0)
+
+
+async def test_it_recovers_what_was_said_in_a_room_empty_when_it_joined(redis_server, nursery):
+    port = free_port()
+    config = make_config(redis_server.url, "inst-a")
+    config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
+    other = await start(nursery, make_config(redis_server.url, "inst-b"))
+    with trio.fail_after(TIME_LIMIT):
+        server, scope = await _instance(nursery, config)
+        async with (
+            open_client(other.url, make_token("alice")) as alice,
+            open_reconnecting_client(server.url, make_token("bob"), max_delay=0.2) as bob,
+        ):
+            await bob.join("quiet")  # nothing said there yet
+            await alice.join("quiet")
+            scope.cancel()
+            said = await alice.send("quiet", "while bob was away")
+            await _instance(nursery, config)
+            rejoined = await bob.receive()
+            replayed = await bob.receive()
+    assert (rejoined["type"], rejoined["missed"]) == ("joined", 1)
+    assert replayed["id"] == said["id"]

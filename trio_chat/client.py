@@ -180,6 +180,8 @@ async def open_client(
         await trio.aclose_forcefully(stream)
 
 
+#: the ``since`` of a room that was empty when joined: the beginning of its stream
+ROOM_START = "0-0"
 #: close codes after which reconnecting is pointless: logged out, kicked, banned (SPEC §7)
 FINAL_CLOSE_CODES = frozenset({4000, 4403})
 TOKEN_EXPIRED_CLOSE = 4401
@@ -261,8 +263,11 @@ class ReconnectingClient:
         """Join ``room`` (and rejoin it after every reconnect, from the room's last message
         when joined if nothing is seen here before)."""
         reply = await self.request("join", room=room)
-        if self.rooms.get(room) is None:
-            self.rooms[room] = reply.get("last")
+        if self.rooms.get(room) is None and "last" in reply:  # (no "last": history is off)
+            # An empty room: a rejoin asks for the whole stream, which the server then sends
+            # without vouching for it (recovered: false), since it cannot tell a stream that
+            # began after the join from one trimmed since.
+            self.rooms[room] = reply["last"] or ROOM_START
         return reply
 
     async def leave(self, room: str) -> Frame:
