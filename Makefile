@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server chromium clean bench
+.PHONY: run test lint typecheck check redis-server chromium clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ $(LOADGEN_STAMP): bench/loadgen/package.json bench/loadgen/package-lock.json
 
 bench: $(STAMP) redis-server $(BENCH_STAMP) $(LOADGEN_STAMP)
 	$(PYTHON) bench/run.py $(ARGS)
+
+# bench/soak.py: chat for N minutes under instance kills and drains, Redis pauses and restarts,
+# socket resets, logouts and bans (and, as root, --netem), then checks that nothing acknowledged
+# was lost, nothing came twice and nothing leaked. `make soak ARGS="--minutes 30"`.
+soak: $(STAMP) redis-server
+	$(BIN)/python bench/soak.py $(or $(ARGS),--minutes 10)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
