@@ -833,3 +833,43 @@ async def test_since_edge_cases_on_both_backends(store_url, nursery):
     assert [(f["id"], f["from"]) for f in own_frames] == [(a["id"], "alice") for a in acks[1:]]
     assert (rejoined["recovered"], rejoined["missed"]) == (True, 1)
     assert [f["id"] for f in rejoined_frames] == [acks[3]["id"]]
+
+
+async def test_a_send_redis_ran_after_stalling_is_acked_not_refused(redis_server, nursery):
+    # found by the soak: Redis paused past the command timeout still runs the script it had
+    # read; the sender must not be told 'unavailable' for a message everyone then receives
+    config = make_config(redis_server.url, redis={"command_timeout": 0.3})
+    server = await start(nursery, config)
+    with trio.fail_after(10):
+        async with (
+            open_client(server.url, make_token("alice")) as alice,
+            open_client(server.url, make_token("bob")) as bob,
+        ):
+            await alice.join("room")
+            await bob.join("room")
+            await alice.send("room", "warm")  # the script is loaded
+            assert (await bob.receive())["data"] == "warm"
+            redis_server.pause()
+            await alice.send_frame({"type": "send", "room": "room", "data": "stalled", "ref": 7})
+            await trio.sleep(0.5)  # past the command timeout: the batch got no answer
+            redis_server.resume()
+            answer = await alice.receive()
+            got = await bob.receive()
+            assert (await bob.ping())["type"] == "pong"  # and nothing more
+    assert (answer["type"], answer["ref"]) == ("ack", 7)
+    assert (got["data"], got["id"]) == ("stalled", answer["id"])
+
+
+async def test_a_send_redis_never_ran_is_unavailable_and_never_delivered(redis_server, nursery):
+    config = make_config(redis_server.url, redis={"command_timeout": 0.3})
+    server = await start(nursery, config)
+    with trio.fail_after(10):
+        async with open_client(server.url, make_token("alice")) as alice:
+            await alice.join("room")
+            await alice.send("room", "warm")
+            redis_server.pause()
+            await alice.send_frame({"type": "send", "room": "room", "data": "lost", "ref": 7})
+            await trio.sleep(0.5)
+            redis_server.kill()  # what it had read dies with it
+            answer = await alice.receive()
+    assert (answer["type"], answer["code"], answer["ref"]) == ("error", "unavailable", 7)

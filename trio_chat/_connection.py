@@ -338,7 +338,13 @@ class ConnectionHandler:
     # --- frames --------------------------------------------------------------------------------
 
     async def _read_loop(self, session: Session) -> None:
-        outbox = Outbox(session, self.backend, self.metrics, self.config.history)
+        outbox = Outbox(
+            session,
+            self.backend,
+            self.metrics,
+            self.config.history,
+            settle=2 * self.config.redis.command_timeout,
+        )
         max_bytes = self.config.limits.max_message_bytes
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:

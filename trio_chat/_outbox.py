@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from . import _keys as keys
 from ._errors import BackendUnavailable, ProtocolError
-from ._history import publish
+from ._history import FIELD, publish
 from ._messages import INTERNAL, UNAVAILABLE, encode, error_frame
 from ._store import Batch
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from ._store import Backend
 
 logger = logging.getLogger(__name__)
+
+#: seconds between tries to read what became of sends without an answer
+_SETTLE_RETRY = 0.1
 
 
 @attrs.frozen
@@ -52,12 +56,20 @@ class Outbox:
     LIMIT = 64
 
     def __init__(
-        self, session: Session, backend: Backend, metrics: Metrics, history: HistoryConfig
+        self,
+        session: Session,
+        backend: Backend,
+        metrics: Metrics,
+        history: HistoryConfig,
+        *,
+        settle: float = 0.0,
     ) -> None:
         self._session = session
         self._backend = backend
         self._metrics = metrics
         self._history = history
+        #: seconds to find out what became of sends whose batch got no answer (see _settle)
+        self._settle_for = settle
         self._waiting: list[Outgoing] = []
         self._idle: trio.Event | None = None  # while a sender task runs: set when it ends
 
@@ -95,12 +107,15 @@ class Outbox:
                 await self._backend.execute(batch)
         except BackendUnavailable as exc:
             logger.warning("session %s: %d send(s) failed: %s", self._session.id, len(taken), exc)
-            for outgoing in taken:
-                self._session.reply(
-                    error_frame(
-                        ProtocolError(UNAVAILABLE, "store unreachable; not delivered", outgoing.ref)
+            appended = await self._settle(taken)
+            for outgoing, entry_id in zip(taken, appended, strict=True):
+                if entry_id is not None:
+                    self._session.reply(encode("ack", outgoing.ref, id=entry_id, ts=outgoing.ts))
+                else:
+                    refusal = ProtocolError(
+                        UNAVAILABLE, "store unreachable; not delivered", outgoing.ref
                     )
-                )
+                    self._session.reply(error_frame(refusal))
         except Exception:
             logger.exception("session %s: publishing failed", self._session.id)
             for outgoing in taken:
@@ -111,3 +126,50 @@ class Outbox:
             for outgoing, message_id in zip(taken, ids, strict=True):
                 ack = encode("ack", outgoing.ref, id=message_id.value, ts=outgoing.ts)
                 self._session.reply(ack)
+
+    async def _settle(self, taken: list[Outgoing]) -> list[str | None]:
+        """Find which of ``taken`` Redis appended after all: the entry id of each, or None.
+
+        A batch that got no answer in time may have run anyway: Redis stalled (SIGSTOP, a long
+        fork, a slow disk) runs the script still in its socket buffer when it resumes. So,
+        within ``settle`` seconds, the rooms' recent entries are read until two reads in a
+        row have answered (the second comes after Redis has gone through whatever the first
+        connection still held), and a send whose message is there is acknowledged with its
+        id. What is not there, or was not read in time, is answered ``unavailable``. Without
+        history there is nothing to read: every one is ``unavailable``.
+        """
+        found: list[str | None] = [None] * len(taken)
+        if not self._history.size or not self._settle_for:
+            return found
+        rooms = {outgoing.room for outgoing in taken}
+        reads = 0
+        with trio.move_on_after(self._settle_for):
+            while reads < 2 and None in found:
+                batch = Batch()
+                recent = {
+                    room: batch.xrevrange(keys.room_channel(room), "+", "-", self._history.size)
+                    for room in rooms
+                }
+                try:
+                    await self._backend.execute(batch)
+                except BackendUnavailable:
+                    await trio.sleep(_SETTLE_RETRY)
+                    continue
+                reads += 1
+                # oldest first, so that equal messages (same session, ms and data) pair in order
+                appended: dict[tuple[str, str], list[str]] = {}
+                for room, entries in recent.items():
+                    for entry_id, fields in reversed(entries.value):
+                        appended.setdefault((room, fields.get(FIELD, "")), []).append(entry_id)
+                found = [
+                    ids.pop(0) if (ids := appended.get((o.room, o.message))) else None
+                    for o in taken
+                ]
+        if settled := len(taken) - found.count(None):
+            logger.info(
+                "session %s: %d of %d send(s) without an answer were appended after all",
+                self._session.id,
+                settled,
+                len(taken),
+            )
+        return found
