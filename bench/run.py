@@ -65,6 +65,9 @@ LAYOUT_NOTES = {
     "generator gets its URL twice and the kernel spreads the connections",
 }
 TRIO_LAYOUT: list[str] = ["2x1"]
+#: --history-size: TRIO_CHAT_HISTORY_SIZE for the trio-chat instances (None: the server's
+#: default, 200); 0 turns history off, so a send is a bare PUBLISH instead of the script
+HISTORY_SIZE: list[int | None] = [None]
 PR_SET_PDEATHSIG = 1
 
 
@@ -192,6 +195,7 @@ def trio_chat_server(
         "TRIO_CHAT_LIMITS_FRAME_BURST": "100000",
         "TRIO_CHAT_LIMITS_MAX_SESSIONS_PER_USER": "100000",
         "TRIO_CHAT_LIMITS_MAX_CONNECTIONS": "100000",
+        **({} if HISTORY_SIZE[0] is None else {"TRIO_CHAT_HISTORY_SIZE": str(HISTORY_SIZE[0])}),
         **TRIO_ENV,
     }
     port = free_port() if workers > 1 else 0
@@ -256,8 +260,12 @@ def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[
 
 
 def system_label(system: str) -> str:
-    """The system's name in the tables: trio-chat with its layout, e.g. "trio-chat (1x2)"."""
-    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]})" if system == "trio" else SYSTEMS[system]
+    """The system's name in the tables: trio-chat with its layout, e.g. "trio-chat (1x2)", and
+    the history size when --history-size gave one ("trio-chat (2x1, history 0)")."""
+    if system != "trio":
+        return SYSTEMS[system]
+    history = "" if HISTORY_SIZE[0] is None else f", history {HISTORY_SIZE[0]}"
+    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history})"
 
 
 def connections_by_instance(workdir: Path) -> dict[str, int]:
@@ -365,6 +373,7 @@ def one_pass(
     )
     if system == "trio":
         result["trio_layout"] = TRIO_LAYOUT[0]
+        result["history_size"] = HISTORY_SIZE[0]
         result["connections_by_instance"] = connections_by_instance(workdir)
     return result
 
@@ -533,6 +542,15 @@ def ratio(a: object, b: object) -> str:
     return f"{a / b:.2f}"
 
 
+def cpu_per_delivery(step: dict[str, object]) -> float | None:
+    """Server CPU microseconds per delivered message over the measured window (which runs
+    from the first send until everything arrived or the drain ended)."""
+    cores, wall, received = step.get("server_cpu"), step.get("wall_s"), step.get("received")
+    if not all(isinstance(v, (int, float)) for v in (cores, wall, received)) or not received:
+        return None
+    return round(cores * wall / received * 1e6, 3)  # type: ignore[operator]
+
+
 def peak(steps: list[dict[str, object]], p99_limit: float) -> object:
     """Highest rate with no loss and p99 under the limit (None when there is none)."""
     good = [
@@ -573,12 +591,17 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
             def pick(field: str, i: int = index) -> object:
                 return lambda r: r["steps"][i].get(field) if i < len(r["steps"]) else None
 
+            def per_delivery(i: int = index) -> object:
+                return lambda r: cpu_per_delivery(r["steps"][i]) if i < len(r["steps"]) else None
+
             row(label, "delivered msg/s", "A", pick("delivered_per_s"), "↑")
             row(label, "p50 ms", "A", pick("p50_ms"), "↓")
             row(label, "p99 ms", "A", pick("p99_ms"), "↓")
             row(label, "max ms", "A", pick("max_ms"), "↓")
             row(label, "lost msgs", "A", pick("lost"), "↓")
             row(label, "server CPU s/s", "A", pick("server_cpu"), "↓")
+            row(label, "server CPU µs/delivery", "A", per_delivery(), "↓")
+            row(label, "Redis CPU s/s", "A", pick("redis_cpu"), "↓")
         row(
             f"A peak (0 loss, p99 < {p99_limit:g} ms)",
             "msg/s",
@@ -915,8 +938,19 @@ def main() -> int:
         help="trio-chat processes x workers: 2x1 two instances (the default), 1x1 one, 1x2 "
         "one `serve --workers 2` (python-socketio always runs two instances)",
     )
+    parser.add_argument(
+        "--history-size",
+        type=int,
+        metavar="N",
+        help="trio-chat's history.size (TRIO_CHAT_HISTORY_SIZE): messages kept per room; 0 = "
+        "history off, a send is a bare PUBLISH (default: the server's default, 200)",
+    )
     args = parser.parse_args()
     TRIO_LAYOUT[0] = args.trio_layout
+    if args.history_size is not None:
+        if args.history_size < 0:
+            parser.error("--history-size must be >= 0")
+        HISTORY_SIZE[0] = args.history_size
 
     quick = args.quick
     for item in args.trio_env:
@@ -1079,7 +1113,13 @@ def main() -> int:
     print(f"\n{date}, {mode} run ({' '.join(sys.argv[1:]) or 'defaults'}), {elapsed:.0f} s wall")
     print(versions())
     if "trio" in systems:
-        print(f"{system_label('trio')}: {LAYOUT_NOTES[args.trio_layout]}")
+        history = (
+            "history.size 200 (the server's default)"
+            if args.history_size is None
+            else f"history.size {args.history_size}"
+            + (" (history off: a send is a bare PUBLISH)" if args.history_size == 0 else "")
+        )
+        print(f"{system_label('trio')}: {LAYOUT_NOTES[args.trio_layout]}; {history}")
     print()
     print(table(results, args.p99_limit))
     print("\nConditions of each measured window (CPU in cores: CPU seconds per second):\n")
@@ -1115,6 +1155,7 @@ def main() -> int:
                     "date": date,
                     "quick": quick,
                     "trio_layout": args.trio_layout,
+                    "history_size": args.history_size,
                 },
                 indent=1,
             )
