@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _redis_cluster import RedisCluster
 from _redis_server import RedisServer, free_port
 
 from trio_chat._backends import open_backend
@@ -44,6 +45,35 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+
+
+def _cluster() -> Iterator[RedisCluster]:
+    missing = [name for name in ("redis-server", "redis-cli") if shutil.which(name) is None]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not on PATH: `make test` installs Debian's redis-server "
+            "(or run `make redis-server`), which brings redis-cli"
+        )
+    cluster = RedisCluster()  # in a temporary directory of its own, which stop() removes
+    cluster.start()  # about 2.2 s: a new master waits 2 s before it says cluster_state:ok
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own (3 masters, 3 replicas, free ports), ok everywhere:
+    for tests that kill, pause or restart nodes, or move slots."""
+    yield from _cluster()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_module() -> Iterator[RedisCluster]:
+    """One Redis Cluster shared by a module's tests, which must leave it as they found it
+    (every node running, the slots where they were); keys and scripts may stay behind."""
+    yield from _cluster()
 
 
 @pytest.fixture(params=["memory", "redis"])
