@@ -246,9 +246,13 @@ class Stream:
         """The ids in order, ``origin`` first."""
         return [self.origin] + [ack["id"] for ack in self.acks]
 
-    def done(self, frames: list[Frame]) -> bool:
-        """Everything is sent, and ``frames`` end with the last one."""
-        return self.sent.is_set() and bool(frames) and frames[-1]["id"] == self.acks[-1]["id"]
+    def done(self, frames: list[Frame], since: str | None = None) -> bool:
+        """Everything is sent, and ``frames`` end with the last one (or there are none, and
+        they follow ``since``, which is the last one: a join from the end replays nothing)."""
+        if not self.sent.is_set():
+            return False
+        last = frames[-1]["id"] if frames else since
+        return last == self.acks[-1]["id"]
 
 
 class Comebacks:
@@ -330,7 +334,7 @@ class Rejoins:
             self.segments.append((since, []))
             frames = self.segments[-1][1]
             with trio.move_on_after(math.inf if last else self.rng.uniform(0.02, 0.12)):
-                while not stream.done(frames):
+                while not stream.done(frames, since):
                     frames.append(await chat.receive())
             candidates = [since] + [f["id"] for f in frames]
             since = self.rng.choice(candidates[-20:])
@@ -341,7 +345,8 @@ class Rejoins:
         for since, frames in self.segments:
             assert [f["type"] for f in frames] == ["message"] * len(frames)
             check_segment([f["id"] for f in frames], since, acked)
-        assert self.segments[-1][1][-1]["id"] == acked[-1]
+        since, frames = self.segments[-1]
+        assert (frames[-1]["id"] if frames else since) == acked[-1]  # read to the end
         assert [(j["recovered"], j["room"]) for j in self.joins] == [(True, ROOM)] * len(self.joins)
         replayed = sum(j["missed"] for j in self.joins)
         assert replayed > 0
