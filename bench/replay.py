@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -34,7 +33,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import jwt
 import run  # bench/run.py: the process helpers
 import trio
 
@@ -42,18 +40,6 @@ from trio_chat.client import ChatClient, open_client
 
 ROOM = "replay"
 ROUND_TIMEOUT = 30.0
-
-
-def token(user: str) -> str:
-    now = int(time.time())
-    claims = {"sub": user, "iat": now, "exp": now + 3600}
-    return jwt.encode(claims, run.SECRET, algorithm="HS256")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest rank."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 async def send_batch(writer: ChatClient, count: int, payload: str, start: int) -> list[str]:
@@ -81,10 +67,10 @@ async def rounds(url: str, args: argparse.Namespace) -> dict[str, Any]:
     connect_ms: list[float] = []
     recovered: Counter[bool] = Counter()
     sent = 0
-    async with open_client(url, token("writer")) as writer:
+    async with open_client(url, run.token("writer")) as writer:
         await writer.join(ROOM)
         # the reader's first visit: one message seen
-        async with open_client(url, token("reader")) as reader:
+        async with open_client(url, run.token("reader")) as reader:
             await reader.join(ROOM)
             (last,) = await send_batch(writer, 1, payload, sent)
             sent += 1
@@ -98,7 +84,7 @@ async def rounds(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 acked = await send_batch(writer, args.missed, payload, sent)
                 sent += args.missed
                 t_connect = time.perf_counter()
-                async with open_client(url, token("reader")) as reader:
+                async with open_client(url, run.token("reader")) as reader:
                     t0 = time.perf_counter()
                     joined = await reader.request("join", room=ROOM, since=last)
                     t_joined = time.perf_counter()
@@ -137,7 +123,7 @@ async def rounds(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def row(label: str, samples: list[float]) -> str:
-    cells = [percentile(samples, q) for q in (50, 90, 99)] + [max(samples)]
+    cells = [run.percentile(samples, q) for q in (50, 90, 99)] + [max(samples)]
     return f"| {label} | {len(samples)} | " + " | ".join(f"{v:.2f}" for v in cells) + " |"
 
 

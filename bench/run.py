@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -69,6 +70,20 @@ TRIO_LAYOUT: list[str] = ["2x1"]
 #: default, 200); 0 turns history off, so a send is a bare PUBLISH instead of the script
 HISTORY_SIZE: list[int | None] = [None]
 PR_SET_PDEATHSIG = 1
+
+
+def token(user: str) -> str:
+    """An hour's HS256 token for ``user``, signed with the instances' secret."""
+    import jwt  # the bench venv's scripts that never mint one need not have it
+
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + 3600}, SECRET, algorithm="HS256")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest rank."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 class BenchError(Exception):

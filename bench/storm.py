@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jwt
 import run  # bench/run.py: the process helpers
 import trio
 
@@ -58,18 +57,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def token(user: str) -> str:
-    now = int(time.time())
-    claims = {"sub": user, "iat": now, "exp": now + 3600}
-    return jwt.encode(claims, run.SECRET, algorithm="HS256")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest rank."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def raise_nofile() -> None:
@@ -128,7 +115,7 @@ async def client_process(config: dict[str, Any]) -> None:
     for room in rooms:
         for m in range(members):
             user = f"{room}-m{m}"
-            records.append({"room": room, "user": user, "token": token(user), "before": []})
+            records.append({"room": room, "user": user, "token": run.token(user), "before": []})
     opening = trio.Semaphore(config["concurrency"])
     counts = {"ready": 0, "rejoined": 0, "failed": 0}
     all_ready = trio.Event()
@@ -318,7 +305,7 @@ class Senders:
         return sum(map(len, self.acks.values()))
 
     async def connect(self, url: str, room: str, gate: trio.Semaphore) -> None:
-        async with opened(gate, url, token(f"sender-{room}")) as chat:
+        async with opened(gate, url, run.token(f"sender-{room}")) as chat:
             await chat.join(room)
             self.clients[room] = chat
             if len(self.clients) == len(self.rooms):
@@ -551,11 +538,11 @@ def analyse(
     return {
         "clients": len(clients),
         "storm_s": round(storm_s, 3),
-        "caught_up_s": {q: round(percentile(caught_up, q), 3) for q in (50, 90, 99)}
+        "caught_up_s": {q: round(run.percentile(caught_up, q), 3) for q in (50, 90, 99)}
         if caught_up
         else {},
         "all_joined_s": round(max(joined_at), 3) if joined_at else None,
-        "joined_p50_s": round(percentile(joined_at, 50), 3) if joined_at else None,
+        "joined_p50_s": round(run.percentile(joined_at, 50), 3) if joined_at else None,
         "closed_seen_s": [round(min(closed_at), 3), round(max(closed_at), 3)]
         if closed_at
         else None,
