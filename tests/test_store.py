@@ -514,9 +514,9 @@ async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
     pipelines = []
     pipeline = trio_chat._redis._pipeline
 
-    async def counted(commands, client):
+    async def counted(commands, sharded, client):
         pipelines.append(len(commands))
-        return await pipeline(commands, client)
+        return await pipeline(commands, sharded, client)
 
     monkeypatch.setattr(trio_chat._redis, "_pipeline", counted)
     with trio.fail_after(TIME_LIMIT):
@@ -541,9 +541,9 @@ async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
     # never be reported as failed after it ran.)
     pipeline = trio_chat._redis._pipeline
 
-    async def slow(commands, client):
+    async def slow(commands, sharded, client):
         await trio.sleep(0.2)
-        return await pipeline(commands, client)
+        return await pipeline(commands, sharded, client)
 
     results = {}
 

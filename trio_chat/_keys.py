@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
+
 INSTANCES = "ws:instances"
 LOGOUT_CHANNEL = "auth:logout"
 CHANGED_CHANNEL = "auth:changed"
 ROOM_CHANNEL_PREFIX = "chat:room:"
 CONTROL_CHANNEL_PREFIX = "ws:control:"
+#: hash slots of a Redis Cluster
+SLOTS = 16384
 
 
 def auth(user_id: str) -> str:
@@ -43,3 +47,20 @@ def room_channel(room: str) -> str:
 
 def control_channel(instance_id: str) -> str:
     return f"{CONTROL_CHANNEL_PREFIX}{instance_id}"
+
+
+def is_shard_channel(channel: str) -> bool:
+    """On a Redis Cluster, a shard channel (SPEC §12): carried only by its slot's shard."""
+    return channel.startswith((ROOM_CHANNEL_PREFIX, CONTROL_CHANNEL_PREFIX))
+
+
+def hash_slot(name: str) -> int:
+    """The Redis Cluster slot of a key or shard channel: CRC16 (XMODEM) of its hash tag, or of
+    the whole name when it has none, modulo 16384."""
+    data = name.encode()
+    start = data.find(b"{")
+    if start != -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import anyio
 import coredis
 import trio
+from coredis.commands.constants import CommandName
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import NoScriptError, ResponseError
 from coredis.patterns.pubsub import PubSub
@@ -26,11 +27,13 @@ from coredis.retry import NoRetryPolicy
 
 from ._errors import BackendUnavailable, ConfigError, single_error
 from ._history import APPEND_SCRIPT, APPEND_SHA
+from ._keys import hash_slot, is_shard_channel
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from coredis.patterns.pipeline import Pipeline
+    from coredis.typing import RedisValueT
 
     from ._store import Batch, Command
 
@@ -52,19 +55,22 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def _unavailable(what: str) -> Iterator[None]:
+def unavailable(what: str) -> Iterator[None]:
     """Turn a lost connection or a timeout, bare or grouped by a task group, into ours."""
     try:
         yield
     except* _UNAVAILABLE as group:
-        error = group.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        detail = ": ".join(filter(None, (type(error).__name__, str(error))))
-        raise BackendUnavailable(f"{what}: {detail}") from group
+        raise BackendUnavailable(f"{what}: {_describe(group)}") from group
 
 
-def _without_password(url: str) -> str:
+def _describe(error: BaseException) -> str:
+    """The first exception of what may be a group of groups, as ``Type: message``."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return ": ".join(filter(None, (type(error).__name__, str(error))))
+
+
+def without_password(url: str) -> str:
     """``url`` for logs and messages: no password, in the authority or as a query argument."""
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
@@ -75,15 +81,30 @@ def _without_password(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
+def make_client(url: str, *, timeout: float, **options: Any) -> coredis.Redis[str]:
+    """A coredis client for the server at ``url`` that fails at once (no retry), every round
+    trip and connection bounded by ``timeout``; ``options`` go to coredis. It does no I/O."""
+    return coredis.Redis.from_url(
+        url,
+        decode_components=True,  # so that a password may be %-encoded
+        decode_responses=True,
+        retry_policy=NoRetryPolicy(),  # a failure is reported at once; callers decide
+        connect_timeout=timeout,
+        stream_timeout=timeout,
+        **options,
+    )
+
+
 def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
+def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[Any] | None:
     """Queue ``command`` on ``pipe``; None when it names nothing to act on (its reply is 0).
 
     Redis refuses e.g. ``SREM key`` with no member as a syntax error; the memory backend just
-    answers 0, and so do we, without sending it.
+    answers 0, and so do we, without sending it. On a cluster node (``sharded``), room and
+    control channels are shard channels: SPUBLISH, from the history script too (SPEC §12).
     """
     match command.name, command.args:
         case "get", (key,):
@@ -137,11 +158,18 @@ def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
             return pipe.zremrangebyscore(key, low, high)
         case "zcard", (key,):
             return pipe.zcard(key)
+        case "publish", (channel, message) if sharded and is_shard_channel(channel):
+            sent: Awaitable[int] = pipe.spublish(channel, message)  # (untyped in coredis 6.9)
+            return sent
         case "publish", (channel, message):
             return pipe.publish(channel, message)
         case "append", (key, message, maxlen, ttl):
-            args = (message, maxlen, _milliseconds(ttl), "PUBLISH")
+            publish = "SPUBLISH" if sharded else "PUBLISH"
+            args = (message, maxlen, _milliseconds(ttl), publish)
             return pipe.evalsha(APPEND_SHA, keys=[key], args=args)
+        case "asking", ():  # the next command is for a slot this node is importing
+            asked: Awaitable[bool] = pipe.asking()
+            return asked
         case "xrange", (key, start, end, count):
             return pipe.xrange(key, start, end, count)
         case "xrevrange", (key, end, start, count):
@@ -149,25 +177,27 @@ def _queue(pipe: Pipeline[str], command: Command) -> Awaitable[Any] | None:
     raise ValueError(f"unsupported command {command.name}{command.args!r}")
 
 
-async def _pipeline(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
+async def _pipeline(
+    commands: list[Command], sharded: bool, client: coredis.Redis[str]
+) -> list[Any]:
     """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with.
 
     The history script is sent by its SHA only; where Redis does not have it (it restarted
     empty, or SCRIPT FLUSH), it is loaded and those commands, which did not run, are sent again
     in their order.
     """
-    replies = await _run(commands, client)
+    replies = await _run(commands, sharded, client)
     if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
         await client.script_load(APPEND_SCRIPT)
-        again = await _run([commands[n] for n in missing], client)
+        again = await _run([commands[n] for n in missing], sharded, client)
         for n, reply in zip(missing, again, strict=True):
             replies[n] = reply
     return replies
 
 
-async def _run(commands: list[Command], client: coredis.Redis[str]) -> list[Any]:
+async def _run(commands: list[Command], sharded: bool, client: coredis.Redis[str]) -> list[Any]:
     async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-        requests = [_queue(pipe, command) for command in commands]
+        requests = [_queue(pipe, command, sharded) for command in commands]
     replies: list[Any] = []
     for request in requests:
         try:
@@ -190,10 +220,11 @@ def _reply(name: str, value: Any) -> Any:
 class _Queued:
     """A batch waiting for the next pipeline, and what became of it."""
 
-    __slots__ = ("abandoned", "batch", "done", "error", "taken")
+    __slots__ = ("abandoned", "batch", "done", "each", "error", "taken")
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, each: bool) -> None:
         self.batch = batch
+        self.each = each  # error replies go to their commands' replies, not raised
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.taken = False  # in a pipeline now: it may have run, whatever happens next
@@ -218,14 +249,21 @@ class RedisBackend:
     """
 
     def __init__(
-        self, url: str, nursery: trio.Nursery, *, command_timeout: float, ping_interval: float
+        self,
+        url: str,
+        nursery: trio.Nursery,
+        *,
+        command_timeout: float,
+        ping_interval: float,
+        sharded: bool = False,
     ) -> None:
         #: the URL without its password
-        self.url = _without_password(url)
+        self.url = without_password(url)
         self._secret_url = url
         self._nursery = nursery  # holds the clients open
         self._timeout = command_timeout
         self._ping_interval = ping_interval
+        self._sharded = sharded  # a node of a cluster: shard channels are SPUBLISHed
         try:
             self._client = self._new_client()
         except ValueError as exc:  # e.g. a port or db that is not a number
@@ -236,15 +274,7 @@ class RedisBackend:
         self._sending = False  # the sender task runs; execute() fails at once without it
 
     def _new_client(self, **options: Any) -> coredis.Redis[str]:
-        return coredis.Redis.from_url(
-            self._secret_url,
-            decode_components=True,  # so that a password may be %-encoded
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),  # a failure is reported at once; callers decide
-            connect_timeout=self._timeout,
-            stream_timeout=self._timeout,
-            **options,
-        )
+        return make_client(self._secret_url, timeout=self._timeout, **options)
 
     async def _open(self) -> None:
         await self._nursery.start(self._hold, self._client, self._retire)
@@ -269,7 +299,7 @@ class RedisBackend:
         client = self._client
         try:
             with (
-                _unavailable(f"Redis at {self.url}"),
+                unavailable(f"Redis at {self.url}"),
                 trio.fail_after(self._timeout, shield=True),
             ):
                 return await request(client)
@@ -286,14 +316,16 @@ class RedisBackend:
             self._retire.set()
             self._client, self._retire = client, retire
 
-    async def execute(self, batch: Batch) -> None:
+    async def execute(self, batch: Batch, *, each: bool = False) -> None:
         """Send ``batch`` in the next pipeline and fill in its replies.
 
         It waits at most ``command_timeout`` to be sent; once sent, it runs to its end, or to
         its own ``command_timeout``, even when the caller is cancelled meanwhile (see the
         class docstring). So BackendUnavailable means either "never sent" or "Redis did not
         answer", never "ran, but we stopped waiting". A command on a key of the wrong type
-        raises coredis's ``WrongTypeError``, after the whole pipeline ran.
+        raises coredis's ``WrongTypeError``, after the whole pipeline ran; with ``each``, a
+        command Redis answered with an error gets that error as its reply instead (the cluster
+        backend reads its redirections so).
 
         Raises:
             BackendUnavailable: Redis could not be reached or did not answer in time.
@@ -302,7 +334,7 @@ class RedisBackend:
             return
         if not self._sending:
             raise BackendUnavailable(f"Redis at {self.url}: the backend is closed")
-        queued = _Queued(batch)
+        queued = _Queued(batch, each)
         self._queued.append(queued)
         self._wake.set()
         with trio.CancelScope(shield=True):
@@ -351,7 +383,7 @@ class RedisBackend:
     async def _send(self, taken: list[_Queued]) -> None:
         commands = [command for queued in taken for command in queued.batch.commands]
         try:
-            replies = await self._call(partial(_pipeline, commands))
+            replies = await self._call(partial(_pipeline, commands, self._sharded))
         except BackendUnavailable as exc:
             for queued in taken:
                 queued.error = BackendUnavailable(str(exc))
@@ -367,11 +399,12 @@ class RedisBackend:
                 position += len(mine)
                 try:
                     errors = [reply for reply in mine if isinstance(reply, ResponseError)]
-                    if errors:
+                    if errors and not queued.each:
                         queued.error = errors[0]
                         continue
                     for command, reply in zip(queued.batch.commands, mine, strict=True):
-                        command.reply.set(_reply(command.name, reply))
+                        failed = isinstance(reply, ResponseError)
+                        command.reply.set(reply if failed else _reply(command.name, reply))
                 except Exception as exc:  # a reply we cannot read: this batch's failure only
                     logger.exception("Redis reply not understood")
                     queued.error = BackendUnavailable(f"Redis reply not understood: {exc!r}")
@@ -380,7 +413,7 @@ class RedisBackend:
                 queued.done.set()
 
     @asynccontextmanager
-    async def subscription(self) -> AsyncIterator[_RedisSubscription]:
+    async def subscription(self) -> AsyncIterator[RedisSubscription]:
         """Open a Pub/Sub connection of its own, read by a task of this context; see Backend.
 
         Its own client too: replacing the batch client never disturbs it, and whatever coredis's
@@ -389,44 +422,227 @@ class RedisBackend:
         Raises:
             BackendUnavailable: on entry, when Redis cannot be reached within the timeout.
         """
-        subscription = _RedisSubscription(
-            self._new_client(max_connections=1),
+
+        def connect(node: str) -> coredis.Redis[str]:
+            return self._new_client(max_connections=1)
+
+        async with open_subscription(
+            connect,
+            lambda channel: self.url,
             self.url,
-            timeout=self._timeout,
+            command_timeout=self._timeout,
             ping_interval=self._ping_interval,
-        )
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                with _unavailable(f"Redis at {self.url}"), trio.fail_after(self._timeout):
-                    await nursery.start(subscription.run)
-                try:
-                    yield subscription
-                finally:
-                    subscription.close()
-                    nursery.cancel_scope.cancel()
+        ) as subscription:
+            yield subscription
 
 
-class _RedisSubscription:
-    """One coredis Pub/Sub connection, with no retry: a lost connection ends ``messages()``."""
+@asynccontextmanager
+async def open_subscription(
+    connect: Callable[[str], coredis.Redis[str]],
+    route: Callable[[str], str],
+    first: str,
+    *,
+    command_timeout: float,
+    ping_interval: float,
+    sharded: bool = False,
+) -> AsyncIterator[RedisSubscription]:
+    """A :class:`RedisSubscription` whose connection to node ``first`` is open; it is closed,
+    with every connection it opened, when the context exits.
+
+    Args:
+        connect: a new client (of one connection, failing at once) for a node.
+        route: the node whose connection subscribes a channel.
+        sharded: the nodes form a cluster, where room and control channels are shard channels.
+
+    Raises:
+        BackendUnavailable: ``first`` cannot be reached within ``command_timeout``.
+    """
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            subscription = RedisSubscription(
+                nursery,
+                connect,
+                route,
+                timeout=command_timeout,
+                ping_interval=ping_interval,
+                sharded=sharded,
+            )
+            try:
+                await subscription.connection(first)
+                yield subscription
+            finally:
+                subscription.close()
+                nursery.cancel_scope.cancel()
+
+
+class RedisSubscription:
+    """Pub/Sub connections, one per node it needs, read as one stream of messages.
+
+    On a single Redis it holds one connection; on a cluster, one per master owning a channel
+    it subscribed (SSUBSCRIBE there), the classic channels on the master ``route`` names for
+    them. There is no retry: the first connection lost, or a shard channel the server
+    unsubscribed by itself (its slot moved), ends ``messages()`` with BackendUnavailable, and
+    the owner opens a new subscription, which finds the nodes anew.
+    """
 
     def __init__(
-        self, client: coredis.Redis[str], url: str, *, timeout: float, ping_interval: float
+        self,
+        nursery: trio.Nursery,
+        connect: Callable[[str], coredis.Redis[str]],
+        route: Callable[[str], str],
+        *,
+        timeout: float,
+        ping_interval: float,
+        sharded: bool,
+    ) -> None:
+        self._nursery = nursery
+        self._connect = connect
+        self._route = route
+        self._timeout = timeout
+        self._ping_interval = ping_interval
+        self._sharded = sharded
+        self._connections: dict[str, _Connection] = {}
+        self._opening = trio.Lock()
+        # unbuffered: messages wait in coredis's own unbounded buffers until messages() reads
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](0)
+        self._lost: BaseException | None = None
+
+    async def connection(self, node: str) -> _Connection:
+        """The open connection to ``node``, opened now if there is none.
+
+        Raises:
+            BackendUnavailable: it cannot be opened within the timeout, or the subscription is
+                lost already.
+        """
+        async with self._opening:
+            self._check()
+            if (connection := self._connections.get(node)) is None:
+                connection = _Connection(
+                    self._connect(node),
+                    node,
+                    self._send.clone(),
+                    self._lose,
+                    timeout=self._timeout,
+                    ping_interval=self._ping_interval,
+                    sharded=self._sharded,
+                )
+                with unavailable(f"Redis at {node}"), trio.fail_after(self._timeout):
+                    await self._nursery.start(connection.run)
+                self._connections[node] = connection
+            return connection
+
+    def _check(self) -> None:
+        if self._lost is not None:
+            raise BackendUnavailable("the Pub/Sub connection was lost") from self._lost
+
+    def _lose(self, error: BaseException) -> None:
+        """One connection is lost, so is the subscription: end ``messages()`` now."""
+        if self._lost is None:
+            self._lost = error
+            self._receive.close()  # wakes messages() and every connection waiting to hand over
+
+    def close(self) -> None:
+        """Drop every connection, before the tasks that use them are cancelled.
+
+        Closed, a connection drops its subscriptions at once, where coredis would unsubscribe
+        and wait out its whole unsubscription timeout; and it is marked closed before coredis's
+        cleanup runs, which otherwise may write to it while it is being torn down.
+        """
+        for connection in self._connections.values():
+            connection.close()
+
+    def _by_node(self, channels: tuple[str, ...]) -> dict[str, list[str]]:
+        nodes: dict[str, list[str]] = {}
+        for channel in channels:
+            nodes.setdefault(self._route(channel), []).append(channel)
+        return nodes
+
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe and return once Redis acknowledged every channel.
+
+        Raises:
+            BackendUnavailable: no acknowledgement within the timeout, or a connection is lost;
+                the subscription is lost then (what was subscribed is not known).
+        """
+        for node, mine in self._by_node(channels).items():
+            connection = await self.connection(node)
+            try:
+                await connection.subscribe(mine)
+            except BackendUnavailable as exc:
+                self._lose(exc)
+                raise
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """Unsubscribe (none given: do nothing) and wait for Redis's acknowledgement.
+
+        Raises:
+            BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
+        """
+        self._check()
+        for node, mine in self._by_node(channels).items():
+            if (connection := self._connections.get(node)) is not None:
+                await connection.unsubscribe(mine)
+
+    def messages(self) -> AsyncIterator[tuple[str, str]]:
+        """``(channel, payload)``, in order per channel; raises BackendUnavailable once a
+        connection is lost.
+
+        An iterator rather than an async generator, which trio would warn about when a reader
+        stops early.
+        """
+        return self
+
+    def backlog(self) -> bool:
+        """A message is waiting: a reading task is blocked handing it over."""
+        return self._receive.statistics().tasks_waiting_send > 0
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
+        return self
+
+    async def __anext__(self) -> tuple[str, str]:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._lost is None:  # the subscription was closed
+                raise StopAsyncIteration from None
+            raise BackendUnavailable(
+                f"lost the Pub/Sub connection: {_describe(self._lost)}"
+            ) from self._lost
+
+
+class _SlotMoved(Exception):
+    """The server unsubscribed a shard channel by itself: its slot moved to another node."""
+
+
+class _Connection:
+    """One coredis Pub/Sub connection of a :class:`RedisSubscription`, to one node."""
+
+    def __init__(
+        self,
+        client: coredis.Redis[str],
+        node: str,
+        send: trio.MemorySendChannel[tuple[str, str]],
+        lose: Callable[[BaseException], None],
+        *,
+        timeout: float,
+        ping_interval: float,
+        sharded: bool,
     ) -> None:
         self._client = client
-        self._url = url
-        self._pubsub = PubSub[str](
+        self._node = node
+        self._send = send
+        self._lose = lose
+        kind: type[PubSub[str]] = _ShardedPubSub if sharded else PubSub[str]
+        self._pubsub = kind(
             client.connection_pool,
             retry_policy=None,
-            ignore_subscribe_messages=True,
             subscription_timeout=timeout,
             unsubscription_timeout=timeout,
             # a silent connection is checked with a PING (answered within the stream timeout),
             # so a paused or vanished server is noticed even when nothing is published
             max_idle_seconds=ping_interval,
         )
-        # unbuffered: messages wait in coredis's own unbounded buffer until messages() reads
-        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](0)
-        self._lost: BaseException | None = None
+        self._leaving: set[str] = set()  # shard channels we unsubscribe
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hold the connection open and pass its messages on, until cancelled or lost."""
@@ -437,77 +653,74 @@ class _RedisSubscription:
                 opened = True
                 while True:
                     message = await self._pubsub.get_message()
-                    if message is not None and message["type"] == "message":
-                        channel, data = message["channel"], message["data"]
-                        assert isinstance(channel, str)  # decode_responses=True
+                    if message is None:
+                        continue
+                    kind, channel = message["type"], message["channel"]
+                    assert isinstance(channel, str)  # decode_responses=True
+                    if kind == "message":
+                        data = message["data"]
                         assert isinstance(data, str)
                         await self._send.send((channel, data))
-        except* _UNAVAILABLE as group:
+                    elif kind == "sunsubscribe" and channel not in self._leaving:
+                        raise _SlotMoved(f"{self._node} unsubscribed {channel}: its slot moved")
+                    else:
+                        self._leaving.discard(channel)
+        except* (*_UNAVAILABLE, _SlotMoved) as group:
             if not opened:
                 raise
-            self._lost = group
+            self._lose(group)
+        except* trio.BrokenResourceError:
+            pass  # the subscription was lost through another connection
         finally:
             self._send.close()
 
     def close(self) -> None:
-        """Drop the connection, before the tasks that use it are cancelled.
-
-        Closed, it drops every subscription at once, where coredis would unsubscribe and wait
-        out its whole unsubscription timeout; and it is marked closed before coredis's cleanup
-        runs, which otherwise may write to it while it is being torn down.
-        """
         self._pubsub.connection.invalidate()
 
-    async def subscribe(self, *channels: str) -> None:
-        """Subscribe and return once Redis acknowledged every channel.
+    async def subscribe(self, channels: list[str]) -> None:
+        with unavailable(f"cannot subscribe at {self._node}"):
+            await self._pubsub.subscribe(*channels)
 
-        Raises:
-            BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
-        """
-        if channels:
-            with _unavailable(f"cannot subscribe at {self._url}"):
-                await self._pubsub.subscribe(*channels)
+    async def unsubscribe(self, channels: list[str]) -> None:
+        self._leaving.update(channels)
+        with unavailable(f"cannot unsubscribe at {self._node}"):
+            await self._pubsub.unsubscribe(*channels)
+        # coredis only logs a missing acknowledgement; a channel still listed had none
+        if not self._pubsub.channels.keys().isdisjoint(channels):
+            raise BackendUnavailable(f"no acknowledgement of UNSUBSCRIBE from {self._node}")
 
-    async def unsubscribe(self, *channels: str) -> None:
-        """Unsubscribe (none given: do nothing) and wait for Redis's acknowledgement.
 
-        Raises:
-            BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
-        """
-        if channels:
-            with _unavailable(f"cannot unsubscribe at {self._url}"):
-                await self._pubsub.unsubscribe(*channels)
-            # coredis only logs a missing acknowledgement; a channel still listed had none
-            if not self._pubsub.channels.keys().isdisjoint(channels):
-                raise BackendUnavailable(f"no acknowledgement of UNSUBSCRIBE from {self._url}")
+class _ShardedPubSub(PubSub[str]):
+    """coredis's single-connection Pub/Sub, on a cluster node: room and control channels are
+    shard channels (SSUBSCRIBE, one command per slot), the others classic ones.
 
-    def messages(self) -> AsyncIterator[tuple[str, str]]:
-        """``(channel, payload)`` in order; raises BackendUnavailable once the connection is lost.
+    coredis's own sharded Pub/Sub holds every master of its slot map at once and does not
+    survive a failover (docs/cluster-notes.md); this one speaks to one node, and its owner
+    replaces it when the node goes.
+    """
 
-        An iterator rather than an async generator, which trio would warn about when a reader
-        stops early.
-        """
-        return self
-
-    def backlog(self) -> bool:
-        """A message is waiting: the reading task is blocked handing it over."""
-        return self._receive.statistics().tasks_waiting_send > 0
-
-    def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
-        return self
-
-    async def __anext__(self) -> tuple[str, str]:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            if self._lost is None:  # the subscription was closed
-                raise StopAsyncIteration from None
-            raise BackendUnavailable(f"lost the Pub/Sub connection to {self._url}") from self._lost
+    def _execute_command(self, command: bytes, *args: RedisValueT) -> None:
+        shard: dict[bytes, bytes] = {
+            CommandName.SUBSCRIBE: CommandName.SSUBSCRIBE,
+            CommandName.UNSUBSCRIBE: CommandName.SUNSUBSCRIBE,
+        }
+        if command not in shard or not args:
+            super()._execute_command(command, *args)
+            return
+        classic = [a for a in args if not is_shard_channel(str(a))]
+        if classic:
+            super()._execute_command(command, *classic)
+        slots: dict[int, list[RedisValueT]] = {}
+        for channel in args:
+            if is_shard_channel(str(channel)):
+                slots.setdefault(hash_slot(str(channel)), []).append(channel)
+        for channels in slots.values():
+            super()._execute_command(shard[command], *channels)
 
 
 @asynccontextmanager
 async def open_redis_backend(
-    url: str, *, command_timeout: float, ping_interval: float = 5.0
+    url: str, *, command_timeout: float, ping_interval: float = 5.0, sharded: bool = False
 ) -> AsyncIterator[RedisBackend]:
     """Connect to Redis at ``url`` (``redis://``, ``rediss://`` or ``unix://``) and PING it.
 
@@ -515,6 +728,8 @@ async def open_redis_backend(
         url: passed to coredis; query arguments such as ``?ssl_ca_certs=`` work.
         command_timeout: the longest any round trip may take, connecting included.
         ping_interval: how long a subscription may stay silent before it checks the server.
+        sharded: ``url`` is a node of a Redis Cluster: room and control channels are shard
+            channels (SPUBLISH), and commands for other nodes' slots are answered MOVED.
 
     The backend, its connections and their tasks live in this context and close on exit.
 
@@ -525,7 +740,11 @@ async def open_redis_backend(
     with single_error():
         async with trio.open_nursery() as nursery:
             backend = RedisBackend(
-                url, nursery, command_timeout=command_timeout, ping_interval=ping_interval
+                url,
+                nursery,
+                command_timeout=command_timeout,
+                ping_interval=ping_interval,
+                sharded=sharded,
             )
             await backend._open()
             yield backend
