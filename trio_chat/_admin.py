@@ -232,10 +232,11 @@ class _AdminApi:
         return {"status": "ok"}
 
     async def readyz(self, request: Request) -> Response:
-        reasons = await ops.readiness(self.hub)
+        reasons, cluster = await ops.readiness(self.hub)
+        extra = {} if cluster is None else {"cluster": cluster}
         if reasons:
-            return JSONResponse({"status": "not_ready", "reasons": reasons}, 503)
-        return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "not_ready", "reasons": reasons, **extra}, 503)
+        return JSONResponse({"status": "ready", **extra})
 
     async def metrics(self, request: Request) -> Response:
         if self._metrics is None:

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import _keys as keys
+from ._cluster import ClusterBackend
 from ._errors import BackendUnavailable, ChatError
 from ._history import ID_BYTES, parse_id, stored
 from ._history import publish as publish_message
@@ -276,11 +277,13 @@ async def instances(backend: Backend) -> list[dict[str, object]]:
     ]
 
 
-async def readiness(hub: Hub) -> list[str]:
-    """Why this instance should not get new clients; empty when it is ready.
+async def readiness(hub: Hub) -> tuple[list[str], dict[str, object] | None]:
+    """Why this instance should not get new clients (empty when it is ready), and on a Redis
+    Cluster the cluster's state as a master reports it (None elsewhere).
 
     ``redis_unreachable`` (a cheap EXISTS failed), ``pubsub_stale`` (the pump is reconnecting or
-    its probe did not come back), ``draining`` (shutting down).
+    its probe did not come back), ``cluster_not_ok`` (a master says the cluster is not ``ok``:
+    some slot has no master, e.g. during a failover), ``draining`` (shutting down).
     """
     reasons = []
     batch = Batch()
@@ -291,6 +294,11 @@ async def readiness(hub: Hub) -> list[str]:
         reasons.append("redis_unreachable")
     if not hub.pump_healthy:
         reasons.append("pubsub_stale")
+    cluster = None
+    if isinstance(hub.backend, ClusterBackend):
+        cluster = await hub.backend.state()
+        if cluster["state"] != "ok":
+            reasons.append("cluster_not_ok")
     if hub.draining:
         reasons.append("draining")
-    return reasons
+    return reasons, cluster
