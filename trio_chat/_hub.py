@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 #: logout reasons (SPEC §4) -> close code (SPEC §7)
 LOGOUT_CLOSE_CODES = {"logout": 4000, "kicked": 4000, "banned": 4403, "revoked": 4401}
 HEARTBEAT_TIMEOUT_CLOSE = 4408
-#: longest wait between two Pub/Sub reconnection attempts, in seconds
-_MAX_BACKOFF = 5.0
+#: longest wait between two Pub/Sub reconnection attempts, in seconds: short enough that fan-out
+#: resumes within half a second of a Redis Cluster failover (or a restart), while two connection
+#: attempts a second per instance cost a Redis that is down nothing
+_MAX_BACKOFF = 0.5
 #: failed cleanups kept for a retry; beyond, the oldest are left to the TTLs and the reaper
 _MAX_FAILED_CLEANUPS = 100_000
 
@@ -336,7 +338,10 @@ class Hub:
                 if not self._pump_ready.is_set():
                     raise
                 self.reconnects += 1
-                logger.warning("Pub/Sub connection lost (%s); reconnecting", exc)
+                if self._up_since is not None:  # it was up: say so once, not every attempt
+                    logger.warning("Pub/Sub connection lost (%s); reconnecting", exc)
+                else:
+                    logger.debug("Pub/Sub reconnection failed (%s)", exc)
             else:
                 delay = 0.0
             finally:
