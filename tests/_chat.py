@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +20,8 @@ from trio_chat._backends import open_backend
 from trio_chat._store import Backend, Batch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from trio_chat.client import ChatClient
 
 SECRET = "test-secret-" + "s" * 64  # long enough for HS512 too
@@ -74,6 +80,30 @@ async def snapshot(backend: Backend, *keys: str) -> dict[str, int]:
     return {key: reply.value for key, reply in replies.items()}
 
 
+async def spawn(
+    log: Path, redis_url: str, instance_id: str, **env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``trio-chat serve`` in a child process; return it and its WebSocket URL.
+
+    Its log goes to a file (a pipe nobody drains would stall it once full).
+    """
+    environ = {
+        **os.environ,
+        "TRIO_CHAT_AUTH_JWT_SECRET": SECRET,
+        "TRIO_CHAT_ADMIN_ENABLED": "false",
+        **env,
+    }
+    command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0"]
+    command += ["--redis-url", redis_url, "--instance-id", instance_id]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=environ, stderr=sink)
+    with trio.fail_after(10):
+        while not (match := re.search(r"listening on (ws://\S+)", log.read_text())):
+            assert process.poll() is None, log.read_text()
+            await trio.sleep(0.02)
+    return process, match.group(1)
+
+
 async def closed_with(chat: ChatClient) -> tuple[list[dict[str, Any]], int]:
     """Read until the server closes; return the frames read and the close code."""
     frames = []
@@ -95,5 +125,6 @@ __all__ = [
     "open_backend",
     "read_hash",
     "snapshot",
+    "spawn",
     "start",
 ]

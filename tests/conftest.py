@@ -76,10 +76,16 @@ def redis_cluster_module() -> Iterator[RedisCluster]:
     yield from _cluster()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: the contract tests run on all three alike."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        # one cluster for the module (it takes 2 s to start), emptied for every test
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster_module")
+        cluster.flushall()
+        return cluster.url
     # only the redis variant starts a server
     server: RedisServer = request.getfixturevalue("redis_server")
     return server.url

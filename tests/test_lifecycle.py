@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -14,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from _chat import SECRET, make_config, make_token, open_backend, snapshot, start
 from _chat import closed_with as _closed_with
+from _chat import make_config, make_token, open_backend, snapshot, spawn, start
 from trio_websocket import ConnectionRejected
 
 from trio_chat._hub import Hub
@@ -24,7 +21,7 @@ from trio_chat._store import Batch
 from trio_chat.client import ServerError, open_client
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    import subprocess
 
 
 async def _publish(redis_url: str, channel: str, event: dict, **auth_fields: str) -> None:
@@ -306,33 +303,9 @@ async def test_connection_and_room_limits(nursery):
 # --- crashes, outages, shutdown -------------------------------------------------------------------
 
 
-async def _spawn(
-    log: Path, redis_url: str, instance_id: str, **env: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Run ``trio-chat serve`` in a child process; return it and its WebSocket URL.
-
-    Its log goes to a file (a pipe nobody drains would stall it once full).
-    """
-    environ = {
-        **os.environ,
-        "TRIO_CHAT_AUTH_JWT_SECRET": SECRET,
-        "TRIO_CHAT_ADMIN_ENABLED": "false",
-        **env,
-    }
-    command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0"]
-    command += ["--redis-url", redis_url, "--instance-id", instance_id]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=environ, stderr=sink)
-    with trio.fail_after(10):
-        while not (match := re.search(r"listening on (ws://\S+)", log.read_text())):
-            assert process.poll() is None, log.read_text()
-            await trio.sleep(0.02)
-    return process, match.group(1)
-
-
 async def test_sigkill_instance_is_reaped_by_a_live_one(redis_server, nursery, tmp_path):
     short = {"TRIO_CHAT_SESSION_TTL": "30", "TRIO_CHAT_SESSION_INSTANCE_TTL": "0.5"}
-    victim, url = await _spawn(tmp_path / "victim.log", redis_server.url, "victim", **short)
+    victim, url = await spawn(tmp_path / "victim.log", redis_server.url, "victim", **short)
     try:
         async with open_client(url, make_token("alice")) as chat:
             await chat.join("room")
@@ -386,7 +359,7 @@ async def test_a_redis_stall_longer_than_instance_ttl_reaps_no_live_instance(red
 
 
 async def test_sigterm_drains_with_1001_and_exit_0(redis_server, tmp_path):
-    process, url = await _spawn(tmp_path / "draining.log", redis_server.url, "draining")
+    process, url = await spawn(tmp_path / "draining.log", redis_server.url, "draining")
     try:
         async with open_client(url, make_token("alice")) as chat:
             sid = chat.welcome["session_id"]
@@ -511,7 +484,7 @@ async def _clean(redis_url: str) -> subprocess.CompletedProcess[bytes]:
 
 
 async def test_sigterm_exits_0_within_the_timeout_while_redis_is_paused(redis_server, tmp_path):
-    process, url = await _spawn(
+    process, url = await spawn(
         tmp_path / "paused.log",
         redis_server.url,
         "paused",
