@@ -76,6 +76,18 @@ def redis_cluster_module() -> Iterator[RedisCluster]:
     yield from _cluster()
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def redis_or_cluster(request: pytest.FixtureRequest) -> RedisServer | RedisCluster:
+    """A redis-server of this test's own, or the module's Redis Cluster emptied: for the tests
+    of what must work alike on both (they use its ``url`` only: no faults)."""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster_module")
+        cluster.flushall()
+        return cluster
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server
+
+
 @pytest.fixture(params=["memory", "redis", "cluster"])
 def backend_url(request: pytest.FixtureRequest) -> str:
     """Each backend in turn: the contract tests run on all three alike."""

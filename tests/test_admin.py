@@ -149,9 +149,9 @@ async def test_bad_requests_are_json(redis_server, nursery):
 # --- operations -----------------------------------------------------------------------------------
 
 
-async def test_publish_reaches_the_room_as_a_message_from_admin(redis_server, nursery):
-    server = await _admin_server(nursery, redis_server)
-    async with open_backend(redis_server.url, command_timeout=1) as spy_backend:
+async def test_publish_reaches_the_room_as_a_message_from_admin(redis_or_cluster, nursery):
+    server = await _admin_server(nursery, redis_or_cluster)
+    async with open_backend(redis_or_cluster.url, command_timeout=1) as spy_backend:
         async with spy_backend.subscription() as spy:
             await spy.subscribe("chat:room:lobby")
             with trio.fail_after(10):
@@ -178,9 +178,9 @@ async def test_publish_reaches_the_room_as_a_message_from_admin(redis_server, nu
     assert event == {**r.json(), "room": "lobby", "from": None, "session": None, "data": {"t": 1}}
 
 
-async def test_logout_closes_the_user_on_two_instances(redis_server, nursery):
-    one = await _admin_server(nursery, redis_server, "inst-1")
-    two = await _admin_server(nursery, redis_server, "inst-2")
+async def test_logout_closes_the_user_on_two_instances(redis_or_cluster, nursery):
+    one = await _admin_server(nursery, redis_or_cluster, "inst-1")
+    two = await _admin_server(nursery, redis_or_cluster, "inst-2")
     with trio.fail_after(10):
         async with (
             open_client(one.url, make_token("alice")) as laptop,
@@ -194,7 +194,7 @@ async def test_logout_closes_the_user_on_two_instances(redis_server, nursery):
             for chat in (laptop, phone):
                 assert await _closed_with(chat) == ([{"type": "logout", "reason": "logout"}], 4000)
             assert (await bob.ping())["type"] == "pong"
-            async with open_backend(redis_server.url, command_timeout=1) as backend:
+            async with open_backend(redis_or_cluster.url, command_timeout=1) as backend:
                 record = await read_hash(backend, "auth:alice")
             assert math.ceil(before) <= int(record["not_before"]) <= math.ceil(time.time())
             # a token issued before the logout is revoked
@@ -219,9 +219,9 @@ async def test_logout_deletes_the_record_when_one_is_required(redis_server, nurs
                 assert await read_hash(backend, "auth:alice") == {}
 
 
-async def test_ban_closes_and_refuses_then_unban_lets_in(redis_server, nursery):
-    one = await _admin_server(nursery, redis_server, "inst-1")
-    two = await _admin_server(nursery, redis_server, "inst-2")
+async def test_ban_closes_and_refuses_then_unban_lets_in(redis_or_cluster, nursery):
+    one = await _admin_server(nursery, redis_or_cluster, "inst-1")
+    two = await _admin_server(nursery, redis_or_cluster, "inst-2")
     with trio.fail_after(10):
         async with admin_client(two) as http:
             async with (
@@ -246,9 +246,9 @@ async def test_ban_closes_and_refuses_then_unban_lets_in(redis_server, nursery):
                 assert (await chat.ping())["type"] == "pong"
 
 
-async def test_mute_applies_to_the_next_send(redis_server, nursery):
+async def test_mute_applies_to_the_next_send(redis_or_cluster, nursery):
     # a long cache: only auth:changed can make the mute visible at once
-    server = await _admin_server(nursery, redis_server, auth={"cache_ttl": 60})
+    server = await _admin_server(nursery, redis_or_cluster, auth={"cache_ttl": 60})
     with trio.fail_after(10):
         async with (
             open_client(server.url, make_token("alice")) as chat,
@@ -264,9 +264,9 @@ async def test_mute_applies_to_the_next_send(redis_server, nursery):
             assert refused.value.code == "muted"
 
 
-async def test_sessions_and_kick_one(redis_server, nursery):
-    one = await _admin_server(nursery, redis_server, "inst-1")
-    two = await _admin_server(nursery, redis_server, "inst-2")
+async def test_sessions_and_kick_one(redis_or_cluster, nursery):
+    one = await _admin_server(nursery, redis_or_cluster, "inst-1")
+    two = await _admin_server(nursery, redis_or_cluster, "inst-2")
     with trio.fail_after(10):
         async with (
             open_client(one.url, make_token("alice")) as laptop,
@@ -296,9 +296,9 @@ async def test_sessions_and_kick_one(redis_server, nursery):
             assert r.json() == {"sessions": []}
 
 
-async def test_presence_and_instances(redis_server, nursery):
-    one = await _admin_server(nursery, redis_server, "inst-1")
-    two = await _admin_server(nursery, redis_server, "inst-2")
+async def test_presence_and_instances(redis_or_cluster, nursery):
+    one = await _admin_server(nursery, redis_or_cluster, "inst-1")
+    two = await _admin_server(nursery, redis_or_cluster, "inst-2")
     with trio.fail_after(10):
         async with (
             open_client(two.url, make_token("bob")) as bob,

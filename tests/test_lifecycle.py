@@ -446,8 +446,8 @@ async def test_opaque_session_id_is_resolved_and_revocable(redis_server, nursery
     )
 
 
-async def test_clean_command_reaps_dead_instances(redis_server):
-    async with open_backend(redis_server.url, command_timeout=1) as backend:
+async def test_clean_command_reaps_dead_instances(redis_or_cluster):
+    async with open_backend(redis_or_cluster.url, command_timeout=1) as backend:
         batch = Batch()
         batch.sadd("ws:instances", "dead-1")
         batch.hset("ws:instance:dead-1:sessions", {"sid-a": "alice"})
@@ -455,7 +455,7 @@ async def test_clean_command_reaps_dead_instances(redis_server):
         batch.hset("ws:session:sid-a", {"user_id": "alice", "rooms": '["room"]'})
         batch.zadd("ws:room:room", {"sid-a": 1.0})
         await backend.execute(batch)
-        result = await _clean(redis_server.url)
+        result = await _clean(redis_or_cluster.url)
         assert result.returncode == 0
         assert result.stdout.strip() == b"reaped 1 dead instance(s): dead-1"
         batch = Batch()
