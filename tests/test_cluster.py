@@ -402,6 +402,13 @@ async def test_a_failover_keeps_the_sockets_and_fan_out_comes_back_on_them(
             while (ready := await admin.get("/readyz")).status_code != 200:
                 await trio.sleep(0.05)
         assert ready.json()["cluster"]["state"] == "ok"
+        # the pump reconnected, and the backend read the slot map again (not only at start)
+        scraped = (await admin.get("/metrics")).text
+        counters = dict(
+            line.split() for line in scraped.splitlines() if line.startswith("trio_chat_redis_")
+        )
+        assert float(counters["trio_chat_redis_reconnects_total"]) >= 1
+        assert float(counters["trio_chat_redis_cluster_map_reads_total"]) >= 2
         with trio.fail_after(TIME_LIMIT):
             later = [(await alice.send(room, n))["id"] for n in range(5)]
             assert [(await receive_message(bob))["id"] for _ in later] == later

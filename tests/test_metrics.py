@@ -51,6 +51,8 @@ def test_every_known_series_exists_from_the_start() -> None:
         "trio_chat_fanout_deliveries_total",
         "trio_chat_slow_consumer_closes_total",
         "trio_chat_redis_reconnects_total",
+        "trio_chat_redis_cluster_map_reads_total",
+        "trio_chat_redis_cluster_redirections_total",
         "trio_chat_publish_seconds_count",
         "trio_chat_pump_lag_seconds_count",
     ):

@@ -122,6 +122,16 @@ class HubLike(Protocol):
     def reconnects(self) -> int: ...
 
 
+class ClusterLike(Protocol):
+    """What :meth:`Metrics.bind_cluster` reads from a cluster backend at scrape time."""
+
+    @property
+    def map_reads(self) -> int: ...
+
+    @property
+    def redirections(self) -> int: ...
+
+
 class Metrics:
     """Every metric of one trio-chat instance, in a registry of its own.
 
@@ -189,6 +199,16 @@ class Metrics:
             "Pub/Sub reconnections since start (lost or stale connections)",
         )
         registry.register(self._reconnects)
+        self._map_reads = _CallbackCounter(
+            "trio_chat_redis_cluster_map_reads",
+            "Redis Cluster slot maps read since start (at start, after failures and moves)",
+        )
+        self._redirections = _CallbackCounter(
+            "trio_chat_redis_cluster_redirections",
+            "Redis Cluster commands sent again to another node after MOVED or ASK",
+        )
+        registry.register(self._map_reads)
+        registry.register(self._redirections)
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -206,6 +226,12 @@ class Metrics:
         at scrape time (``len(hub.sessions)``, ``hub.reconnects``)."""
         self.sessions.set_function(lambda: len(hub.sessions))
         self._reconnects.source = lambda: hub.reconnects
+
+    def bind_cluster(self, backend: ClusterLike) -> None:
+        """Read the ``trio_chat_redis_cluster_*`` counters from ``backend`` at scrape time
+        (they stay 0 on other backends)."""
+        self._map_reads.source = lambda: backend.map_reads
+        self._redirections.source = lambda: backend.redirections
 
     # --- connections ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from . import _registry as registry
 from ._admin import serve_admin
 from ._auth import TokenVerifier
 from ._backends import open_backend
+from ._cluster import ClusterBackend
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hub import Hub
@@ -110,6 +111,8 @@ async def serve(
         metrics = Metrics()
         hub = Hub(config, backend, metrics)
         metrics.bind_hub(hub)
+        if isinstance(backend, ClusterBackend):
+            metrics.bind_cluster(backend)
         try:
             async with trio.open_nursery() as services:
                 await services.start(hub.run)
