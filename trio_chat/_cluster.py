@@ -333,7 +333,13 @@ class ClusterBackend:
                 command.reply.set(sum(part.reply.value for part in parts))
 
     async def _send(self, shares: dict[str, list[Command]]) -> None:
-        failures: list[BackendUnavailable] = []
+        """Send each master its share, all at once, and wait for every one of them.
+
+        Raises:
+            BackendUnavailable: a master could not be reached or did not answer; the first
+                other error of a share (a bug) as itself.
+        """
+        failures: list[Exception] = []
 
         async def send(address: str, commands: list[Command]) -> None:
             share = Batch()
@@ -341,7 +347,7 @@ class ClusterBackend:
             try:
                 node = await self._node(address)
                 await node.execute(share, each=True)
-            except BackendUnavailable as exc:
+            except Exception as exc:  # the other shares run on
                 failures.append(exc)
 
         if len(shares) == 1:
@@ -351,8 +357,10 @@ class ClusterBackend:
                 for address, commands in shares.items():
                     nursery.start_soon(send, address, commands)
         if failures:
-            self._read_map_soon()
-            raise BackendUnavailable(str(failures[0])) from failures[0]
+            failures.sort(key=lambda exc: isinstance(exc, BackendUnavailable))  # bugs first
+            if isinstance(failures[0], BackendUnavailable):
+                self._read_map_soon()
+            raise failures[0]
 
     # --- Pub/Sub --------------------------------------------------------------------------------
 

@@ -502,6 +502,7 @@ class RedisSubscription:
         self._ping_interval = ping_interval
         self._sharded = sharded
         self._connections: dict[str, _Connection] = {}
+        self._subscribed: dict[str, _Connection] = {}  # channel -> the connection holding it
         self._opening = trio.Lock()
         # unbuffered: messages wait in coredis's own unbounded buffers until messages() reads
         self._send, self._receive = trio.open_memory_channel[tuple[str, str]](0)
@@ -551,12 +552,6 @@ class RedisSubscription:
         for connection in self._connections.values():
             connection.close()
 
-    def _by_node(self, channels: tuple[str, ...]) -> dict[str, list[str]]:
-        nodes: dict[str, list[str]] = {}
-        for channel in channels:
-            nodes.setdefault(self._route(channel), []).append(channel)
-        return nodes
-
     async def subscribe(self, *channels: str) -> None:
         """Subscribe and return once Redis acknowledged every channel.
 
@@ -564,13 +559,17 @@ class RedisSubscription:
             BackendUnavailable: no acknowledgement within the timeout, or a connection is lost;
                 the subscription is lost then (what was subscribed is not known).
         """
-        for node, mine in self._by_node(channels).items():
+        nodes: dict[str, list[str]] = {}
+        for channel in channels:
+            nodes.setdefault(self._route(channel), []).append(channel)
+        for node, mine in nodes.items():
             connection = await self.connection(node)
             try:
                 await connection.subscribe(mine)
             except BackendUnavailable as exc:
                 self._lose(exc)
                 raise
+            self._subscribed.update(dict.fromkeys(mine, connection))
 
     async def unsubscribe(self, *channels: str) -> None:
         """Unsubscribe (none given: do nothing) and wait for Redis's acknowledgement.
@@ -579,9 +578,12 @@ class RedisSubscription:
             BackendUnavailable: no acknowledgement within the timeout, or the connection is lost.
         """
         self._check()
-        for node, mine in self._by_node(channels).items():
-            if (connection := self._connections.get(node)) is not None:
-                await connection.unsubscribe(mine)
+        connections: dict[_Connection, list[str]] = {}
+        for channel in channels:
+            if (connection := self._subscribed.pop(channel, None)) is not None:
+                connections.setdefault(connection, []).append(channel)
+        for connection, mine in connections.items():
+            await connection.unsubscribe(mine)
 
     def messages(self) -> AsyncIterator[tuple[str, str]]:
         """``(channel, payload)``, in order per channel; raises BackendUnavailable once a
