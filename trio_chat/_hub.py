@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +42,8 @@ HEARTBEAT_TIMEOUT_CLOSE = 4408
 #: resumes within half a second of a Redis Cluster failover (or a restart), while two connection
 #: attempts a second per instance cost a Redis that is down nothing
 _MAX_BACKOFF = 0.5
+#: ids of handed-out messages kept per room for the catch-up (see Hub._recent)
+_RECENT_IDS = 32
 #: failed cleanups kept for a retry; beyond, the oldest are left to the TTLs and the reaper
 _MAX_FAILED_CLEANUPS = 100_000
 
@@ -74,6 +76,11 @@ class Hub:
         # Per room, the last id a catch-up handed out, until a live message passes it: live
         # ones up to it were in the stream the catch-up read, and so handed out already.
         self._caught_up: dict[str, StreamId] = {}
+        # Per room with history, the ids of the last messages handed out. A catch-up reads
+        # from the oldest of them and skips these: on a Redis Cluster a master deposed while
+        # it was stalled can publish a late write with a higher id than messages its promoted
+        # replica stored meanwhile, which a catch-up from the last id alone would skip.
+        self._recent: dict[str, deque[StreamId]] = {}
         self._history = config.history
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
         # Bumped by every announced change; a read that straddles one is not cached.
@@ -198,6 +205,7 @@ class Hub:
             for room in idle:
                 self._delivered.pop(room, None)
                 self._caught_up.pop(room, None)
+                self._recent.pop(room, None)
             if self._subscription is not None:
                 try:
                     await self._subscription.unsubscribe(*channels)
@@ -420,29 +428,41 @@ class Hub:
             self._subscription = subscription
 
     async def _catch_up(self) -> None:
-        """Hand out what each subscribed room's stream holds after the last message the pump
-        handed out: what was published while the Pub/Sub connection was down (SPEC §11).
+        """Hand out what each subscribed room's stream holds that the pump has not handed out:
+        what was published while the Pub/Sub connection was down (SPEC §11).
 
-        Runs before the live messages of the new connection are read, so members get the
-        missed messages first; those that also arrive live are dropped as already handed out.
+        It reads from the oldest of the room's last handed-out ids (``_recent``) and skips
+        those, so a stored message is found even when a higher id was handed out before it (a
+        deposed cluster master's late write). Runs before the live messages of the new
+        connection are read, so members get the missed messages first; those that also
+        arrive live are dropped as already handed out.
         """
         if not self._delivered:
             return
         batch = Batch()
-        reads = {
-            room: batch.xrange(
-                keys.room_channel(room), f"({format_id(last)}", "+", self._history.size
+        reads = {}
+        for room, last in self._delivered.items():
+            recent = self._recent.get(room, ())
+            start = min(recent, default=last)
+            reads[room] = batch.xrange(
+                keys.room_channel(room),
+                f"({format_id(start)}",
+                "+",
+                self._history.size + len(recent),
             )
-            for room, last in self._delivered.items()
-        }
         await self.backend.execute(batch)
         caught_up = 0
         for room, entries in reads.items():
+            self._caught_up.pop(room, None)  # this read is the one that vouches now
+            handed_out = set(self._recent.get(room, ()))
             for message in stored(entries.value):
+                message_id = parse_id(message["id"])
+                if message_id in handed_out:
+                    continue
                 caught_up += 1
                 self._deliver_room(room, message)
-                if (message_id := parse_id(message["id"])) is not None:
-                    self._caught_up[room] = message_id
+                if message_id is not None:
+                    self._caught_up[room] = max(message_id, self._caught_up.get(room, message_id))
         if caught_up:
             logger.info("Pub/Sub reconnected: %d missed message(s) handed out", caught_up)
         self._cork.flush()  # the delayed flushes start with the pump's loop, after this
@@ -473,6 +493,9 @@ class Hub:
             # the last handed out, not the highest: after Redis restarted empty on a clock
             # behind the old one, ids start lower, and the next catch-up must read from there
             self._delivered[room] = message_id
+            if (recent := self._recent.get(room)) is None:
+                recent = self._recent[room] = deque(maxlen=_RECENT_IDS)
+            recent.append(message_id)
         members = self._by_room.get(room)
         holds = self._holds.get(room)
         if not members and not holds:
