@@ -30,8 +30,9 @@ from ._auth import (
     opaque_session_id,
     origin_allowed,
 )
+from ._cluster import ClusterBackend
 from ._errors import AuthError, BackendUnavailable, ProtocolError
-from ._history import ID_BYTES, message_frame, parse_id, recover
+from ._history import ID_BYTES, format_id, message_frame, parse_id, recover
 from ._limits import ABUSE_STRIKES, TokenBucket
 from ._logging import log_event
 from ._messages import (
@@ -108,6 +109,8 @@ class ConnectionHandler:
         self.config = config
         self.hub = hub
         self.backend = hub.backend
+        # a failover of a Redis Cluster can fork a room's history (_history.recover)
+        self._forks = isinstance(hub.backend, ClusterBackend)
         self.verifier = verifier
         self.metrics = hub.metrics
 
@@ -475,6 +478,9 @@ class ConnectionHandler:
         if since is not None:
             first = batch.xrange(stream, "-", "+", 1)
             newest = batch.xrevrange(stream, "+", f"({message.since}", history.size + 1)
+            if self._forks:
+                exact = format_id(since)
+                found = batch.xrange(stream, exact, exact, 1)
         try:
             if batch:
                 await self.backend.execute(batch)
@@ -492,7 +498,13 @@ class ConnectionHandler:
         if since is None:
             session.reply(encode("joined", message.ref, room=room, last=last_id))
         else:
-            recovery = recover(since, first.value, newest.value, history.size)
+            recovery = recover(
+                since,
+                first.value,
+                newest.value,
+                history.size,
+                found.value if self._forks else None,
+            )
             joined = encode(
                 "joined",
                 message.ref,

@@ -131,21 +131,31 @@ class Recovery:
 
 
 def recover(
-    since: StreamId, first: list[StreamEntry], newest: list[StreamEntry], size: int
+    since: StreamId,
+    first: list[StreamEntry],
+    newest: list[StreamEntry],
+    size: int,
+    found: list[StreamEntry] | None = None,
 ) -> Recovery:
-    """Apply the recovery rule to two reads of the room's stream.
+    """Apply the recovery rule to the reads of the room's stream.
 
     Args:
         since: the last id the client saw.
         first: ``XRANGE key - + COUNT 1``: the oldest entry, if the stream exists.
         newest: ``XREVRANGE key + (since COUNT size+1``: what follows ``since``, newest first.
         size: ``history.size``.
+        found: on a Redis Cluster, ``XRANGE key since since``: ``since`` itself.
 
     ``recovered`` is true exactly when the stream vouches for the whole set: it exists,
     ``since`` is not older than its first entry (trimming removes only the oldest), and no
-    more than ``size`` entries follow ``since``. Either way the latest ``size`` that follow
-    are returned.
+    more than ``size`` entries follow ``since``. On a cluster, ``since`` must also be in the
+    stream: a failover can fork a room's history (a deposed master's late write may have a
+    higher id than messages its replica stored meanwhile), and only the stream's own entry
+    proves the client's history is the stream's (SPEC §12). Either way the latest ``size``
+    that follow are returned.
     """
     oldest = parse_id(first[0][0]) if first else None
     complete = oldest is not None and oldest <= since and len(newest) <= size
+    if found is not None:
+        complete = complete and bool(found)
     return Recovery(complete, stored(reversed(newest[:size])))
