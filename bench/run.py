@@ -11,6 +11,11 @@ process) or 1x2 (one ``serve --workers 2`` process: two workers sharing a port).
   B  many rooms: --rooms x --members, each member sending --member-rate msg/s
   C  idle connections: --connections, each joining its own room (RSS/connection, opens/s)
 
+``--redis cluster`` runs trio-chat on a Redis Cluster instead (3 masters + 3 replicas, the
+test fixture tests/_redis_cluster.py, ``redis+cluster://`` URL) and reports Redis CPU per node;
+``--redis both`` runs every trio-chat pass on one redis-server, then on a cluster, and prints
+them side by side.
+
 Everything it starts is stopped again on success, failure, Ctrl-C or SIGTERM (children also
 get SIGTERM if this process dies: PR_SET_PDEATHSIG). Server logs stay in a temporary
 directory whose path is printed. Standard library only; run with any Python >= 3.11:
@@ -42,7 +47,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,6 +74,14 @@ TRIO_LAYOUT: list[str] = ["2x1"]
 #: --history-size: TRIO_CHAT_HISTORY_SIZE for the trio-chat instances (None: the server's
 #: default, 200); 0 turns history off, so a send is a bare PUBLISH instead of the script
 HISTORY_SIZE: list[int | None] = [None]
+#: --redis: what the instances of a pass run on: one redis-server, or a Redis Cluster
+#: (tests/_redis_cluster.py: 3 masters, 1 replica each)
+REDIS_MODES = ("single", "cluster")
+REDIS_LABELS = {"single": "one redis-server", "cluster": "Redis Cluster (3 masters + 3 replicas)"}
+#: before the measured part of a pass: how long to read the Redis processes' idle CPU
+IDLE_SAMPLE_S = 3.0
+#: appended to trio-chat's label while the cluster passes' tables are printed
+LABEL_REDIS: list[str] = [""]
 PR_SET_PDEATHSIG = 1
 
 
@@ -165,6 +178,97 @@ def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
 
         wait_for(ready, process, "redis-server", log)
         yield f"redis://127.0.0.1:{port}/0", process.pid
+
+
+def import_cluster_fixture() -> type:
+    """tests/_redis_cluster.py's RedisCluster (standard library only), imported from tests/."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from _redis_cluster import RedisCluster
+
+    return cast("type", RedisCluster)
+
+
+@contextlib.contextmanager
+def redis_cluster(workdir: Path) -> Iterator[tuple[str, list[dict[str, object]], Any]]:
+    """A Redis Cluster of our own (tests/_redis_cluster.py: 3 masters with one replica each,
+    free ports of 127.0.0.1, no persistence, node timeout 1 s). Yields its ``redis+cluster://``
+    URL, its nodes (label, role, port, pid; masters in port order, each followed by its
+    replica) and the fixture. The nodes' logs are copied to ``workdir`` before it is stopped."""
+    fixture = import_cluster_fixture()
+    cluster = fixture(workdir / "cluster")
+    cluster.start()
+    try:
+        nodes: list[dict[str, object]] = []
+        for n, master in enumerate(sorted(cluster.shards), start=1):
+            nodes.append({"label": f"master {n}", "role": "master", "port": master})
+            for replica in cluster.shards[master]:
+                nodes.append({"label": f"replica {n}", "role": "replica", "port": replica})
+        for node in nodes:
+            node["pid"] = cluster.pid(node["port"])
+            node["slots"] = (
+                cluster.slot_owner.count(node["port"]) if node["role"] == "master" else 0
+            )
+        print(
+            f"Redis Cluster up in {cluster.startup_seconds:.1f} s: {cluster.url}; "
+            + ", ".join(f"{n['label']} :{n['port']} pid {n['pid']}" for n in nodes),
+            file=sys.stderr,
+        )
+        yield cluster.url, nodes, cluster
+    finally:
+        with contextlib.suppress(Exception):
+            for port in cluster.ports:
+                shutil.copy(cluster.node_dir(port) / "redis.log", workdir / f"redis-{port}.log")
+        cluster.stop()
+
+
+#: INFO stats and CLUSTER INFO fields redis_counters() reads
+REDIS_COUNTERS = (
+    "total_commands_processed",
+    "total_reads_processed",
+    "total_writes_processed",
+    "total_net_input_bytes",
+    "total_net_output_bytes",
+    "total_net_repl_output_bytes",
+    "cluster_stats_messages_sent",
+    "cluster_stats_messages_publishshard_sent",
+)
+
+
+def redis_counters(port: int) -> dict[str, int]:
+    """Counters of the redis-server on 127.0.0.1:``port`` (INFO stats; CLUSTER INFO too on a
+    cluster node), through tests/_redis_cluster.py's one-command RESP client."""
+    import_cluster_fixture()
+    from _redis_cluster import RedisReplyError, command
+
+    text = command(port, "INFO", "stats")
+    with contextlib.suppress(RedisReplyError, OSError):
+        text += "\n" + command(port, "CLUSTER", "INFO")
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {k: int(fields[k]) for k in REDIS_COUNTERS if k in fields}
+
+
+def cluster_slot(name: str) -> int:
+    """The Redis Cluster slot of a key without a hash tag: CRC16 (XMODEM) modulo 16384."""
+    import binascii
+
+    return binascii.crc_hqx(name.encode(), 0) % 16384
+
+
+def idle_cpu(pids: list[int], seconds: float) -> list[float]:
+    """CPU seconds per second each of ``pids`` used over the next ``seconds``."""
+    before = [_cpu_seconds(pid) for pid in pids]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return [round((_cpu_seconds(pid) - b) / wall, 4) for pid, b in zip(pids, before, strict=True)]
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 TRIO_ENV: dict[str, str] = {}  # --trio-env KEY=VALUE, for experiments (not in the README run)
@@ -280,7 +384,7 @@ def system_label(system: str) -> str:
     if system != "trio":
         return SYSTEMS[system]
     history = "" if HISTORY_SIZE[0] is None else f", history {HISTORY_SIZE[0]}"
-    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history})"
+    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history}{LABEL_REDIS[0]})"
 
 
 def connections_by_instance(workdir: Path) -> dict[str, int]:
@@ -296,7 +400,7 @@ def log_notes(workdir: Path) -> list[str]:
     """Warnings, errors and exceptions in the server logs, counted by message shape."""
     notes: list[str] = []
     for log in sorted(workdir.glob("*.log")):
-        if log.name == "redis.log":
+        if log.name.startswith("redis"):  # redis.log, a cluster's redis-<port>.log
             continue
         shapes: Counter[str] = Counter()
         for line in log.read_text(errors="replace").splitlines():
@@ -352,12 +456,32 @@ def one_pass(
     logs: Path,
     profile: dict[str, object] | None = None,
     trigger: bytes = b"SENDING",
+    redis: str = "single",
 ) -> dict[str, object]:
-    workdir = Path(tempfile.mkdtemp(prefix=f"{system}-{workload}-", dir=logs))
-    print(f"\n== {system_label(system)}: workload {workload} (logs in {workdir})", file=sys.stderr)
+    tag = "" if redis == "single" else f"-{redis}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"{system}-{workload}{tag}-", dir=logs))
+    print(
+        f"\n== {system_label(system)} on {REDIS_LABELS[redis]}: workload {workload} (logs in "
+        f"{workdir})",
+        file=sys.stderr,
+    )
     processes, workers = TRIO_LAYOUTS[TRIO_LAYOUT[0]] if system == "trio" else (2, 1)
+    cluster: object = None
     with contextlib.ExitStack() as stack:
-        redis_url, redis_pid = stack.enter_context(redis_server(workdir))
+        if redis == "cluster":
+            redis_url, redis_nodes, cluster = stack.enter_context(redis_cluster(workdir))
+            redis_pids = [cast("int", node["pid"]) for node in redis_nodes]
+        else:
+            redis_url, redis_pid = stack.enter_context(redis_server(workdir))
+            redis_nodes = [
+                {
+                    "label": "redis-server",
+                    "role": "single",
+                    "pid": redis_pid,
+                    "port": int(redis_url.rsplit(":", 1)[1].split("/")[0]),
+                }
+            ]
+            redis_pids = [redis_pid]
         servers = []
         for i in range(1, processes + 1):
             name = f"{system}-{i}"
@@ -371,14 +495,40 @@ def one_pass(
         pids = [pid for _, group in servers for pid in group]
         # what serves connections (py-spy's targets): not a supervisor
         serving = [pid for _, group in servers for pid in (group[1:] if workers > 1 else group)]
-        options = {**options, "pids": ",".join(map(str, pids)), "redis-pid": redis_pid}
+        options = {
+            **options,
+            "pids": ",".join(map(str, pids)),
+            "redis-pid": ",".join(map(str, redis_pids)),
+        }
+        # the Redis processes' own cost with the instances connected and idle (a cluster's
+        # nodes run at hz 100 and gossip on the cluster bus; one redis-server at hz 10)
+        redis_idle = idle_cpu(redis_pids, IDLE_SAMPLE_S)
+        counters_before = [redis_counters(cast("int", n["port"])) for n in redis_nodes]
         command = loadgen_command(system, workload, urls, options)
         if profile is None:
             result = run_loadgen(command, timeout, workdir)
         else:
             result = run_profiled(command, timeout, workdir, serving, profile, trigger)
+        # Redis's own counters over the whole load generator run (connecting, joining and the
+        # measured window): how many commands came per read, i.e. how well they were batched
+        for node, before in zip(redis_nodes, counters_before, strict=True):
+            after = redis_counters(cast("int", node["port"]))
+            node["counters"] = {k: after[k] - before.get(k, 0) for k in after}
     result["log_notes"] = log_notes(workdir)
     result["logs"] = str(workdir)
+    result["redis"] = redis
+    result["redis_nodes"] = redis_nodes  # the order of redis_cpu_each and redis_idle_cpu_each
+    result["redis_idle_cpu_each"] = redis_idle
+    if redis == "cluster" and workload == "rooms":
+        # where B's rooms live: rooms (stream + shard channel chat:room:<room>) per master
+        owners = cluster.slot_owner  # type: ignore[attr-defined]
+        per_master: Counter[int] = Counter(
+            owners[cluster_slot(f"chat:room:room-{i}")]
+            for i in range(int(options["rooms"]))  # type: ignore[call-overload]
+        )
+        for node in redis_nodes:
+            if node["role"] == "master":
+                node["rooms"] = per_master[cast("int", node["port"])]
     # the order of the generator's server_cpu_each and rss_*_kib lists
     result["server_pids"] = pids
     result["server_labels"] = (
@@ -657,6 +807,130 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+def _redis_windows(result: dict[str, object], key: str) -> list[tuple[str, dict[str, object]]]:
+    """The measured windows of one A or B result, with their labels (C has no per-node CPU)."""
+    if key == "A":
+        steps = cast("list[dict[str, object]]", result["steps"])
+        return [(f"A fan-out {s['rate']}/s × {s.get('subscribers')}", s) for s in steps]  # noqa: RUF001
+    if key.startswith("B"):
+        label = f"B {result['rooms']} rooms × {result['members']}, {result['member_rate']}/s each"  # noqa: RUF001
+        return [(label, result)]
+    return []
+
+
+def redis_comparison(
+    single: dict[str, dict[str, object]], cluster: dict[str, dict[str, object]]
+) -> str:
+    """trio-chat on one redis-server vs on the Redis Cluster, window by window (A, B), and the
+    Redis CPU of each cluster node against the one redis-server's."""
+    out: list[str] = []
+    header = ["window", "metric (better)", REDIS_LABELS["single"], REDIS_LABELS["cluster"]]
+    lines = [[*header, "ratio cluster/single"], ["---"] * 2 + ["---:"] * 3]
+    nodes_header = ["window", "node", "port", "slots", "B rooms", "CPU s/s", "idle CPU s/s"]
+    nodes_header.append("× one redis-server")  # noqa: RUF001
+    nodes_header += ["commands (run)", "commands / read", "writes", "shard-publish bus msgs"]
+    node_lines = [nodes_header, ["---"] * 3 + ["---:"] * 9]
+
+    def counted(node: dict[str, object]) -> list[str]:
+        c = cast("dict[str, int]", node.get("counters") or {})
+        reads = c.get("total_reads_processed")
+        return [
+            fmt(c.get("total_commands_processed")),
+            ratio(c.get("total_commands_processed"), reads),
+            fmt(c.get("total_writes_processed")),
+            fmt(c.get("cluster_stats_messages_publishshard_sent")),
+        ]
+
+    verdicts: list[str] = []
+    for key in sorted(cluster):
+        windows = _redis_windows(cluster[key], key)
+        singles = dict(_redis_windows(single[key], key)) if key in single else {}
+        for label, window in windows:
+            other = singles.get(label, {})
+            each = cast("list[float]", window.get("redis_cpu_each") or [])
+            nodes = cast("list[dict[str, object]]", cluster[key].get("redis_nodes") or [])
+            idle = cast("list[float]", cluster[key].get("redis_idle_cpu_each") or [])
+            masters = [v for v, n in zip(each, nodes, strict=False) if n["role"] == "master"]
+            replicas = [v for v, n in zip(each, nodes, strict=False) if n["role"] == "replica"]
+            derived = {
+                "redis_max_master": max(masters) if masters else None,
+                "redis_max_replica": max(replicas) if replicas else None,
+            }
+            metrics = [
+                ("delivered msg/s", "delivered_per_s", "↑"),
+                ("p50 ms", "p50_ms", "↓"),
+                ("p99 ms", "p99_ms", "↓"),
+                ("max ms", "max_ms", "↓"),
+                ("lost msgs", "lost", "↓"),
+                ("server CPU s/s", "server_cpu", "↓"),
+                ("Redis CPU s/s, all nodes", "redis_cpu", "↓"),
+                ("Redis CPU s/s, busiest master", "redis_max_master", "↓"),
+                ("Redis CPU s/s, busiest replica", "redis_max_replica", "↓"),
+            ]
+            for name, field, better in metrics:
+                a: object
+                if field in derived:  # one redis-server is the only "master" there
+                    a = other.get("redis_cpu") if field == "redis_max_master" else None
+                    b = derived[field]
+                else:
+                    a, b = other.get(field), window.get(field)
+                digits = 3 if field.startswith("redis") else 2
+                cells = [fmt(a, digits), fmt(b, digits), ratio(b, a)]
+                lines.append([label, f"{name} ({better})", *cells])
+            reference = other.get("redis_cpu") if other else None
+            if key in single:
+                for node in cast("list[dict[str, object]]", single[key].get("redis_nodes") or []):
+                    idle_single = cast("list[float]", single[key].get("redis_idle_cpu_each") or [])
+                    node_lines.append(
+                        [
+                            label,
+                            "one redis-server",
+                            str(node.get("port", "")),
+                            fmt(16384),
+                            "all",
+                            fmt(reference, 3),
+                            fmt(idle_single[0] if idle_single else None, 3),
+                            "1.00",
+                            *counted(node),
+                        ]
+                    )
+            rests: list[float | None] = [*idle] if idle else [None] * len(each)
+            for node, cpu, rest in zip(nodes, each, rests, strict=False):
+                node_lines.append(
+                    [
+                        label,
+                        str(node["label"]),
+                        str(node.get("port", "")),
+                        fmt(node.get("slots")),
+                        fmt(node.get("rooms")) if node["role"] == "master" else "—",
+                        fmt(cpu, 3),
+                        fmt(rest, 3),
+                        ratio(cpu, reference),
+                        *counted(node),
+                    ]
+                )
+            if isinstance(reference, (int, float)) and reference and masters:
+                worst = max(masters) / reference
+                lost = window.get("lost")
+                verdicts.append(
+                    f"{label}: busiest master {max(masters):.3f} s/s = {worst:.2f} × one "  # noqa: RUF001
+                    f"redis-server's {reference:.3f} (target ≤ 0.40: "
+                    f"{'met' if worst <= 0.4 else 'NOT met'}), lost {fmt(lost)} on the cluster, "
+                    f"{fmt(other.get('lost'))} on one redis-server"
+                )
+    out.append("\n".join("| " + " | ".join(cells) + " |" for cells in lines))
+    out.append(
+        "\nRedis CPU per cluster node over each measured window (idle: the 3 s before the load "
+        "generator started, instances connected; one redis-server runs at hz 10, the cluster's "
+        "nodes at hz 100 with cluster-bus gossip):\n"
+    )
+    out.append("\n".join("| " + " | ".join(cells) + " |" for cells in node_lines))
+    if verdicts:
+        out.append("")
+        out.extend(f"- {line}" for line in verdicts)
+    return "\n".join(out)
+
+
 def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
     """Per measured window: what else used the machine, and how the generator kept up."""
     header = [
@@ -867,7 +1141,19 @@ def main() -> int:
         help="rates 50..400, 3 s each; 200 rooms, 5 s; 1000 idle connections",
     )
     parser.add_argument("--workloads", default="A,B,C", help="subset of A,B,C (A,B,C)")
-    parser.add_argument("--systems", default="trio,socketio", help="trio,socketio")
+    parser.add_argument(
+        "--systems",
+        help="trio,socketio (default: both; with --redis cluster or both: trio)",
+    )
+    parser.add_argument(
+        "--redis",
+        choices=[*REDIS_MODES, "both"],
+        default="single",
+        help="what trio-chat runs on: single = one redis-server (the default), cluster = a "
+        "Redis Cluster of 3 masters + 3 replicas (tests/_redis_cluster.py; Redis CPU per "
+        "node), both = each trio-chat pass on one, then on the other, side by side "
+        "(python-socketio always runs on one redis-server)",
+    )
     parser.add_argument("--rates", help="A: msg/s steps (50,100,200,400,800,1600)")
     parser.add_argument("--duration", type=float, help="A: seconds per rate (10)")
     parser.add_argument("--drain", type=float, default=2.0, help="A/B: seconds after last send (2)")
@@ -1019,7 +1305,13 @@ def main() -> int:
         "C": connections / 20 + args.quiet_max + 240,
     }
     wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    redis_modes = list(REDIS_MODES) if args.redis == "both" else [args.redis]
+    default_systems = "trio,socketio" if args.redis == "single" else "trio"
+    systems = [s.strip() for s in (args.systems or default_systems).split(",") if s.strip()]
+    if args.redis == "cluster" and "socketio" in systems:
+        parser.error("--redis cluster: python-socketio runs on one redis-server only")
+    if args.redis != "single" and (args.profile or args.profile_handshakes):
+        parser.error("--profile and --profile-handshakes run on one redis-server only")
     for name in wanted:
         if name not in ("A", "B", "C"):
             parser.error(f"unknown workload {name}")
@@ -1043,17 +1335,23 @@ def main() -> int:
         SOURCE_NOTE[0] = snapshot_source(logs)
         print(f"trio-chat under test: {SOURCE_NOTE[0]}", file=sys.stderr)
     started = time.monotonic()
-    results: dict[str, dict[str, dict[str, object]]] = {s: {} for s in systems}
+    results: dict[str, dict[str, dict[str, object]]] = {
+        s: {} for s in systems if "single" in redis_modes or s != "trio"
+    }
+    cluster_results: dict[str, dict[str, dict[str, object]]] = {"trio": {}}
     failed: list[str] = []
     for name in workloads:
         workload, options = plans[name]
         for system in systems:
-            try:
-                budget = budgets[name.split("@")[0]]
-                results[system][name] = one_pass(system, workload, options, budget, logs)
-            except BenchError as exc:
-                failed.append(f"{system_label(system)} {name}: {exc}")
-                print(f"FAILED: {system_label(system)} {name}: {exc}", file=sys.stderr)
+            for redis in redis_modes if system == "trio" else ["single"]:
+                where = f"{system_label(system)} on {REDIS_LABELS[redis]} {name}"
+                try:
+                    budget = budgets[name.split("@")[0]]
+                    result = one_pass(system, workload, options, budget, logs, redis=redis)
+                    (cluster_results if redis == "cluster" else results)[system][name] = result
+                except BenchError as exc:
+                    failed.append(f"{where}: {exc}")
+                    print(f"FAILED: {where}: {exc}", file=sys.stderr)
     profile_text = None
     if args.profile:
         profile_rate = args.profile
@@ -1135,22 +1433,36 @@ def main() -> int:
             + (" (history off: a send is a bare PUBLISH)" if args.history_size == 0 else "")
         )
         print(f"{system_label('trio')}: {LAYOUT_NOTES[args.trio_layout]}; {history}")
-    print()
-    print(table(results, args.p99_limit))
-    print("\nConditions of each measured window (CPU in cores: CPU seconds per second):\n")
-    print(conditions(results))
-    if "trio" in systems and TRIO_LAYOUTS[args.trio_layout][1] > 1:
-        print("\n(servers CPU each: sup = trio-chat's supervisor, w<n> = its worker n)")
-    shares = spread(results)
-    if shares:
-        print("\nConnections accepted per trio-chat instance (its `connected` log lines):")
-        for line in shares:
-            print(f"- {line}")
-    notes = problems(results)
-    if notes:
-        print("\nSeen during the run:")
-        for note in notes:
-            print(f"- {note}")
+    passes = []
+    if any(results.values()):
+        passes.append(("single", results))
+    if cluster_results["trio"]:
+        passes.append(("cluster", cluster_results))
+    for redis, by_system in passes:
+        LABEL_REDIS[0] = "" if redis == "single" else ", Redis Cluster"
+        if len(redis_modes) > 1 or redis != "single":
+            print(f"\n### On {REDIS_LABELS[redis]}")
+        print()
+        print(table(by_system, args.p99_limit))
+        print("\nConditions of each measured window (CPU in cores: CPU seconds per second):\n")
+        print(conditions(by_system))
+        if "trio" in systems and TRIO_LAYOUTS[args.trio_layout][1] > 1:
+            print("\n(servers CPU each: sup = trio-chat's supervisor, w<n> = its worker n)")
+        shares = spread(by_system)
+        if shares:
+            print("\nConnections accepted per trio-chat instance (its `connected` log lines):")
+            for line in shares:
+                print(f"- {line}")
+        notes = problems(by_system)
+        if notes:
+            print("\nSeen during the run:")
+            for note in notes:
+                print(f"- {note}")
+    LABEL_REDIS[0] = ""
+    if cluster_results["trio"]:
+        print(f"\n### {system_label('trio')}: {REDIS_LABELS['single']} vs the cluster")
+        print()
+        print(redis_comparison(results.get("trio", {}), cluster_results["trio"]))
     if profile_text:
         print(f"\nProfile written to {args.profile_out}-*:\n")
         print(profile_text)
@@ -1163,6 +1475,8 @@ def main() -> int:
             json.dumps(
                 {
                     "results": results,
+                    "cluster_results": cluster_results,
+                    "redis": args.redis,
                     "profile": profile_result,
                     "profile_handshakes": handshake_result,
                     "failed": failed,

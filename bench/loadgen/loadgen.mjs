@@ -12,8 +12,10 @@
 //           --duration s (staggered evenly); every message goes to the other members.
 //   idle    --connections clients, opened --concurrency at a time, each joins its own room;
 //           server RSS before/after from /proc/<pid>/status.
-// Server CPU: utime+stime from /proc/<pid>/stat of --pids (and --redis-pid) around each
-// measured window. No client ever connects anywhere but the --urls given (127.0.0.1).
+// Server CPU: utime+stime from /proc/<pid>/stat of --pids (and --redis-pid: one pid, or a
+// comma-separated list for a Redis Cluster's nodes, summed in redis_cpu and each in
+// redis_cpu_each) around each measured window. No client ever connects anywhere but the --urls
+// given (127.0.0.1).
 
 import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -65,7 +67,7 @@ function parseArgs(argv) {
   args.urls = args.urls.split(",");
   args.rates = String(args.rates).split(",").map(Number);
   args.pids = args.pids ? args.pids.split(",").map(Number) : [];
-  args.redisPid = args.redisPid ? Number(args.redisPid) : null;
+  args.redisPid = args.redisPid ? String(args.redisPid).split(",").map(Number) : [];
   return args;
 }
 
@@ -118,7 +120,7 @@ class CpuWindow {
     loopDelay.reset();
     this.t0 = performance.now();
     this.servers0 = pids.map(cpuSeconds);
-    this.redis0 = redisPid ? cpuSeconds(redisPid) : 0;
+    this.redis0 = redisPid.map(cpuSeconds);
     this.self0 = process.cpuUsage();
   }
   finish() {
@@ -127,13 +129,16 @@ class CpuWindow {
     const self = process.cpuUsage(this.self0);
     const machine = machineTicks();
     const busyCores = ((machine.busy - this.machine0.busy) / CLK_TCK) / wall;
+    const redis = this.redisPid.map((pid, i) => (cpuSeconds(pid) - this.redis0[i]) / wall);
+    const redisTotal = redis.reduce((a, b) => a + b, 0);
     const ours = servers.reduce((a, b) => a + b, 0) + (self.user + self.system) / 1e6 / wall +
-      (this.redisPid ? (cpuSeconds(this.redisPid) - this.redis0) / wall : 0);
+      redisTotal;
     return {
       wall_s: round(wall, 3),
       server_cpu: round(servers.reduce((a, b) => a + b, 0), 3),
       server_cpu_each: servers.map((v) => round(v, 3)),
-      redis_cpu: this.redisPid ? round((cpuSeconds(this.redisPid) - this.redis0) / wall, 3) : null,
+      redis_cpu: this.redisPid.length ? round(redisTotal, 3) : null,
+      redis_cpu_each: redis.map((v) => round(v, 4)),
       loadgen_cpu: round((self.user + self.system) / 1e6 / wall, 3),
       // CPU used by everything else on the machine meanwhile (a shared machine)
       other_cpu: round(busyCores - ours, 3),
