@@ -37,14 +37,17 @@ class FakeBackend:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
         self.down = False
+        self.sent = True  # while down: whether a failed batch may have run
+        self.calls = 0
         self.held: trio.Event | None = None
 
     async def execute(self, batch) -> None:
+        self.calls += 1
         if self.held is not None:
             await self.held.wait()
         await trio.lowlevel.checkpoint()
         if self.down:
-            raise BackendUnavailable("Redis at redis://test: down")
+            raise BackendUnavailable("Redis at redis://test: down", sent=self.sent)
         self.batches.append([command.args[1] for command in batch.commands])
         for command in batch.commands:
             assert command.name == "append"  # the history script: its reply is the id
@@ -109,3 +112,31 @@ async def test_the_read_loop_waits_once_the_limit_of_waiting_sends_is_reached(nu
     await outbox.put(outgoing(Outbox.LIMIT + 1))
     await outbox.wait_idle()
     assert [reply["ref"] for reply in session.replies] == list(range(Outbox.LIMIT + 2))
+
+
+async def test_a_batch_that_was_never_sent_is_refused_without_looking_for_it(nursery):
+    # a refused connection wrote nothing: no stream read can find it, none is made
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics(), HistoryConfig(), settle=30.0)
+    backend.down, backend.sent = True, False
+    with trio.fail_after(5):
+        for n in range(3):
+            await outbox.put(outgoing(n))
+        await outbox.wait_idle()
+    assert [(reply["type"], reply.get("code")) for reply in session.replies] == [
+        ("error", "unavailable")
+    ] * 3
+    assert backend.calls == 1
+
+
+async def test_a_batch_that_may_have_run_is_looked_for_before_it_is_refused(nursery):
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics(), HistoryConfig(), settle=0.2)
+    backend.down = True
+    with trio.fail_after(5):
+        await outbox.put(outgoing(0))
+        await outbox.wait_idle()
+    assert [(reply["type"], reply.get("code")) for reply in session.replies] == [
+        ("error", "unavailable")
+    ]
+    assert backend.calls > 1  # the stream was read (here: tried) before the refusal

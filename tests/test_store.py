@@ -486,8 +486,9 @@ async def test_execute_fails_while_redis_is_down_then_recovers(redis_server):
                 await write(backend, f"attempt {attempt}")
                 redis_server.kill()
                 for _ in range(2):
-                    with pytest.raises(BackendUnavailable, match=names_it):
+                    with pytest.raises(BackendUnavailable, match=names_it) as refused:
                         await read(backend)
+                    assert not refused.value.sent  # refused: nothing was written
                 redis_server.start()
                 assert await read(backend) is None  # an empty server
                 await write(backend, "back")
@@ -502,9 +503,12 @@ async def test_execute_gives_up_on_a_paused_redis_within_the_timeout(redis_serve
             try:
                 for _ in range(2):  # on a pooled connection, then connecting afresh
                     started = trio.current_time()
-                    with pytest.raises(BackendUnavailable):
+                    with pytest.raises(BackendUnavailable) as unanswered:
                         await read(backend)
                     assert trio.current_time() - started < 0.3 + 0.2
+                    # on the open connection it was written, and may run when Redis resumes;
+                    # a new connection's handshake got no answer: nothing was written
+                    assert unanswered.value.sent is (_ == 0)
             finally:
                 redis_server.resume()
             assert await read(backend) == "kept"
@@ -572,9 +576,10 @@ async def test_a_closed_redis_backend_fails_at_once(redis_server):
         async with open_backend(redis_server.url, command_timeout=1) as backend:
             await write(backend, "v")
         started = trio.current_time()
-        with pytest.raises(BackendUnavailable, match="closed"):
+        with pytest.raises(BackendUnavailable, match="closed") as closed:
             await read(backend)
         assert trio.current_time() - started < 0.1
+        assert not closed.value.sent
 
 
 async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redis_server):

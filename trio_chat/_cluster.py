@@ -20,8 +20,10 @@ docs/cluster-notes.md). So this backend routes by itself, over coredis's single-
   and control channels are shard channels (SSUBSCRIBE on their slot's master, SPUBLISH), and
   ``auth:*`` are classic ones, subscribed on the master owning the slot of ``auth:logout`` and
   published there, so that PUBLISH's count of receivers is every instance, as on one Redis.
-  A lost node, or a slot moved away, loses the subscription; the hub opens a new one (which
-  reads the slot map first) and catches up from the room streams.
+  A lost node, a slot moved away, or a node the slot map no longer lists as a master (read
+  after a failed batch: its replica took over while it was stalled), loses the subscription;
+  the hub opens a new one (which reads the slot map first) and catches up from the room
+  streams.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 #: a command redirected more often than this fails as unavailable (the cluster is reshaping)
 _MAX_REDIRECTIONS = 3
+#: error replies of commands the cluster refused to run: the cluster is down for their slot
+_REFUSED = (ClusterDownError, TryAgainError)
 #: the slot map is read at most this often in the background after failures, in seconds
 _MIN_MAP_INTERVAL = 0.1
 
@@ -181,6 +185,7 @@ class ClusterBackend:
         self._nodes: dict[str, RedisBackend] = {}
         self._retire: dict[str, trio.Event] = {}
         self._opening: dict[str, trio.Lock] = {}
+        self._subscriptions: set[RedisSubscription] = set()  # open ones, told of a new map
         #: slot maps read since start, the first one included
         self.map_reads = 0
         #: commands sent again to another node after MOVED or ASK
@@ -208,6 +213,8 @@ class ClusterBackend:
             for address in self._nodes.keys() - self._map.masters:
                 del self._nodes[address]
                 self._retire.pop(address).set()
+            for subscription in self._subscriptions:
+                subscription.keep_only(self._map.masters)
             return self._map
         finally:
             self._reading = None
@@ -297,46 +304,50 @@ class ClusterBackend:
         sent = [part for _, parts in split for part in parts]
         slot_map = await self._current_map()
         pending: list[tuple[Command, str | None]] = [(part, None) for part in sent]
+        ran = False  # some command of the batch may have run (BackendUnavailable.sent)
         for _ in range(_MAX_REDIRECTIONS + 1):
             shares: dict[str, list[Command]] = {}
             for command, target in pending:
                 try:
                     address = target or slot_map.owner(_routing_name(command))
-                except BackendUnavailable:  # a slot no master serves (yet)
+                except BackendUnavailable as exc:  # a slot no master serves (yet)
                     self._read_map_soon()
-                    raise
+                    raise BackendUnavailable(str(exc), sent=ran) from exc
                 share = shares.setdefault(address, [])
                 if target is not None and not isinstance(command.reply.value, MovedError):
                     share.append(Command("asking", (), Reply()))
                 share.append(command)
-            await self._send(shares)
+            await self._send(shares, ran)
             pending = []
             for command in sent:
                 if isinstance(reply := command.reply.value, AskError):  # MOVED is one too
                     pending.append((command, _address(reply.host, reply.port)))
                     if isinstance(reply, MovedError):
                         self._read_map_soon()
+                elif not isinstance(reply, _REFUSED):
+                    ran = True
             if not pending:
                 break
             self.redirections += len(pending)
             sent = [command for command, _ in pending]
         else:
-            raise BackendUnavailable(f"Redis Cluster at {self.url}: slots keep moving")
+            raise BackendUnavailable(f"Redis Cluster at {self.url}: slots keep moving", sent=ran)
         replies = [part.reply.value for _, parts in split for part in parts]
-        if down := [r for r in replies if isinstance(r, ClusterDownError | TryAgainError)]:
+        if down := [r for r in replies if isinstance(r, _REFUSED)]:
             self._read_map_soon()
-            raise BackendUnavailable(f"Redis Cluster at {self.url}: {down[0]}")
+            raise BackendUnavailable(f"Redis Cluster at {self.url}: {down[0]}", sent=ran)
         if errors := [r for r in replies if isinstance(r, ResponseError)]:
             raise errors[0]
         for command, parts in split:
             if parts != [command]:  # one per key: the counts add up
                 command.reply.set(sum(part.reply.value for part in parts))
 
-    async def _send(self, shares: dict[str, list[Command]]) -> None:
+    async def _send(self, shares: dict[str, list[Command]], ran: bool) -> None:
         """Send each master its share, all at once, and wait for every one of them.
 
         Raises:
-            BackendUnavailable: a master could not be reached or did not answer; the first
+            BackendUnavailable: a master could not be reached or did not answer (``sent``
+                unless no share can have run, nor any command before: ``ran``); the first
                 other error of a share (a bug) as itself.
         """
         failures: list[Exception] = []
@@ -346,6 +357,10 @@ class ClusterBackend:
             share.commands = commands
             try:
                 node = await self._node(address)
+            except BackendUnavailable as exc:  # nothing of this share was sent
+                failures.append(BackendUnavailable(str(exc), sent=False))
+                return
+            try:
                 await node.execute(share, each=True)
             except Exception as exc:  # the other shares run on
                 failures.append(exc)
@@ -358,9 +373,14 @@ class ClusterBackend:
                     nursery.start_soon(send, address, commands)
         if failures:
             failures.sort(key=lambda exc: isinstance(exc, BackendUnavailable))  # bugs first
-            if isinstance(failures[0], BackendUnavailable):
-                self._read_map_soon()
-            raise failures[0]
+            first = failures[0]
+            if not isinstance(first, BackendUnavailable):
+                raise first
+            self._read_map_soon()
+            # (bugs sort first: every failure is BackendUnavailable here)
+            unreached = [f for f in failures if isinstance(f, BackendUnavailable)]
+            sent = ran or len(failures) < len(shares) or any(f.sent for f in unreached)
+            raise BackendUnavailable(str(first), sent=sent) from first
 
     # --- Pub/Sub --------------------------------------------------------------------------------
 
@@ -392,7 +412,11 @@ class ClusterBackend:
             ping_interval=self._ping_interval,
             sharded=True,
         ) as subscription:
-            yield subscription
+            self._subscriptions.add(subscription)
+            try:
+                yield subscription
+            finally:
+                self._subscriptions.discard(subscription)
 
     # --- state ----------------------------------------------------------------------------------
 

@@ -22,7 +22,17 @@ class ConfigError(ChatError):
 
 
 class BackendUnavailable(ChatError):
-    """The store (Redis) could not be reached or did not answer in time."""
+    """The store (Redis) could not be reached or did not answer in time.
+
+    Attributes:
+        sent: whether the request may have reached the store, and run there; False when
+            nothing of it was sent (no connection could be made, or it was never taken out
+            of the queue), so that nothing of it can have run.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class AuthError(ChatError):

@@ -107,7 +107,8 @@ class Outbox:
                 await self._backend.execute(batch)
         except BackendUnavailable as exc:
             logger.warning("session %s: %d send(s) failed: %s", self._session.id, len(taken), exc)
-            appended = await self._settle(taken)
+            # what was never sent cannot have been appended: refuse it at once
+            appended = await self._settle(taken) if exc.sent else [None] * len(taken)
             for outgoing, entry_id in zip(taken, appended, strict=True):
                 if entry_id is not None:
                     self._session.reply(encode("ack", outgoing.ref, id=entry_id, ts=outgoing.ts))

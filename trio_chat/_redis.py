@@ -54,19 +54,30 @@ _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 
+class NotConnected(RedisConnectionError):
+    """coredis could not connect for a pipeline: nothing of it was sent."""
+
+
 @contextmanager
 def unavailable(what: str) -> Iterator[None]:
     """Turn a lost connection or a timeout, bare or grouped by a task group, into ours."""
     try:
         yield
     except* _UNAVAILABLE as group:
-        raise BackendUnavailable(f"{what}: {_describe(group)}") from group
+        sent = not isinstance(_first(group), NotConnected)
+        raise BackendUnavailable(f"{what}: {_describe(group)}", sent=sent) from group
+
+
+def _first(error: BaseException) -> BaseException:
+    """The first exception of what may be a group of groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _describe(error: BaseException) -> str:
     """The first exception of what may be a group of groups, as ``Type: message``."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
+    error = _first(error)
     return ": ".join(filter(None, (type(error).__name__, str(error))))
 
 
@@ -186,7 +197,14 @@ async def _pipeline(
     empty, or SCRIPT FLUSH), it is loaded and those commands, which did not run, are sent again
     in their order.
     """
-    replies = await _run(commands, sharded, client)
+    try:
+        replies = await _run(commands, sharded, client)
+    except RedisConnectionError as exc:
+        # coredis's words for a connection it could not make (refused, say): then nothing
+        # was written, and BackendUnavailable.sent says so (the outbox need not look for it)
+        if str(exc).startswith("Unable to establish a connection"):
+            raise NotConnected(str(exc)) from exc
+        raise
     if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
         await client.script_load(APPEND_SCRIPT)
         again = await _run([commands[n] for n in missing], sharded, client)
@@ -333,7 +351,7 @@ class RedisBackend:
         if not batch.commands:
             return
         if not self._sending:
-            raise BackendUnavailable(f"Redis at {self.url}: the backend is closed")
+            raise BackendUnavailable(f"Redis at {self.url}: the backend is closed", sent=False)
         queued = _Queued(batch, each)
         self._queued.append(queued)
         self._wake.set()
@@ -344,7 +362,8 @@ class RedisBackend:
                 if not queued.taken:
                     queued.abandoned = True
                     raise BackendUnavailable(
-                        f"Redis at {self.url}: not sent within {self._timeout}s (busy)"
+                        f"Redis at {self.url}: not sent within {self._timeout}s (busy)",
+                        sent=False,
                     )
                 await queued.done.wait()  # bounded: the pipeline has its own timeout
         if queued.error is not None:
@@ -377,7 +396,9 @@ class RedisBackend:
             self._sending = False
             while self._queued:
                 queued = self._queued.popleft()
-                queued.error = BackendUnavailable(f"Redis at {self.url}: the backend is closed")
+                queued.error = BackendUnavailable(
+                    f"Redis at {self.url}: the backend is closed", sent=False
+                )
                 queued.done.set()
 
     async def _send(self, taken: list[_Queued]) -> None:
@@ -386,7 +407,7 @@ class RedisBackend:
             replies = await self._call(partial(_pipeline, commands, self._sharded))
         except BackendUnavailable as exc:
             for queued in taken:
-                queued.error = BackendUnavailable(str(exc))
+                queued.error = BackendUnavailable(str(exc), sent=exc.sent)
                 queued.error.__cause__ = exc.__cause__
         except Exception as exc:  # a bug of ours or coredis's: these batches fail with it
             logger.exception("Redis pipeline failed")
@@ -541,6 +562,13 @@ class RedisSubscription:
         if self._lost is None:
             self._lost = error
             self._receive.close()  # wakes messages() and every connection waiting to hand over
+
+    def keep_only(self, nodes: set[str]) -> None:
+        """Lose the subscription if it holds a connection to a node not among ``nodes``: on a
+        cluster, a master that the slot map no longer lists (its replica took over while it
+        was stalled, so its connection may stay open and silent until it wakes)."""
+        if gone := sorted(self._connections.keys() - nodes):
+            self._lose(BackendUnavailable(f"{', '.join(gone)} no longer a master"))
 
     def close(self) -> None:
         """Drop every connection, before the tasks that use them are cancelled.
