@@ -2,19 +2,23 @@
 then prove that nothing acknowledged was lost, nothing came twice and no record leaked.
 
     python bench/soak.py --minutes N [--instances 3] [--clients 300] [--rooms 30] [--rate R]
-                         [--netem] [--seed S] [--fault-interval SECONDS] [--keep]
+                         [--cluster | --netem] [--seed S] [--fault-interval SECONDS] [--keep]
     make soak ARGS="--minutes 30"
+    python bench/soak.py --cluster --minutes 5     # on a Redis Cluster, 3 masters + 3 replicas
 
 It starts everything it uses and stops it again, by pid: a redis-server of its own on a free
 port (``--save "" --appendonly no``; with ``--netem`` inside a network namespace it creates),
 ``--instances`` ``trio-chat serve`` processes on it (JSON logs in a work directory), and
 ``--clients`` WebSocket clients in this process, each a member of one to three of ``--rooms``
-rooms (a fifth of the users have two devices). The clients send ``--rate`` messages per second
-in all; whenever their socket closes they reconnect, to the less loaded of two live instances
-picked at random, and rejoin every room with ``since`` = the last message id they received
-there (before any, the ``last`` their first ``joined`` named); they refresh their short-lived
-tokens (``--token-ttl``) on ``token_expiring``, and each closes normally and comes back about
-once every ``--churn`` seconds, as phones change networks.
+rooms (a fifth of the users have two devices). With ``--cluster`` the instances run on a Redis
+Cluster instead (``redis+cluster://``): three masters with a replica each, the test fixture's
+``RedisCluster`` (tests/_redis_cluster.py, node timeout 1 s), its nodes' files and logs in
+``<workdir>/cluster/<port>/``; ``--netem`` is for one Redis only. The clients send ``--rate``
+messages per second in all; whenever their socket closes they reconnect, to the less loaded of
+two live instances picked at random, and rejoin every room with ``since`` = the last message id
+they received there (before any, the ``last`` their first ``joined`` named); they refresh their
+short-lived tokens (``--token-ttl``) on ``token_expiring``, and each closes normally and comes
+back about once every ``--churn`` seconds, as phones change networks.
 
 Faults, on a schedule drawn from ``--seed`` (one every ``--fault-interval`` seconds, about: 15
 by default, less in runs under 3 minutes; the kinds dealt from a shuffled deck, so every kind
@@ -30,6 +34,17 @@ comes once before any comes twice):
 - ``logout``: ``POST /v1/users/<uid>/logout`` for one user; its clients come back with a new
   token once ``not_before`` has passed;
 - ``ban``: ``POST /v1/users/<uid>/ban``, ``unban`` 3-6 s later; its clients come back then;
+- with ``--cluster``, instead of the two Redis faults (one at a time, each ending once the
+  cluster is ok again on every node):
+
+  - ``master_kill``: SIGKILL a master; its replica is promoted (``failover_s``); 1-3 s later
+    the old one restarts (empty) and rejoins as a replica of its replacement;
+  - ``master_pause``: SIGSTOP a master for 0.3-0.7 s, under the node timeout: no failover;
+  - ``master_stall``: SIGSTOP a master until its replica is promoted, and 0.5-2 s more; on
+    SIGCONT it finds itself replaced and becomes a replica;
+  - ``shard_loss``: SIGKILL a master and its replica, restart both empty: that shard's keys
+    and room streams are gone, as all of them are after ``redis_restart`` on one Redis;
+
 - with ``--netem``, on the link to Redis only: ``net_delay`` (20-80 ms each way, jitter, 8-15 s),
   ``net_loss`` (2-8% of packets each way, 8-15 s) and ``net_partition`` (every packet dropped,
   5 s). ``tc qdisc netem`` on a veth pair when the kernel has it; otherwise (no
@@ -46,18 +61,28 @@ whose membership began before the sender wrote the ``send`` frame, but the sendi
   ``recovered: false`` excuses, for that client and room, the ids after its ``since`` and before
   the first message that followed the ``joined`` (at most the ``joined``'s own time); each is
   charged to the last fault that began before that ``joined`` (``gaps_by_fault``);
+- ``lost_unreplicated`` (``--cluster``): Redis replicates asynchronously, so a message the old
+  master acknowledged may never reach the replica promoted in its place (or a stalled master
+  may run, on SIGCONT, what it had buffered before it learns it was replaced). After each
+  failover (``master_kill``, ``master_stall``) the soak reads the room streams of that shard on
+  the new master, from 10 s before the fault on; an acknowledged message of that window that
+  the stream lacks is counted in ``unreplicated`` (``unreplicated_by_fault``, samples in
+  ``unreplicated_samples``), and its deliveries that never came (and no ``recovered: false``
+  explains) in ``lost_unreplicated`` (``lost_unreplicated_by_fault``), not in ``lost``;
 - ``duplicates``: a (client, message id) received more than once, whether expected or not;
 - after the run: every client closes, every instance is stopped with SIGTERM (each must exit 0),
-  then one ``session.ttl`` and one ``trio-chat clean`` later no ``ws:*`` key may be left
-  (``leaked_keys``; the reaper's own ``ws:reap:<id>`` locks, which expire in 30 s, are counted
-  apart as ``reap_locks``), and no instance log may hold a traceback;
-- ``unexpected_exits``: an instance or redis-server that exited when nothing signalled it, or
-  not with 0 after SIGTERM (an instance that cannot reach Redis while starting exits 1, as
-  documented; that is retried and counted as ``start_failures``).
+  then one ``session.ttl`` and one ``trio-chat clean`` later no ``ws:*`` key may be left on
+  the one Redis, or on any master of the cluster (``masters_checked``) (``leaked_keys``; the
+  reaper's own ``ws:reap:<id>`` locks, which expire in 30 s, are counted apart as
+  ``reap_locks``), and no instance log may hold a traceback;
+- ``unexpected_exits``: an instance, redis-server or cluster node (restarted then) that exited
+  when nothing signalled it, or not with 0 after SIGTERM (an instance that cannot reach Redis
+  while starting exits 1, as documented; that is retried and counted as ``start_failures``).
 
 Output: a progress line every 10 s, then, as the last line of stdout, one JSON object. Exit
 status 0 only when ``lost``, ``duplicates``, ``leaked_keys``, ``unexpected_exits`` and
-``tracebacks`` are all 0; 1 otherwise; 2 for bad usage (``--cluster``: no cluster backend yet).
+``tracebacks`` are all 0 (``lost_unreplicated`` may not be: it is reported, charged to its
+failover); 1 otherwise; 2 for bad usage (``--cluster`` with ``--netem`` included).
 """
 
 from __future__ import annotations
@@ -94,7 +119,10 @@ import trio
 import trio.lowlevel
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
+from trio_chat._keys import hash_slot, room_channel
 from trio_chat.client import open_client
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "soak-secret-" + "s" * 52
 ADMIN_KEY = "soak-admin-key"
@@ -117,8 +145,18 @@ FAULT_KINDS = [
     "ban",
 ]
 NET_FAULT_KINDS = ["net_delay", "net_loss", "net_partition"]
+#: with --cluster, in place of redis_pause and redis_restart
+CLUSTER_FAULT_KINDS = ["master_kill", "master_pause", "master_stall", "shard_loss"]
+#: a master SIGSTOPped for less than this is not failed over (node timeout 1 s in the fixture)
+SHORT_PAUSE = (0.3, 0.7)
+FAILOVER_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 30.0
+#: acked messages this long before a failover began are checked against the promoted replica
+UNREPLICATED_LOOKBACK_MS = 10_000
 
 CHILDREN: list[Child] = []
+#: the Redis Cluster of a --cluster run (tests/_redis_cluster.py), whose nodes we also stop
+CLUSTERS: list[Any] = []
 
 
 class SoakError(Exception):
@@ -229,6 +267,20 @@ def kill_children() -> None:
     for child in CHILDREN:
         with suppress(subprocess.TimeoutExpired):
             child.proc.wait(5)
+    for cluster in CLUSTERS:  # SIGKILL by pid (a paused node too); its files stay, for the logs
+        for port in cluster.ports:
+            with suppress(OSError, subprocess.TimeoutExpired):
+                cluster.kill(port)
+
+
+def redis_cluster_class() -> Any:
+    """The test fixture's RedisCluster (tests/_redis_cluster.py): used, not copied."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from _redis_cluster import RedisCluster  # type: ignore[import-not-found]
+
+    return RedisCluster
 
 
 # --- the network fault layer (--netem) ----------------------------------------------------------
@@ -430,11 +482,27 @@ class Gap:
         return self.lo < message_id < hi
 
 
+class ReplicationCheck:
+    """One room's stream as the promoted replica held it after a failover (``--cluster``): an
+    acknowledged message of that room with an id in ``lo..hi`` that is not in ``present`` was
+    stored by the old master only (not replicated, or written by it after it was failed over),
+    and is charged to the fault ``label`` (``lost_unreplicated``), not counted as lost."""
+
+    __slots__ = ("hi", "label", "lo", "present")
+
+    def __init__(self, lo: int, hi: int, present: set[int], label: str) -> None:
+        self.lo, self.hi, self.present, self.label = lo, hi, present, label
+
+    def misses(self, message_id: int) -> bool:
+        return self.lo <= message_id <= self.hi and message_id not in self.present
+
+
 class Ledger:
     def __init__(self) -> None:
         self.messages: dict[tuple[str, int], Message] = {}
         self.members: dict[str, dict[int, float]] = {}  # room -> client -> member since (ms)
         self.gaps: dict[tuple[int, str], list[Gap]] = {}
+        self.replication_checks: dict[str, list[ReplicationCheck]] = {}
         self.sends: dict[tuple[int, int], str] = {}  # (client, n) -> outcome
         #: (client, n) -> (sent, error received (unix ms), instance) of the sends refused
         self.errors_at: dict[tuple[int, int], tuple[float, float, str]] = {}
@@ -493,9 +561,21 @@ class Ledger:
                 return gap
         return None
 
+    def add_replication_check(self, room: str, check: ReplicationCheck) -> None:
+        self.replication_checks.setdefault(room, []).append(check)
+
+    def _unreplicated(self, room: str, message_id: int) -> str | None:
+        for check in self.replication_checks.get(room, ()):
+            if check.misses(message_id):
+                return check.label
+        return None
+
     def audit(self, *, keep_lost: int = 0) -> dict[str, Any]:
         expected = delivered = extra = lost = gaps = 0
         gaps_by_fault: Counter[str] = Counter()
+        unreplicated: Counter[str] = Counter()  # acked messages the promoted replica lacked
+        lost_unreplicated: Counter[str] = Counter()  # missing deliveries of those
+        unreplicated_samples: list[dict[str, Any]] = []
         lost_list: list[tuple[str, int, int]] = []
         published_after_error = unacked_delivered = 0
         after_error: list[dict[str, Any]] = []
@@ -525,6 +605,20 @@ class Ledger:
             delivered += (must & message.delivered).bit_count()
             extra += (message.delivered & ~must).bit_count()
             missing = must & ~message.delivered
+            failover = self._unreplicated(room, message_id)
+            if failover is not None:
+                unreplicated[failover] += 1
+                if len(unreplicated_samples) < 10:
+                    unreplicated_samples.append(
+                        {
+                            "room": room,
+                            "id": format_id(message_id),
+                            "fault": failover,
+                            "from_client": message.sender,
+                            "expected": must.bit_count(),
+                            "delivered": (must & message.delivered).bit_count(),
+                        }
+                    )
             while missing:
                 low = missing & -missing
                 missing ^= low
@@ -533,6 +627,8 @@ class Ledger:
                 if gap is not None:
                     gaps += 1
                     gaps_by_fault[gap.label] += 1
+                elif failover is not None:
+                    lost_unreplicated[failover] += 1
                 else:
                     lost += 1
                     if len(lost_list) < keep_lost:
@@ -543,6 +639,11 @@ class Ledger:
             "lost": lost,
             "gaps": gaps,
             "gaps_by_fault": dict(gaps_by_fault),
+            "unreplicated": sum(unreplicated.values()),
+            "unreplicated_by_fault": dict(unreplicated),
+            "lost_unreplicated": sum(lost_unreplicated.values()),
+            "lost_unreplicated_by_fault": dict(lost_unreplicated),
+            "unreplicated_samples": unreplicated_samples,
             "extra_deliveries": extra,
             "unacked_published": unacked_delivered,
             "published_after_error": published_after_error,
@@ -892,8 +993,12 @@ class Soak:
         self.redis_host = "127.0.0.1"
         self.redis_port = free_port()
         self.redis: Child | None = None
-        self.redis_lock = trio.Lock()
+        self.redis_lock = trio.Lock()  # one Redis (or cluster) fault at a time
         self.net_lock = trio.Lock()
+        #: --cluster: the RedisCluster (set up in run), and the ports of the nodes whose process
+        #: a fault is replacing right now (the monitor leaves those alone)
+        self.cluster: Any = None
+        self.node_busy: set[int] = set()
         self.slots = [Slot(i) for i in range(args.instances)]
         self.started = time.monotonic()
         self.traffic_started: float | None = None
@@ -910,7 +1015,7 @@ class Soak:
 
     def _build_population(self) -> None:
         rng, args = self.structure_rng, self.args
-        rooms = [f"room-{r:03d}" for r in range(args.rooms)]
+        rooms = self.room_names = [f"room-{r:03d}" for r in range(args.rooms)]
         user: User | None = None
         for index in range(args.clients):
             if user is None or index % 5 != 1:  # every fifth user has a second device
@@ -925,6 +1030,8 @@ class Soak:
 
     @property
     def redis_url(self) -> str:
+        if self.cluster is not None:
+            return str(self.cluster.url)  # redis+cluster:// and the three first masters
         return f"redis://{self.redis_host}:{self.redis_port}/0"
 
     def clock(self) -> float:
@@ -1072,18 +1179,13 @@ class Soak:
     # --- watching the processes ------------------------------------------------------------
 
     def _unexpected(self, child: Child, code: int | None, why: str) -> None:
+        self._unexpected_process(child.name, child.pid, code, why)
+
+    def _unexpected_process(self, name: str, pid: int, code: int | None, why: str) -> None:
         self.unexpected.append(
-            {
-                "process": child.name,
-                "pid": child.pid,
-                "code": code,
-                "why": why,
-                "t": round(self.clock(), 1),
-            }
+            {"process": name, "pid": pid, "code": code, "why": why, "t": round(self.clock(), 1)}
         )
-        print(
-            f"[soak] UNEXPECTED: {child.name} (pid {child.pid}) {why}, code {code}", file=sys.stderr
-        )
+        print(f"[soak] UNEXPECTED: {name} (pid {pid}) {why}, code {code}", file=sys.stderr)
 
     async def monitor(self, nursery: trio.Nursery) -> None:
         """Notice processes that die by themselves; restart them, as a supervisor would."""
@@ -1104,6 +1206,24 @@ class Soak:
                 async with self.redis_lock:
                     self.start_redis()
                     await self.redis_up()
+            cluster = self.cluster
+            for port in cluster.ports if cluster is not None else ():
+                # the fixture's Popen of the node (None while it is killed on purpose)
+                process = cluster._processes.get(port)
+                if port in self.node_busy or process is None:
+                    continue
+                if (code := process.poll()) is not None:
+                    self.node_busy.add(port)
+                    self._unexpected_process(f"redis-{port}", process.pid, code, "exited by itself")
+                    nursery.start_soon(self._restart_node_unexpected, port)
+
+    async def _restart_node_unexpected(self, port: int) -> None:
+        async with self.redis_lock:
+            try:
+                await trio.to_thread.run_sync(self.cluster.restart, port)
+            finally:
+                self.node_busy.discard(port)
+            await self.settled()
 
     async def _restart_unexpected(self, slot: Slot) -> None:
         async with slot.lock:
@@ -1112,10 +1232,10 @@ class Soak:
     # --- faults ----------------------------------------------------------------------------
 
     def fault_before(self, unix: float) -> str:
-        label = "none"
-        for fault in self.faults:
-            if fault["unix"] <= unix:
-                label = f"{fault['kind']}#{fault['n']}"
+        label, latest = "none", -math.inf
+        for fault in self.faults:  # (a fault that waited for a lock began when it got it)
+            if latest <= fault["unix"] <= unix:
+                label, latest = f"{fault['kind']}#{fault['n']}", fault["unix"]
         return label
 
     async def pause(self, seconds: float) -> None:
@@ -1126,6 +1246,8 @@ class Soak:
     async def fault_schedule(self, nursery: trio.Nursery) -> None:
         rng = self.fault_rng
         kinds = FAULT_KINDS + (NET_FAULT_KINDS if self.net is not None else [])
+        if self.cluster is not None:
+            kinds = [k for k in kinds if not k.startswith("redis_")] + CLUSTER_FAULT_KINDS
         if len(self.slots) < 2:
             kinds = [k for k in kinds if k not in ("kill_instance", "drain_instance")]
         deck: list[str] = []
@@ -1152,7 +1274,8 @@ class Soak:
         }
         self.faults.append(fault)
         try:
-            fault["target"] = await getattr(self, f"fault_{kind}")()
+            make = getattr(self, f"fault_{kind}")
+            fault["target"] = await (make(fault) if kind in CLUSTER_FAULT_KINDS else make())
         except Exception as exc:  # a fault that could not be made is recorded, not fatal
             fault["target"] = f"failed: {type(exc).__name__}: {exc}"
             print(f"[soak] fault {kind} failed: {traceback.format_exc()}", file=sys.stderr)
@@ -1221,6 +1344,157 @@ class Soak:
             if not await self.redis_up():
                 raise SoakError("redis-server did not come back")
             return "SIGKILL, started empty"
+
+    # --- faults on a Redis Cluster (--cluster) ----------------------------------------------
+
+    async def settled(self) -> None:
+        """Wait until the cluster is ok on every running node (fresh ``slot_owner``/``shards``)."""
+        await trio.to_thread.run_sync(self.cluster.wait_ok, SETTLE_TIMEOUT)
+
+    async def _node(self, action: str, port: int) -> None:
+        """``kill`` or ``restart`` one node (the fixture's methods, in a thread)."""
+        self.node_busy.add(port)
+        try:
+            await trio.to_thread.run_sync(getattr(self.cluster, action), port)
+        finally:
+            self.node_busy.discard(port)
+
+    async def _cluster_target(self, fault: dict[str, Any]) -> int:
+        """A master, picked once the cluster is settled; the fault begins now (not when it was
+        scheduled: it may have waited for the one before)."""
+        await self.settled()
+        port: int = self.fault_rng.choice(sorted(self.cluster.shards))
+        fault["scheduled_t"] = fault["t"]
+        fault["t"], fault["unix"] = round(self.clock(), 1), time.time()
+        return port
+
+    def shard_rooms(self, port: int) -> list[str]:
+        """The rooms whose stream (and channel) the master ``port`` owns (as of ``settled``)."""
+        owner = self.cluster.slot_owner
+        return [r for r in self.room_names if owner[hash_slot(room_channel(r))] == port]
+
+    async def check_replication(
+        self, fault: dict[str, Any], master: int, rooms: list[str], began_unix: float
+    ) -> str:
+        """After a failover: read each room stream of the failed-over shard on its new master,
+        and record what it holds from ``UNREPLICATED_LOOKBACK_MS`` before the fault on. The
+        audit charges any acknowledged message of that window the stream lacks (the old master
+        had not replicated it, or wrote it after it was failed over) to this fault."""
+        label = f"{fault['kind']}#{fault['n']}"
+        lo_ms = int(began_unix * 1000) - UNREPLICATED_LOOKBACK_MS
+        entries = 0
+        for room in rooms:
+            key = room_channel(room)
+            read_at = int(now_ms())  # an id of a later ms was given after this read
+            window = await trio.to_thread.run_sync(
+                self.cluster.command, master, "XRANGE", key, f"{lo_ms}-0", "+"
+            )
+            oldest = await trio.to_thread.run_sync(
+                self.cluster.command, master, "XRANGE", key, "-", "+", "COUNT", "1"
+            )
+            floor = lo_ms << 32
+            if oldest:  # trimmed (MAXLEN ~): nothing can be said about older ids
+                floor = max(floor, parse_id(oldest[0][0]))
+            present = {parse_id(entry[0]) for entry in window or ()}
+            entries += len(present)
+            hi = ((read_at - 1) << 32) | 0xFFFFFFFF
+            self.ledger.add_replication_check(room, ReplicationCheck(floor, hi, present, label))
+        return f"{len(rooms)} room streams checked on {master}: {entries} entries"
+
+    async def fault_master_kill(self, fault: dict[str, Any]) -> str:
+        """SIGKILL a master; its replica takes over; the old one restarts (empty) and rejoins
+        as a replica of its replacement."""
+        async with self.redis_lock:
+            port = await self._cluster_target(fault)
+            rooms = self.shard_rooms(port)
+            began, killed_at = trio.current_time(), time.time()
+            await self._node("kill", port)
+            try:
+                new = await trio.to_thread.run_sync(
+                    self.cluster.wait_for_failover, port, FAILOVER_TIMEOUT
+                )
+                took = trio.current_time() - began
+                checked = await self.check_replication(fault, new, rooms, killed_at)
+                await self.pause(self.fault_rng.uniform(1, 3))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._node("restart", port)
+                    await self.settled()
+            fault["failover_s"] = round(took, 2)
+            return (
+                f"master {port} SIGKILL: replica {new} promoted in {took:.1f}s ({checked}); "
+                f"{port} restarted, a replica now"
+            )
+
+    async def fault_master_pause(self, fault: dict[str, Any]) -> str:
+        """SIGSTOP a master for less than the node timeout: no failover, only a stall."""
+        async with self.redis_lock:
+            port = await self._cluster_target(fault)
+            rooms = self.shard_rooms(port)
+            seconds, paused_at = self.fault_rng.uniform(*SHORT_PAUSE), time.time()
+            self.cluster.pause(port)
+            try:
+                await self.pause(seconds)
+            finally:
+                self.cluster.resume(port)
+            await self.settled()
+            if port in self.cluster.shards:
+                return f"master {port} SIGSTOP {seconds:.2f}s (under the node timeout)"
+            # failed over after all (a slow machine): what the old master held may be gone
+            if not rooms:
+                return f"master {port} SIGSTOP {seconds:.2f}s: failed over anyway (no room there)"
+            new: int = self.cluster.slot_owner[hash_slot(room_channel(rooms[0]))]
+            checked = await self.check_replication(fault, new, rooms, paused_at)
+            return f"master {port} SIGSTOP {seconds:.2f}s: failed over anyway to {new} ({checked})"
+
+    async def fault_master_stall(self, fault: dict[str, Any]) -> str:
+        """SIGSTOP a master for longer than the node timeout: its replica is promoted while it
+        is stopped; on SIGCONT it finds itself replaced and becomes a replica (whatever it
+        still ran from its buffers meanwhile is discarded)."""
+        async with self.redis_lock:
+            port = await self._cluster_target(fault)
+            rooms = self.shard_rooms(port)
+            began, paused_at = trio.current_time(), time.time()
+            self.cluster.pause(port)
+            try:
+                new = await trio.to_thread.run_sync(
+                    self.cluster.wait_for_failover, port, FAILOVER_TIMEOUT
+                )
+                took = trio.current_time() - began
+                more = self.fault_rng.uniform(0.5, 2.0)
+                await self.pause(more)
+            finally:
+                self.cluster.resume(port)
+            stopped = trio.current_time() - began
+            with trio.CancelScope(shield=True):
+                await self.settled()
+            checked = await self.check_replication(fault, new, rooms, paused_at)
+            fault["failover_s"] = round(took, 2)
+            return (
+                f"master {port} SIGSTOP {stopped:.1f}s: replica {new} promoted in {took:.1f}s "
+                f"({checked}); {port} resumed, a replica now"
+            )
+
+    async def fault_shard_loss(self, fault: dict[str, Any]) -> str:
+        """SIGKILL a master and its replica, restart both empty: the shard's data is gone (the
+        cluster's "Redis restarted empty"; rejoins in its rooms answer ``recovered: false``)."""
+        async with self.redis_lock:
+            port = await self._cluster_target(fault)
+            nodes = [port, *self.cluster.shards[port]]
+            rooms = self.shard_rooms(port)
+            for node in nodes:
+                await self._node("kill", node)
+            try:
+                await self.pause(self.fault_rng.uniform(0.5, 1.5))
+            finally:
+                with trio.CancelScope(shield=True):
+                    for node in nodes:
+                        await self._node("restart", node)
+                    await self.settled()
+            return (
+                f"master {port} and replica {nodes[1:]} SIGKILL, restarted empty "
+                f"({len(rooms)} rooms)"
+            )
 
     async def fault_socket_resets(self) -> str:
         connected = [c for c in self.clients if c.conn is not None]
@@ -1358,9 +1632,12 @@ class Soak:
                 # on this thread: PR_SET_PDEATHSIG fires when the thread that forked exits
                 self.net.setup()
                 self.redis_host = self.net.remote
-            self.start_redis()
-            if not await self.redis_up():
-                raise SoakError(f"redis-server did not start: see {self.workdir / 'redis.log'}")
+            if self.args.cluster:
+                await self.start_cluster()
+            else:
+                self.start_redis()
+                if not await self.redis_up():
+                    raise SoakError(f"redis-server did not start: see {self.workdir / 'redis.log'}")
             async with trio.open_nursery() as starting:
                 for slot in self.slots:
                     starting.start_soon(self.start_instance, slot)
@@ -1404,6 +1681,19 @@ class Soak:
             root.cancel_scope.cancel()
         return result
 
+    async def start_cluster(self) -> None:
+        """3 masters and 3 replicas (tests/_redis_cluster.py), in ``<workdir>/cluster``."""
+        try:
+            cluster = redis_cluster_class()(self.workdir / "cluster")
+        except FileNotFoundError as exc:
+            raise SoakError(f"{exc} (`make redis-server` installs them)") from exc
+        CLUSTERS.append(cluster)
+        try:
+            await trio.to_thread.run_sync(cluster.start)
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+            raise SoakError(f"the Redis Cluster did not start: {exc}") from exc
+        self.cluster = cluster
+
     async def heal(self) -> None:
         """After the traffic: Redis running and answering, the network clean, every instance
         up, nobody banned."""
@@ -1411,7 +1701,15 @@ class Soak:
             self.redis.signal(signal.SIGCONT, ends_it=False)
         if self.net is not None:
             await trio.to_thread.run_sync(self.net.apply)
-        if not await self.redis_up(20):
+        if self.cluster is not None:
+            async with self.redis_lock:
+                for port in self.cluster.ports:
+                    if not self.cluster.running(port):
+                        await self._node("restart", port)
+                    elif port not in self.cluster.live_ports():
+                        self.cluster.resume(port)
+                await self.settled()
+        elif not await self.redis_up(20):
             async with self.redis_lock:
                 self.start_redis()
                 await self.redis_up(20)
@@ -1466,23 +1764,39 @@ class Soak:
         return (done.stdout + done.stderr).decode().strip()
 
     async def leaks(self) -> dict[str, Any]:
-        cli = ["redis-cli", "-h", self.redis_host, "-p", str(self.redis_port)]
+        """The ``ws:*`` keys left: on the one Redis, or on every master of the cluster."""
+        if self.cluster is not None:
+            masters = await trio.to_thread.run_sync(self.cluster.masters)
+            nodes = [("127.0.0.1", port) for port in masters]
+        else:
+            nodes = [(self.redis_host, self.redis_port)]
+        locks: list[str] = []
+        leaked: list[str] = []
+        details: list[str] = []
         with trio.fail_after(30):
-            keys = await trio.run_process(
-                [*cli, "--scan", "--pattern", "ws:*"], capture_stdout=True
-            )
-            names = sorted(keys.stdout.decode().split())
-            locks, leaked = [], []
-            for name in names:
-                (locks if name.startswith("ws:reap:") else leaked).append(name)
-            details = []
-            for name in leaked[:20]:
-                kind = await trio.run_process([*cli, "type", name], capture_stdout=True)
-                ttl = await trio.run_process([*cli, "ttl", name], capture_stdout=True)
-                details.append(
-                    f"{name} ({kind.stdout.decode().strip()}, ttl {ttl.stdout.decode().strip()})"
+            for host, port in nodes:
+                cli = ["redis-cli", "-h", host, "-p", str(port)]
+                keys = await trio.run_process(
+                    [*cli, "--scan", "--pattern", "ws:*"], capture_stdout=True
                 )
-        return {"leaked": len(leaked), "leaked_keys_sample": details, "reap_locks": len(locks)}
+                mine: list[str] = []
+                for name in sorted(keys.stdout.decode().split()):
+                    (locks if name.startswith("ws:reap:") else mine).append(name)
+                leaked += mine
+                for name in mine[: max(0, 20 - len(details))]:
+                    kind = await trio.run_process([*cli, "type", name], capture_stdout=True)
+                    ttl = await trio.run_process([*cli, "ttl", name], capture_stdout=True)
+                    where = f"{port}: " if self.cluster is not None else ""
+                    details.append(
+                        f"{where}{name} ({kind.stdout.decode().strip()}, "
+                        f"ttl {ttl.stdout.decode().strip()})"
+                    )
+        return {
+            "leaked": len(leaked),
+            "leaked_keys_sample": details,
+            "reap_locks": len(locks),
+            "masters_checked": [port for _, port in nodes] if self.cluster is not None else None,
+        }
 
 
 def scan_logs(workdir: Path) -> tuple[int, list[str]]:
@@ -1517,7 +1831,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--rate", type=float, help="messages/s from all clients (default clients/10)"
     )
-    parser.add_argument("--cluster", action="store_true", help="a 3-master Redis Cluster (not yet)")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a Redis Cluster (3 masters, 3 replicas: tests/_redis_cluster.py), not one Redis",
+    )
     parser.add_argument("--netem", action="store_true", help="network faults on the link to Redis")
     parser.add_argument(
         "--netem-impl",
@@ -1540,8 +1858,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the logs even when the run passes"
     )
     args = parser.parse_args(argv)
-    if args.cluster:
-        parser.exit(2, "soak.py: --cluster: cluster backend not available yet\n")
+    if args.cluster and args.netem:
+        parser.error("--netem: on one Redis only, not with --cluster")
     if args.minutes <= 0 or args.clients < 2 or args.rooms < 1 or args.instances < 1:
         parser.error("--minutes must be > 0, --clients >= 2, --rooms >= 1, --instances >= 1")
     if args.clients > 2000:
@@ -1641,6 +1959,12 @@ def build_report(
         "duplicates": ledger.counts["duplicates"],
         "gaps": audit["gaps"],
         "gaps_by_fault": audit["gaps_by_fault"],
+        # --cluster: acked messages the promoted replica's stream lacked, and their deliveries
+        # that never came (charged to the failover, as gaps are to their fault; not in "lost")
+        "unreplicated": audit["unreplicated"],
+        "unreplicated_by_fault": audit["unreplicated_by_fault"],
+        "lost_unreplicated": audit["lost_unreplicated"],
+        "lost_unreplicated_by_fault": audit["lost_unreplicated_by_fault"],
         "leaked_keys": leaks.get("leaked", -1),
         "faults": len(soak.faults),
         "faults_by_kind": dict(kinds),
@@ -1656,6 +1980,9 @@ def build_report(
         "rooms": soak.args.rooms,
         "rate": soak.rate,
         "netem": soak.net.impl if soak.net is not None else None,
+        "redis": "cluster" if soak.args.cluster else "single",
+        "failover_s": [f["failover_s"] for f in soak.faults if "failover_s" in f],
+        "fault_failures": sum(str(f.get("target", "")).startswith("failed") for f in soak.faults),
         "wall_s": round(wall, 1),
         "drain_s": result.get("drain_s"),
         "clients_ready_at_end": result.get("clients_ready_at_end"),
@@ -1690,6 +2017,8 @@ def build_report(
             )
         },
         "reap_locks": leaks.get("reap_locks"),
+        "masters_checked": leaks.get("masters_checked"),
+        "unreplicated_samples": audit["unreplicated_samples"],
         "leaked_keys_sample": leaks.get("leaked_keys_sample", []),
         "clean": result.get("clean"),
         "unexpected_exit_details": soak.unexpected,
