@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from contextlib import AsyncExitStack
 
 import jwt
 import pytest
@@ -607,3 +608,39 @@ async def test_slow_consumer_is_closed_1008_while_others_keep_receiving(redis_se
                 while True:
                     await slow.receive()
             assert info.value.reason.code == 1008
+
+
+async def test_first_joins_at_once_share_subscribe_round_trips(redis_server, nursery, monkeypatch):
+    # A reconnect storm is first joins of many rooms at once: one SUBSCRIBE at a time, one
+    # room each, would be the instance's limit. Those that wait meanwhile go in one SUBSCRIBE.
+    import trio_chat._redis
+
+    subscribes: list[int] = []
+    subscribe = trio_chat._redis.RedisSubscription.subscribe
+
+    async def counted(self, *channels):
+        subscribes.append(len(channels))
+        await subscribe(self, *channels)
+
+    monkeypatch.setattr(trio_chat._redis.RedisSubscription, "subscribe", counted)
+    server = await start(nursery, make_config(redis_server.url))
+    rooms = [f"storm-{n}" for n in range(40)]
+    with trio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(open_client(server.url, make_token(room)))
+                for room in rooms
+            ]
+            subscribes.clear()  # the pump's own channels
+            async with trio.open_nursery() as joins:  # a client each, as after a restart
+                for chat, room in zip(clients, rooms, strict=True):
+                    joins.start_soon(chat.join, room)
+            first_joins = list(subscribes)
+            # every room is subscribed: each client hears another in its room
+            async with open_client(server.url, make_token("echo")) as echo:
+                for chat, room in zip(clients, rooms, strict=True):
+                    await echo.join(room)
+                    sent = await echo.send(room, room)
+                    assert (await chat.receive())["id"] == sent["id"]
+    assert sum(first_joins) == len(rooms)
+    assert len(first_joins) <= 4, first_joins  # 40 joins, a handful of round trips

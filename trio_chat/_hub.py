@@ -91,6 +91,10 @@ class Hub:
         self._subscribed: set[str] = set()
         # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.
         self._subscription_lock = trio.Lock()
+        # Channels that joins wait to have subscribed, for the next SUBSCRIBE (while one of
+        # them is sending what waited before).
+        self._to_subscribe: dict[str, _Subscribing] = {}
+        self._subscribe_flight: trio.Event | None = None  # set when the SUBSCRIBE out ends
         self._pump_ready = trio.Event()
         self._up_since: float | None = None  # when the current Pub/Sub connection was ready
         self._pump_stale = False
@@ -224,16 +228,56 @@ class Hub:
             last = batch.xrevrange(channel, "+", "-", 1)
             await self.backend.execute(batch)
             floor = parse_id(last.value[0][0]) if last.value else (0, 0)
+        await self._subscribe_channel(channel)
+        # (subscribed meanwhile by a reconnected pump, for this very join: the floor is still
+        # ours to set)
+        if floor is not None:
+            self._delivered.setdefault(room, floor)
+
+    async def _subscribe_channel(self, channel: str) -> None:
+        """Subscribe ``channel``, in one SUBSCRIBE with every other channel asked for meanwhile.
+
+        Under a burst of first joins (a reconnect storm), one subscription round trip at a time
+        for each room would be the limit of the whole instance: instead, the first caller sends
+        what is waiting, and while it is out the next ones gather for the next SUBSCRIBE.
+
+        Raises:
+            BackendUnavailable: the SUBSCRIBE holding the channel failed, or the pump is down.
+        """
+        if channel in self._subscribed:
+            return
+        waiter = self._to_subscribe.setdefault(channel, _Subscribing())
+        while not waiter.done.is_set():
+            if (flight := self._subscribe_flight) is not None:
+                await flight.wait()  # then ours is done, or it is our turn to send
+                continue
+            self._subscribe_flight = flight = trio.Event()
+            try:
+                # for the others too: bounded, as every Redis round trip is
+                with trio.CancelScope(shield=True):
+                    await self._send_subscribes()
+            finally:
+                self._subscribe_flight = None
+                flight.set()
+        if waiter.error is not None:
+            raise BackendUnavailable(str(waiter.error)) from waiter.error
+
+    async def _send_subscribes(self) -> None:
+        """One SUBSCRIBE of every channel waiting now."""
         async with self._subscription_lock:
-            if channel not in self._subscribed:
-                if self._subscription is None:
-                    raise BackendUnavailable("the Pub/Sub connection is down")
-                await self._subscription.subscribe(channel)
-                self._subscribed.add(channel)
-            # (subscribed meanwhile by a reconnected pump, for this very join: the floor is
-            # still ours to set)
-            if floor is not None:
-                self._delivered.setdefault(room, floor)
+            group, self._to_subscribe = self._to_subscribe, {}
+            todo = [channel for channel in group if channel not in self._subscribed]
+            try:
+                if todo:
+                    if self._subscription is None:
+                        raise BackendUnavailable("the Pub/Sub connection is down")
+                    await self._subscription.subscribe(*todo)
+                    self._subscribed.update(todo)
+            except BackendUnavailable as exc:
+                for waiter in group.values():
+                    waiter.error = exc
+            for waiter in group.values():
+                waiter.done.set()
 
     # --- auth records --------------------------------------------------------------------------
 
@@ -605,6 +649,16 @@ class Hub:
             return waiter.closed
         finally:
             del self._logout_waiters[request]
+
+
+class _Subscribing:
+    """A channel waiting for the SUBSCRIBE that holds it; ``error`` set when that failed."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BackendUnavailable | None = None
 
 
 class _Acknowledgements:
