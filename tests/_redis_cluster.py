@@ -141,6 +141,7 @@ class RedisCluster:
         masters: int = 3,
         replicas_per_master: int = 1,
         node_timeout_ms: int = NODE_TIMEOUT_MS,
+        hz: int = 100,
     ) -> None:
         self.redis_server = shutil.which("redis-server")
         self.redis_cli = shutil.which("redis-cli")
@@ -150,6 +151,9 @@ class RedisCluster:
         self.directory = directory or Path(tempfile.mkdtemp(prefix="trio-chat-cluster-"))
         self.node_timeout = node_timeout_ms / 1000
         self.replicas_per_master = replicas_per_master
+        #: every node's ``--hz`` (100 for the tests; Redis's own default, and one plain
+        #: redis-server's, is 10)
+        self.hz = hz
         count = masters * (1 + replicas_per_master)
         all_ports = free_ports(2 * count)
         #: client ports; the first ``masters`` of them are the masters redis-cli starts with
@@ -212,7 +216,7 @@ class RedisCluster:
                     "--repl-diskless-sync-delay", "0",
                     "--repl-diskless-load", "on-empty-db",
                     "--repl-ping-replica-period", "1",
-                    "--hz", "100",
+                    "--hz", str(self.hz),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

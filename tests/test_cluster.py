@@ -1,7 +1,8 @@
 """The Redis Cluster backend (SPEC §12) on a real cluster of redis-server processes.
 
 The store contract suite runs on the cluster too (``backend_url``'s ``cluster`` variant, in
-test_store.py); here are what only a cluster has: batches split over the masters, shard
+test_store.py), and so do the admin API, reaping and ``trio-chat clean`` tests
+(``redis_or_cluster``); here are what only a cluster has: batches split over the masters, shard
 channels, redirections, slots moving under a subscription, a master failing over, and two
 trio-chat instances on one cluster. Tests taking ``redis_cluster_module`` leave the shared
 cluster as they found it; those that kill nodes or move slots take a cluster of their own.
@@ -10,13 +11,12 @@ cluster as they found it; those that kill nodes or move slots take a cluster of 
 from __future__ import annotations
 
 import json
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from _chat import ADMIN, admin_client, make_config, make_token, snapshot, spawn, start
+from _chat import ADMIN, admin_client, make_config, make_token, start
 from _redis_cluster import NODE_TIMEOUT_MS, command
 
 from trio_chat._backends import open_backend
@@ -322,34 +322,6 @@ async def test_history_recovery_on_the_cluster(
                 joined = await bob.request("join", room="recovering", since=seen["id"])
                 assert (joined["recovered"], joined["missed"]) == (True, 5)
                 assert [(await receive_message(bob))["id"] for _ in acked] == acked
-
-
-async def test_a_sigkilled_instance_is_reaped_on_the_cluster(
-    redis_cluster_module: RedisCluster, nursery: trio.Nursery, tmp_path: Any
-) -> None:
-    cluster = redis_cluster_module
-    short = {"TRIO_CHAT_SESSION_TTL": "30", "TRIO_CHAT_SESSION_INSTANCE_TTL": "0.5"}
-    victim, url = await spawn(tmp_path / "victim.log", cluster.url, "c-victim", **short)
-    try:
-        async with open_client(url, make_token("carol")) as chat:
-            await chat.join("reaped")
-            sid = chat.welcome["session_id"]
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
-    finally:
-        victim.kill()
-        victim.wait()
-    await start(nursery, make_config(cluster.url, "c-survivor", session={"instance_ttl": 0.5}))
-    keys = [f"ws:session:{sid}", "ws:user:carol", "ws:instance:c-victim:sessions", "ws:room:reaped"]
-    async with open_backend(cluster.url, command_timeout=1) as backend:
-        with trio.fail_after(TIME_LIMIT):
-            while any((await snapshot(backend, *keys)).values()):
-                await trio.sleep(0.05)
-            batch = Batch()
-            instances = batch.smembers("ws:instances")
-            await backend.execute(batch)
-    assert "c-victim" not in instances.value
-    assert "c-survivor" in instances.value
 
 
 async def test_a_failover_keeps_the_sockets_and_fan_out_comes_back_on_them(

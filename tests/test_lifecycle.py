@@ -303,9 +303,9 @@ async def test_connection_and_room_limits(nursery):
 # --- crashes, outages, shutdown -------------------------------------------------------------------
 
 
-async def test_sigkill_instance_is_reaped_by_a_live_one(redis_server, nursery, tmp_path):
+async def test_sigkill_instance_is_reaped_by_a_live_one(redis_or_cluster, nursery, tmp_path):
     short = {"TRIO_CHAT_SESSION_TTL": "30", "TRIO_CHAT_SESSION_INSTANCE_TTL": "0.5"}
-    victim, url = await spawn(tmp_path / "victim.log", redis_server.url, "victim", **short)
+    victim, url = await spawn(tmp_path / "victim.log", redis_or_cluster.url, "victim", **short)
     try:
         async with open_client(url, make_token("alice")) as chat:
             await chat.join("room")
@@ -315,9 +315,11 @@ async def test_sigkill_instance_is_reaped_by_a_live_one(redis_server, nursery, t
     finally:
         victim.kill()
         victim.wait()
-    await start(nursery, make_config(redis_server.url, "survivor", session={"instance_ttl": 0.5}))
+    await start(
+        nursery, make_config(redis_or_cluster.url, "survivor", session={"instance_ttl": 0.5})
+    )
     keys = [f"ws:session:{sid}", "ws:user:alice", "ws:instance:victim:sessions", "ws:room:room"]
-    async with open_backend(redis_server.url, command_timeout=1) as backend:
+    async with open_backend(redis_or_cluster.url, command_timeout=1) as backend:
         with trio.fail_after(5):
             while any((await snapshot(backend, *keys)).values()):
                 await trio.sleep(0.05)
