@@ -182,6 +182,7 @@ class ClusterBackend:
         self._map: SlotMap | None = None
         self._reading: trio.Event | None = None  # set when the read of the map under way ends
         self._map_read_at = -math.inf
+        self._silent: set[str] = set()  # nodes that did not tell the map when last asked
         self._nodes: dict[str, RedisBackend] = {}
         self._retire: dict[str, trio.Event] = {}
         self._opening: dict[str, trio.Lock] = {}
@@ -222,16 +223,22 @@ class ClusterBackend:
 
     async def _ask_for_map(self) -> SlotMap:
         known = self._map.nodes if self._map is not None else []
+        candidates = list(dict.fromkeys([*known, *self._cluster.seeds]))
+        # a node that did not answer last time (stalled, say) is asked last: each such one
+        # costs a whole timeout
+        candidates.sort(key=self._silent.__contains__)
         errors = []
-        for address in dict.fromkeys([*known, *self._cluster.seeds]):
+        for address in candidates:
             client = make_client(self._cluster.node(address), timeout=self._timeout)
             try:
                 with unavailable(f"Redis at {address}"), trio.fail_after(self._timeout):
                     async with client:
                         shards = await client.cluster_shards()
             except (BackendUnavailable, ResponseError) as exc:  # e.g. a node still loading
+                self._silent.add(address)
                 errors.append(f"{address}: {exc}")
                 continue
+            self._silent.discard(address)
             slot_map = SlotMap.from_shards(shards, tls=self._cluster.scheme == "rediss")
             if slot_map.owners:
                 return slot_map
