@@ -50,12 +50,14 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-# bench/run.py: trio-chat vs python-socketio under the same Node.js load generator.
-# The peer and py-spy go into bench/.venv, the generator's packages into
-# bench/loadgen/node_modules; neither touches the project's .venv. `make bench ARGS=--quick`.
+# bench/run.py: trio-chat vs python-socketio and Node.js Socket.IO under the same Node.js load
+# generator. The python peer and py-spy go into bench/.venv, the generator's packages into
+# bench/loadgen/node_modules, the Node peer's into bench/peers/socketio-node/node_modules; none
+# touches the project's .venv. `make bench ARGS=--quick`.
 BENCH_VENV  = bench/.venv
 BENCH_STAMP = $(BENCH_VENV)/.installed
 LOADGEN_STAMP = bench/loadgen/node_modules/.installed
+NODE_PEER_STAMP = bench/peers/socketio-node/node_modules/.installed
 
 $(BENCH_STAMP): bench/requirements.txt
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
@@ -67,7 +69,11 @@ $(LOADGEN_STAMP): bench/loadgen/package.json bench/loadgen/package-lock.json
 	cd bench/loadgen && npm ci --no-audit --no-fund
 	touch $(LOADGEN_STAMP)
 
-bench: $(STAMP) redis-server $(BENCH_STAMP) $(LOADGEN_STAMP)
+$(NODE_PEER_STAMP): bench/peers/socketio-node/package.json bench/peers/socketio-node/package-lock.json
+	cd bench/peers/socketio-node && npm ci --no-audit --no-fund
+	touch $(NODE_PEER_STAMP)
+
+bench: $(STAMP) redis-server $(BENCH_STAMP) $(LOADGEN_STAMP) $(NODE_PEER_STAMP)
 	$(PYTHON) bench/run.py $(ARGS)
 
 # bench/soak.py: chat for N minutes under instance kills and drains, Redis pauses and restarts,
