@@ -11,8 +11,10 @@ process) or 1x2 (one ``serve --workers 2`` process: two workers sharing a port).
   B  many rooms: --rooms x --members, each member sending --member-rate msg/s
   C  idle connections: --connections, each joining its own room (RSS/connection, opens/s)
 
-``--redis cluster`` runs trio-chat on a Redis Cluster instead (3 masters + 3 replicas, the
+``--redis cluster`` runs trio-chat on a Redis Cluster instead (3 masters, the
 test fixture tests/_redis_cluster.py, ``redis+cluster://`` URL) and reports Redis CPU per node;
+its nodes run at ``--cluster-hz`` (10, like the one redis-server) with ``--cluster-replicas``
+replicas per master (1; 0 = three bare masters);
 ``--redis both`` runs every trio-chat pass on one redis-server, then on a cluster, and prints
 them side by side.
 
@@ -78,6 +80,18 @@ HISTORY_SIZE: list[int | None] = [None]
 #: (tests/_redis_cluster.py: 3 masters, 1 replica each)
 REDIS_MODES = ("single", "cluster")
 REDIS_LABELS = {"single": "one redis-server", "cluster": "Redis Cluster (3 masters + 3 replicas)"}
+#: --cluster-hz and --cluster-replicas: the cluster's nodes' hz (the one redis-server runs at
+#: Redis's default, 10; the test fixture's default is 100) and replicas per master
+CLUSTER_OPTIONS: dict[str, int] = {"hz": 10, "replicas_per_master": 1}
+
+
+def cluster_label() -> str:
+    """E.g. "Redis Cluster (3 masters + 3 replicas, hz 10)"."""
+    replicas = CLUSTER_OPTIONS["replicas_per_master"]
+    shape = f"3 masters + {3 * replicas} replicas" if replicas else "3 masters, no replicas"
+    return f"Redis Cluster ({shape}, hz {CLUSTER_OPTIONS['hz']})"
+
+
 #: before the measured part of a pass: how long to read the Redis processes' idle CPU
 IDLE_SAMPLE_S = 3.0
 #: appended to trio-chat's label while the cluster passes' tables are printed
@@ -192,12 +206,13 @@ def import_cluster_fixture() -> type:
 
 @contextlib.contextmanager
 def redis_cluster(workdir: Path) -> Iterator[tuple[str, list[dict[str, object]], Any]]:
-    """A Redis Cluster of our own (tests/_redis_cluster.py: 3 masters with one replica each,
-    free ports of 127.0.0.1, no persistence, node timeout 1 s). Yields its ``redis+cluster://``
-    URL, its nodes (label, role, port, pid; masters in port order, each followed by its
-    replica) and the fixture. The nodes' logs are copied to ``workdir`` before it is stopped."""
+    """A Redis Cluster of our own (tests/_redis_cluster.py: 3 masters with CLUSTER_OPTIONS'
+    replicas each, every node at its hz, free ports of 127.0.0.1, no persistence, node timeout
+    1 s). Yields its ``redis+cluster://`` URL, its nodes (label, role, port, pid; masters in
+    port order, each followed by its replicas) and the fixture. The nodes' logs are copied to
+    ``workdir`` before it is stopped."""
     fixture = import_cluster_fixture()
-    cluster = fixture(workdir / "cluster")
+    cluster = fixture(workdir / "cluster", **CLUSTER_OPTIONS)
     cluster.start()
     try:
         nodes: list[dict[str, object]] = []
@@ -501,7 +516,7 @@ def one_pass(
             "redis-pid": ",".join(map(str, redis_pids)),
         }
         # the Redis processes' own cost with the instances connected and idle (a cluster's
-        # nodes run at hz 100 and gossip on the cluster bus; one redis-server at hz 10)
+        # nodes run at --cluster-hz and gossip on the cluster bus; one redis-server at hz 10)
         redis_idle = idle_cpu(redis_pids, IDLE_SAMPLE_S)
         counters_before = [redis_counters(cast("int", n["port"])) for n in redis_nodes]
         command = loadgen_command(system, workload, urls, options)
@@ -517,6 +532,8 @@ def one_pass(
     result["log_notes"] = log_notes(workdir)
     result["logs"] = str(workdir)
     result["redis"] = redis
+    if redis == "cluster":
+        result["cluster_options"] = dict(CLUSTER_OPTIONS)
     result["redis_nodes"] = redis_nodes  # the order of redis_cpu_each and redis_idle_cpu_each
     result["redis_idle_cpu_each"] = redis_idle
     if redis == "cluster" and workload == "rooms":
@@ -921,8 +938,9 @@ def redis_comparison(
     out.append("\n".join("| " + " | ".join(cells) + " |" for cells in lines))
     out.append(
         "\nRedis CPU per cluster node over each measured window (idle: the 3 s before the load "
-        "generator started, instances connected; one redis-server runs at hz 10, the cluster's "
-        "nodes at hz 100 with cluster-bus gossip):\n"
+        f"generator started, instances connected; one redis-server runs at hz 10, the cluster's "
+        f"nodes at hz {CLUSTER_OPTIONS['hz']} with cluster-bus gossip, "
+        f"{CLUSTER_OPTIONS['replicas_per_master']} replica(s) per master):\n"
     )
     out.append("\n".join("| " + " | ".join(cells) + " |" for cells in node_lines))
     if verdicts:
@@ -1150,9 +1168,23 @@ def main() -> int:
         choices=[*REDIS_MODES, "both"],
         default="single",
         help="what trio-chat runs on: single = one redis-server (the default), cluster = a "
-        "Redis Cluster of 3 masters + 3 replicas (tests/_redis_cluster.py; Redis CPU per "
-        "node), both = each trio-chat pass on one, then on the other, side by side "
-        "(python-socketio always runs on one redis-server)",
+        "Redis Cluster of 3 masters (tests/_redis_cluster.py, --cluster-replicas and "
+        "--cluster-hz; Redis CPU per node), both = each trio-chat pass on one, then on the "
+        "other, side by side (python-socketio always runs on one redis-server)",
+    )
+    parser.add_argument(
+        "--cluster-hz",
+        type=int,
+        default=10,
+        help="the cluster's nodes' hz (10, Redis's default and the one redis-server's; the test "
+        "fixture's own default is 100)",
+    )
+    parser.add_argument(
+        "--cluster-replicas",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="replicas per master of the cluster (1; 0 = three masters without replicas)",
     )
     parser.add_argument("--rates", help="A: msg/s steps (50,100,200,400,800,1600)")
     parser.add_argument("--duration", type=float, help="A: seconds per rate (10)")
@@ -1248,6 +1280,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     TRIO_LAYOUT[0] = args.trio_layout
+    if not 1 <= args.cluster_hz <= 500:
+        parser.error("--cluster-hz must be 1..500 (Redis's range)")
+    CLUSTER_OPTIONS.update(hz=args.cluster_hz, replicas_per_master=args.cluster_replicas)
+    REDIS_LABELS["cluster"] = cluster_label()
     if args.history_size is not None:
         if args.history_size < 0:
             parser.error("--history-size must be >= 0")
@@ -1477,6 +1513,7 @@ def main() -> int:
                     "results": results,
                     "cluster_results": cluster_results,
                     "redis": args.redis,
+                    "cluster_options": CLUSTER_OPTIONS,
                     "profile": profile_result,
                     "profile_handshakes": handshake_result,
                     "failed": failed,
