@@ -1,9 +1,13 @@
-"""trio-chat vs python-socketio under the same Node.js load generator, two instances each.
+"""trio-chat vs python-socketio and Node.js Socket.IO under one Node.js load generator, two
+instances each.
 
 For every workload and each system in turn: start a throwaway redis-server on a free port of
 127.0.0.1, start two server instances on it, run ``bench/loadgen/loadgen.mjs`` (which prints
-its results as JSON), stop the servers and Redis, then do the same for the other system.
-Prints one markdown table with both systems and the ratio trio-chat / python-socketio.
+its results as JSON), stop the servers and Redis, then do the same for the next system.
+Prints one markdown table with every system and the ratios of trio-chat to each of the others
+(trio-chat / python-socketio, trio-chat / Node.js Socket.IO). The Node.js peer
+(``bench/peers/socketio-node/server.mjs``: socket.io 4.8 with @socket.io/redis-adapter) is
+driven by the generator's ``--system socketio`` client, like python-socketio.
 ``--trio-layout`` changes how trio-chat runs: 2x1 (two processes, the default), 1x1 (one
 process) or 1x2 (one ``serve --workers 2`` process: two workers sharing a port).
 
@@ -58,13 +62,18 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LOADGEN = BENCH / "loadgen"
 PEERS = BENCH / "peers"
+NODE_PEER = PEERS / "socketio-node"
 TRIO_PYTHON = Path(os.environ.get("TRIO_CHAT_PYTHON", ROOT / ".venv" / "bin" / "python"))
 BENCH_PYTHON = Path(os.environ.get("BENCH_PYTHON", BENCH / ".venv" / "bin" / "python"))
 SECRET = "bench-secret-" + "s" * 51  # 64 characters
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
-SYSTEMS = {"trio": "trio-chat", "socketio": "python-socketio"}
-#: --trio-layout: trio-chat processes x workers per process (python-socketio is always 2 x 1)
+SYSTEMS = {"trio": "trio-chat", "socketio": "python-socketio", "socketio-node": "Node.js Socket.IO"}
+#: the short names of the ratio columns (trio-chat / each other system)
+RATIO_NAMES = {"socketio": "sio", "socketio-node": "node"}
+#: the load generator's client for each system: both Socket.IO peers speak the same protocol
+LOADGEN_SYSTEM = {"trio": "trio", "socketio": "socketio", "socketio-node": "socketio"}
+#: --trio-layout: trio-chat processes x workers per process (the peers are always 2 x 1)
 TRIO_LAYOUTS = {"2x1": (2, 1), "1x1": (1, 1), "1x2": (1, 2)}
 LAYOUT_NOTES = {
     "2x1": "two instances, one worker each",
@@ -393,6 +402,30 @@ def socketio_server(workdir: Path, redis_url: str, name: str) -> Iterator[tuple[
         yield f"http://127.0.0.1:{port}", [process.pid]
 
 
+@contextlib.contextmanager
+def socketio_node_server(
+    workdir: Path, redis_url: str, name: str
+) -> Iterator[tuple[str, list[int]]]:
+    """One Node.js Socket.IO peer (bench/peers/socketio-node/server.mjs) on a port of its own
+    choosing (--port 0); ready once it prints "socketio-node running on http://HOST:PORT"."""
+    env = {**os.environ, "TRIO_CHAT_AUTH_JWT_SECRET": SECRET, "BENCH_REDIS_URL": redis_url}
+    command = ["node", str(NODE_PEER / "server.mjs"), "--host", "127.0.0.1", "--port", "0"]
+    command += ["--name", name]
+    log = workdir / f"{name}.log"
+    with child(command, log, env=env, cwd=NODE_PEER) as process:
+        found: list[str] = []
+
+        def ready() -> bool:
+            text = log.read_text(errors="replace")
+            match = re.search(r"socketio-node running on (http://127\.0\.0\.1:\d+)", text)
+            if match:
+                found.append(match.group(1))
+            return match is not None
+
+        wait_for(ready, process, name, log)
+        yield found[0], [process.pid]
+
+
 def system_label(system: str) -> str:
     """The system's name in the tables: trio-chat with its layout, e.g. "trio-chat (1x2)", and
     the history size when --history-size gave one ("trio-chat (2x1, history 0)")."""
@@ -439,7 +472,8 @@ def log_notes(workdir: Path) -> list[str]:
 def loadgen_command(
     system: str, workload: str, urls: list[str], options: dict[str, object]
 ) -> list[str]:
-    command = ["node", str(LOADGEN / "loadgen.mjs"), "--system", system, "--workload", workload]
+    client = LOADGEN_SYSTEM[system]
+    command = ["node", str(LOADGEN / "loadgen.mjs"), "--system", client, "--workload", workload]
     command += ["--urls", ",".join(urls), "--secret", SECRET]
     for key, value in options.items():
         command += [f"--{key}", str(value)]
@@ -502,6 +536,8 @@ def one_pass(
             name = f"{system}-{i}"
             if system == "trio":
                 server = trio_chat_server(workdir, redis_url, name, workers)
+            elif system == "socketio-node":
+                server = socketio_node_server(workdir, redis_url, name)
             else:
                 server = socketio_server(workdir, redis_url, name)
             servers.append(stack.enter_context(server))
@@ -745,26 +781,40 @@ def peak(steps: list[dict[str, object]], p99_limit: float) -> object:
     return max(good) if good else None  # type: ignore[type-var]
 
 
+def present(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
+    """The systems with results, in SYSTEMS' order (trio-chat first)."""
+    return [s for s in SYSTEMS if results.get(s)]
+
+
+def first(results: dict[str, dict[str, dict[str, object]]], key: str) -> dict[str, object] | None:
+    """Workload ``key``'s result of the first system that has one."""
+    for system in SYSTEMS:
+        if key in results.get(system, {}):
+            return results[system][key]
+    return None
+
+
 def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) -> str:
+    """One column per system, then trio-chat / each other system (when trio-chat ran)."""
     rows: list[list[str]] = []
+    systems = present(results)
+    others = [s for s in systems if s != "trio"] if "trio" in systems else []
 
     def row(label: str, metric: str, key: str | None, get: object, better: str) -> None:
-        values = [
-            get(results[s][key]) if key in results.get(s, {}) else None  # type: ignore[operator]
-            for s in ("trio", "socketio")
-        ]
+        values = {
+            s: get(results[s][key]) if key in results.get(s, {}) else None  # type: ignore[operator]
+            for s in systems
+        }
         rows.append(
             [
                 label,
                 f"{metric} ({better})",
-                fmt(values[0]),
-                fmt(values[1]),
-                ratio(values[0], values[1]),
+                *(fmt(values[s]) for s in systems),
+                *(ratio(values["trio"], values[s]) for s in others),
             ]
         )
 
-    if "A" in results.get("trio", {}) or "A" in results.get("socketio", {}):
-        any_result = results.get("trio", {}).get("A") or results["socketio"]["A"]
+    if (any_result := first(results, "A")) is not None:
         subs = any_result["steps"][0].get("subscribers")  # type: ignore[index]
         for index, step in enumerate(any_result["steps"]):  # type: ignore[arg-type]
             rate = step["rate"]
@@ -796,7 +846,7 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         key=lambda k: -float(k.split("@")[1]) if "@" in k else 0,
     )
     for key in b_keys:
-        any_b = results.get("trio", {}).get(key) or results["socketio"][key]
+        any_b = cast("dict[str, Any]", first(results, key))
         rate = any_b["member_rate"]
         label = f"B {any_b['rooms']} rooms × {any_b['members']}, {rate}/s each"  # noqa: RUF001
         row(label, "delivered msg/s", key, lambda r: r.get("delivered_per_s"), "↑")
@@ -806,21 +856,20 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         row(label, "lost msgs", key, lambda r: r.get("lost"), "↓")
         row(label, "server CPU s/s", key, lambda r: r.get("server_cpu"), "↓")
         row(label, "Redis CPU s/s", key, lambda r: r.get("redis_cpu"), "↓")
-    if "C" in results.get("trio", {}) or "C" in results.get("socketio", {}):
-        any_c = results.get("trio", {}).get("C") or results["socketio"]["C"]
+    if (any_c := first(results, "C")) is not None:
         label = f"C {any_c['connections']:,} idle, {any_c['concurrency']} in flight"
         row(label, "connections opened/s", "C", lambda r: r.get("opened_per_s"), "↑")
         row(label, "open p99 ms", "C", lambda r: r["open_latency"].get("p99_ms"), "↓")
+        row(label, "joins/s", "C", lambda r: r.get("joins_per_s"), "↑")
         row(label, "server RSS KiB/conn", "C", lambda r: r.get("kib_per_connection"), "↓")
         row(label, "failed opens", "C", lambda r: r["connections"] - r["connected"], "↓")
     header = [
         "workload",
         "metric (better)",
-        system_label("trio"),
-        system_label("socketio"),
-        "ratio trio/sio",
+        *(system_label(s) for s in systems),
+        *(f"ratio trio/{RATIO_NAMES[s]}" for s in others),
     ]
-    lines = [header, ["---"] * 2 + ["---:"] * 3, *rows]
+    lines = [header, ["---"] * 2 + ["---:"] * (len(header) - 2), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
@@ -966,7 +1015,7 @@ def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
     rows = []
     keys = sorted({k for r in results.values() for k in r})
     for workload in keys:
-        for system in ("trio", "socketio"):
+        for system in SYSTEMS:
             result = results.get(system, {}).get(workload)
             if not result:
                 continue
@@ -1138,11 +1187,22 @@ def versions() -> str:
         ],
         LOADGEN,
     )
+    node_peer = output(
+        [
+            "node",
+            "-e",
+            "const v = (p) => require('./node_modules/' + p + '/package.json').version; "
+            "console.log(['socket.io', 'engine.io', 'ws', '@socket.io/redis-adapter', 'redis', "
+            "'@redis/client', 'jsonwebtoken'].map((p) => p + ' ' + v(p)).join(' '))",
+        ],
+        NODE_PEER,
+    )
     redis = output(["redis-server", "--version"]).split(" ")[2:3]
     commit = output(["git", "rev-parse", "--short", "HEAD"])
     return (
         f"nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, "
         f"{platform.platform()}; trio-chat {SOURCE_NOTE[0] or commit} ({trio}); {sio}; "
+        f"Node.js Socket.IO peer ({node_peer}); "
         f"redis-server "
         f"{''.join(redis).removeprefix('v=')}; node {node}"
     )
@@ -1161,7 +1221,8 @@ def main() -> int:
     parser.add_argument("--workloads", default="A,B,C", help="subset of A,B,C (A,B,C)")
     parser.add_argument(
         "--systems",
-        help="trio,socketio (default: both; with --redis cluster or both: trio)",
+        help="a list of trio, socketio (python-socketio), socketio-node (Node.js Socket.IO) "
+        "(default: all three; with --redis cluster or both: trio)",
     )
     parser.add_argument(
         "--redis",
@@ -1170,7 +1231,7 @@ def main() -> int:
         help="what trio-chat runs on: single = one redis-server (the default), cluster = a "
         "Redis Cluster of 3 masters (tests/_redis_cluster.py, --cluster-replicas and "
         "--cluster-hz; Redis CPU per node), both = each trio-chat pass on one, then on the "
-        "other, side by side (python-socketio always runs on one redis-server)",
+        "other, side by side (the Socket.IO peers always run on one redis-server)",
     )
     parser.add_argument(
         "--cluster-hz",
@@ -1269,7 +1330,7 @@ def main() -> int:
         choices=list(TRIO_LAYOUTS),
         default="2x1",
         help="trio-chat processes x workers: 2x1 two instances (the default), 1x1 one, 1x2 "
-        "one `serve --workers 2` (python-socketio always runs two instances)",
+        "one `serve --workers 2` (the Socket.IO peers always run two instances)",
     )
     parser.add_argument(
         "--history-size",
@@ -1342,10 +1403,11 @@ def main() -> int:
     }
     wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     redis_modes = list(REDIS_MODES) if args.redis == "both" else [args.redis]
-    default_systems = "trio,socketio" if args.redis == "single" else "trio"
+    default_systems = "trio,socketio,socketio-node" if args.redis == "single" else "trio"
     systems = [s.strip() for s in (args.systems or default_systems).split(",") if s.strip()]
-    if args.redis == "cluster" and "socketio" in systems:
-        parser.error("--redis cluster: python-socketio runs on one redis-server only")
+    for peer in ("socketio", "socketio-node"):
+        if args.redis == "cluster" and peer in systems:
+            parser.error(f"--redis cluster: {SYSTEMS[peer]} runs on one redis-server only")
     if args.redis != "single" and (args.profile or args.profile_handshakes):
         parser.error("--profile and --profile-handshakes run on one redis-server only")
     for name in wanted:
@@ -1360,6 +1422,8 @@ def main() -> int:
             parser.error(f"{path} is missing: run `make bench` (it installs everything)")
     if "socketio" in systems and not BENCH_PYTHON.exists():
         parser.error(f"{BENCH_PYTHON} is missing: run `make bench`")
+    if "socketio-node" in systems and not (NODE_PEER / "node_modules").exists():
+        parser.error(f"{NODE_PEER / 'node_modules'} is missing: run `make bench`")
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
