@@ -19,7 +19,7 @@ import trio
 
 from ._auth import NoSigningKey, mint_token
 from ._config import load_config
-from ._errors import BackendUnavailable, ConfigError
+from ._errors import BackendUnavailable, ConfigError, first_leaf
 from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 if TYPE_CHECKING:
@@ -161,12 +161,12 @@ def _client(args: argparse.Namespace) -> int:
     try:
         code = trio.run(run_client, args.url, token)
     except* ConnectionRejected as group:
-        refused = _first(group)
+        refused = first_leaf(group)
         assert isinstance(refused, ConnectionRejected)
         body = (refused.body or b"").decode(errors="replace")
         code = _fail(f"refused: HTTP {refused.status_code} {body}", 1)
     except* (OSError, ValueError) as group:
-        code = _fail(f"cannot connect to {args.url}: {_first(group)}", 1)
+        code = _fail(f"cannot connect to {args.url}: {first_leaf(group)}", 1)
     return code
 
 
@@ -186,11 +186,11 @@ def _serve(args: argparse.Namespace) -> int:
     except* KeyboardInterrupt:
         pass  # serve drains on SIGINT itself; this is a ^C before its handler is installed
     except* ConfigError as group:
-        code = _config_error(_first(group))
+        code = _config_error(first_leaf(group))
     except* BackendUnavailable as group:
-        code = _fail(f"redis unreachable: {_first(group)}", 1)
+        code = _fail(f"redis unreachable: {first_leaf(group)}", 1)
     except* OSError as group:
-        code = _fail(f"cannot listen: {_first(group)}", 1)
+        code = _fail(f"cannot listen: {first_leaf(group)}", 1)
     return code
 
 
@@ -268,13 +268,6 @@ def _mint(auth: AuthConfig, user: str, *, ttl: int, rooms: list[str] | None) -> 
         return mint_token(auth, user, ttl=ttl, rooms=rooms)
     except NoSigningKey as exc:
         raise ConfigError(f"config error: {exc}") from None
-
-
-def _first(exc: BaseException) -> BaseException:
-    """The first leaf of a (possibly nested) exception group."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _config_error(exc: BaseException) -> int:

@@ -60,6 +60,13 @@ class ProtocolError(ChatError):
         self.ref = ref
 
 
+def first_leaf(error: BaseException) -> BaseException:
+    """The first exception of what may be a (nested) exception group; itself if no group."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 @contextmanager
 def single_error() -> Iterator[None]:
     """Re-raise the one exception a nursery wrapped in an ExceptionGroup, as itself.

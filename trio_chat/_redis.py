@@ -25,7 +25,7 @@ from coredis.exceptions import NoScriptError, ResponseError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
-from ._errors import BackendUnavailable, ConfigError, single_error
+from ._errors import BackendUnavailable, ConfigError, first_leaf, single_error
 from ._history import APPEND_SCRIPT, APPEND_SHA
 from ._keys import hash_slot, is_shard_channel
 
@@ -64,20 +64,13 @@ def unavailable(what: str) -> Iterator[None]:
     try:
         yield
     except* _UNAVAILABLE as group:
-        sent = not isinstance(_first(group), NotConnected)
+        sent = not isinstance(first_leaf(group), NotConnected)
         raise BackendUnavailable(f"{what}: {_describe(group)}", sent=sent) from group
-
-
-def _first(error: BaseException) -> BaseException:
-    """The first exception of what may be a group of groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def _describe(error: BaseException) -> str:
     """The first exception of what may be a group of groups, as ``Type: message``."""
-    error = _first(error)
+    error = first_leaf(error)
     return ": ".join(filter(None, (type(error).__name__, str(error))))
 
 
