@@ -14,6 +14,8 @@ process) or 1x2 (one ``serve --workers 2`` process: two workers sharing a port).
   A  fan-out: 1 room, --subscribers split over both instances, 1 publisher at each rate
   B  many rooms: --rooms x --members, each member sending --member-rate msg/s
   C  idle connections: --connections, each joining its own room (RSS/connection, opens/s)
+  D  connection rate: --connect-connections (2,000), --connect-concurrency (100) at a time,
+     each opened and then joined to a room of its own, on ONE instance of every system
 
 ``--redis cluster`` runs trio-chat on a Redis Cluster instead (3 masters, the
 test fixture tests/_redis_cluster.py, ``redis+cluster://`` URL) and reports Redis CPU per node;
@@ -514,7 +516,12 @@ def one_pass(
         f"{workdir})",
         file=sys.stderr,
     )
-    processes, workers = TRIO_LAYOUTS[TRIO_LAYOUT[0]] if system == "trio" else (2, 1)
+    if workload == "connect":  # D: one instance of every system (1x2: one with two workers)
+        processes, workers = 1, TRIO_LAYOUTS[TRIO_LAYOUT[0]][1] if system == "trio" else 1
+    elif system == "trio":
+        processes, workers = TRIO_LAYOUTS[TRIO_LAYOUT[0]]
+    else:
+        processes, workers = 2, 1
     cluster: object = None
     with contextlib.ExitStack() as stack:
         if redis == "cluster":
@@ -590,7 +597,7 @@ def one_pass(
         else [""] * len(pids)
     )
     if system == "trio":
-        result["trio_layout"] = TRIO_LAYOUT[0]
+        result["trio_layout"] = f"1x{workers}" if workload == "connect" else TRIO_LAYOUT[0]
         result["history_size"] = HISTORY_SIZE[0]
         result["connections_by_instance"] = connections_by_instance(workdir)
     return result
@@ -642,13 +649,16 @@ def run_profiled(
     """Run the load generator and, once it prints ``trigger`` on stderr, py-spy on each of
     ``pids``: --format raw (collapsed stacks, aggregated by function), then a flame graph SVG.
     With profile["opening"] = N (workload C): raw only, from the trigger on, and stopped early
-    once the servers have logged the N connections (at most as long as the opening lasts)."""
+    once the servers have logged the N connections (at most as long as the opening lasts).
+    With profile["until"] = a line of the generator's: raw only, stopped when it prints it."""
     seconds = int(profile["seconds"])  # type: ignore[call-overload]
     out = Path(str(profile["out"]))
     opening = int(profile.get("opening", 0))  # type: ignore[call-overload]
+    until = cast("bytes | None", profile.get("until"))
     raws = [f"{out}-instance{index}.txt" for index in range(1, len(pids) + 1)]
     procs: list[subprocess.Popen[bytes]] = []
     recorded: dict[str, object] = {}
+    started = time.monotonic()  # again when py-spy starts
     stdout_path = workdir / "loadgen.out"
     with stdout_path.open("wb") as sink:
         loadgen = subprocess.Popen(
@@ -658,9 +668,21 @@ def run_profiled(
             assert loadgen.stderr is not None
             for raw in loadgen.stderr:
                 sys.stderr.write(raw.decode(errors="replace"))
+                if until and procs and until in raw and not recorded:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGINT)
+                    for p in procs:
+                        p.wait(30)
+                    recorded = {
+                        "profiled_s": round(time.monotonic() - started, 2),
+                        "profile_stopped_at": "when the generator printed "
+                        + until.decode(errors="replace"),
+                    }
+                    continue
                 if trigger not in raw or procs:
                     continue
-                if not opening:
+                if not opening and not until:
                     time.sleep(1.0)  # past the first second of the step
                 started = time.monotonic()
                 procs += [
@@ -675,6 +697,8 @@ def run_profiled(
                         "profile_stopped_at": stop,
                     }
                     print(f"py-spy stopped {stop}: {recorded['profiled_s']} s", file=sys.stderr)
+                    continue
+                if until:
                     continue
                 # A flame graph of the same step, right after the raw profile.
                 for p in procs:
@@ -863,6 +887,20 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         row(label, "joins/s", "C", lambda r: r.get("joins_per_s"), "↑")
         row(label, "server RSS KiB/conn", "C", lambda r: r.get("kib_per_connection"), "↓")
         row(label, "failed opens", "C", lambda r: r["connections"] - r["connected"], "↓")
+    if (any_d := first(results, "D")) is not None:
+        label = (
+            f"D {any_d['connections']:,} opened + each joined to a new room, one instance, "
+            f"{any_d['concurrency']} in flight"
+        )
+        row(label, "opened and joined/s", "D", lambda r: r.get("opened_joined_per_s"), "↑")
+        row(label, "total s", "D", lambda r: r.get("total_s"), "↓")
+        row(label, "open p50 ms", "D", lambda r: r["open_latency"].get("p50_ms"), "↓")
+        row(label, "open p99 ms", "D", lambda r: r["open_latency"].get("p99_ms"), "↓")
+        row(label, "join p50 ms", "D", lambda r: r["join_latency"].get("p50_ms"), "↓")
+        row(label, "join p99 ms", "D", lambda r: r["join_latency"].get("p99_ms"), "↓")
+        row(label, "server CPU s/s", "D", lambda r: r.get("server_cpu"), "↓")
+        row(label, "Redis CPU s/s", "D", lambda r: r.get("redis_cpu"), "↓")
+        row(label, "failed", "D", lambda r: r["connections"] - r["joined"], "↓")
     header = [
         "workload",
         "metric (better)",
@@ -1025,6 +1063,8 @@ def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
                     where = f"A {part['rate']}/s"
                 elif workload.startswith("B"):
                     where = f"B {part['member_rate']}/s each"
+                elif workload == "D":
+                    where = "D opening + joining"
                 else:
                     where = "C opening"
                 quiet = part.get("quiet") or {}
@@ -1218,7 +1258,7 @@ def main() -> int:
         action="store_true",
         help="rates 50..400, 3 s each; 200 rooms, 5 s; 1000 idle connections",
     )
-    parser.add_argument("--workloads", default="A,B,C", help="subset of A,B,C (A,B,C)")
+    parser.add_argument("--workloads", default="A,B,C,D", help="subset of A,B,C,D (A,B,C,D)")
     parser.add_argument(
         "--systems",
         help="a list of trio, socketio (python-socketio), socketio-node (Node.js Socket.IO) "
@@ -1259,6 +1299,12 @@ def main() -> int:
     parser.add_argument("--room-duration", type=float, help="B: seconds of sending (10)")
     parser.add_argument("--connections", type=int, help="C: idle connections (5000)")
     parser.add_argument("--concurrency", type=int, default=200, help="opens in flight (200)")
+    parser.add_argument(
+        "--connect-connections", type=int, default=2000, help="D: connections (2000)"
+    )
+    parser.add_argument(
+        "--connect-concurrency", type=int, default=100, help="D: opens+joins in flight (100)"
+    )
     parser.add_argument(
         "--late",
         type=float,
@@ -1310,6 +1356,19 @@ def main() -> int:
         "--profile-handshakes-out",
         default=str(BENCH / "profile-handshake"),
         help="path prefix of the handshake profile files (bench/profile-handshake)",
+    )
+    parser.add_argument(
+        "--profile-connect",
+        type=int,
+        metavar="N",
+        help="after the rest: py-spy on one trio-chat instance while a D pass opens N "
+        "connections and joins each to a new room (--connect-concurrency in flight), from the "
+        "start of the opening until the last join",
+    )
+    parser.add_argument(
+        "--profile-connect-out",
+        default=str(BENCH / "profile-connect"),
+        help="path prefix of the connect profile files (bench/profile-connect)",
     )
     parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument(
@@ -1379,6 +1438,14 @@ def main() -> int:
             },
         ),
         "C": ("idle", {**common, "connections": connections}),
+        "D": (
+            "connect",
+            {
+                **common,
+                "connections": args.connect_connections,
+                "concurrency": args.connect_concurrency,
+            },
+        ),
     }
     for member_rate in str(args.member_rate).split(","):
         plans[f"B@{member_rate}"] = (
@@ -1400,6 +1467,7 @@ def main() -> int:
         + 60,
         "B": (1 + args.retries) * (room_duration + args.drain + args.late + args.quiet_max) + 240,
         "C": connections / 20 + args.quiet_max + 240,
+        "D": args.connect_connections / 20 + args.quiet_max + 240,
     }
     wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     redis_modes = list(REDIS_MODES) if args.redis == "both" else [args.redis]
@@ -1408,10 +1476,10 @@ def main() -> int:
     for peer in ("socketio", "socketio-node"):
         if args.redis == "cluster" and peer in systems:
             parser.error(f"--redis cluster: {SYSTEMS[peer]} runs on one redis-server only")
-    if args.redis != "single" and (args.profile or args.profile_handshakes):
+    if args.redis != "single" and (args.profile or args.profile_handshakes or args.profile_connect):
         parser.error("--profile and --profile-handshakes run on one redis-server only")
     for name in wanted:
-        if name not in ("A", "B", "C"):
+        if name not in ("A", "B", "C", "D"):
             parser.error(f"unknown workload {name}")
     workloads = [key for name in wanted for key in plans if key.split("@")[0] == name]
     for name in systems:
@@ -1520,6 +1588,41 @@ def main() -> int:
             failed.append(f"profile-handshakes: {exc}")
             print(f"FAILED: profile-handshakes: {exc}", file=sys.stderr)
 
+    connect_text: str | None = None
+    connect_result: dict[str, object] | None = None
+    if args.profile_connect:
+        n = args.profile_connect
+        try:
+            connect_result = one_pass(
+                "trio",
+                "connect",
+                {**common, "connections": n, "concurrency": args.connect_concurrency},
+                n / 20 + args.quiet_max + 240,
+                logs,
+                profile={
+                    "seconds": max(args.profile_seconds, 60),
+                    "out": args.profile_connect_out,
+                    "until": b"all opened and joined",
+                },
+                trigger=b"connections opened and joined,",
+            )
+            d = connect_result
+            opens = cast("dict[str, object]", d["open_latency"])
+            joins = cast("dict[str, object]", d["join_latency"])
+            connect_text = write_profile_summary(
+                d,
+                args.profile_connect_out,
+                f"trio-chat (one instance) D: {n:,} connections opened and each joined to a new "
+                f"room, {args.connect_concurrency} in flight, while profiled: {d['joined']} "
+                f"joined in {d['total_s']} s, {fmt(d['opened_joined_per_s'])}/s (open p50 "
+                f"{opens['p50_ms']} ms, join p50 {joins['p50_ms']} ms), server CPU "
+                f"{d['server_cpu']} s/s, Redis {d['redis_cpu']}; py-spy ran {d.get('profiled_s')}"
+                f" s, stopped {d.get('profile_stopped_at')}",
+            )
+        except BenchError as exc:
+            failed.append(f"profile-connect: {exc}")
+            print(f"FAILED: profile-connect: {exc}", file=sys.stderr)
+
     elapsed = time.monotonic() - started
     date = datetime.date.today().isoformat()
     mode = "quick" if quick else "full"
@@ -1569,6 +1672,9 @@ def main() -> int:
     if handshake_text:
         print(f"\nHandshake profile written to {args.profile_handshakes_out}-*:\n")
         print(handshake_text)
+    if connect_text:
+        print(f"\nConnect profile written to {args.profile_connect_out}-*:\n")
+        print(connect_text)
     print(f"\nServer logs: {logs}")
     if args.json:
         Path(args.json).write_text(
@@ -1580,6 +1686,7 @@ def main() -> int:
                     "cluster_options": CLUSTER_OPTIONS,
                     "profile": profile_result,
                     "profile_handshakes": handshake_result,
+                    "profile_connect": connect_result,
                     "failed": failed,
                     "versions": versions(),
                     "date": date,

@@ -12,6 +12,9 @@
 //           --duration s (staggered evenly); every message goes to the other members.
 //   idle    --connections clients, opened --concurrency at a time, each joins its own room;
 //           server RSS before/after from /proc/<pid>/status.
+//   connect --connections clients, --concurrency at a time, each opened and then joined to a
+//           room of its own before its slot takes the next one: connections opened and joined
+//           per second (run.py gives it one instance's URL twice).
 // Server CPU: utime+stime from /proc/<pid>/stat of --pids (and --redis-pid: one pid, or a
 // comma-separated list for a Redis Cluster's nodes, summed in redis_cpu and each in
 // redis_cpu_each) around each measured window. No client ever connects anywhere but the --urls
@@ -391,7 +394,7 @@ async function pool(n, limit, fn) {
 }
 
 /** Open clients[i] = a connected client (or null on failure) for i in [0, n). */
-async function openClients(args, n, userOf, urlOf, stats, roomOf = null) {
+async function openClients(args, n, userOf, urlOf, stats, roomOf = null, joinMs = null) {
   const clients = new Array(n).fill(null);
   const openMs = new Samples(n);
   const failures = await pool(n, args.concurrency, async (i) => {
@@ -406,7 +409,10 @@ async function openClients(args, n, userOf, urlOf, stats, roomOf = null) {
       throw err;
     }
     openMs.add(performance.now() - started);
-    if (roomOf) await client.join(roomOf(i));
+    if (!roomOf) return;
+    const joinStarted = performance.now();
+    await client.join(roomOf(i));
+    if (joinMs) joinMs.add(performance.now() - joinStarted);
   });
   return { clients, failures, openMs };
 }
@@ -768,6 +774,47 @@ async function idle(args) {
   };
 }
 
+// --- workload D: connection rate (open, then join a new room) ------------------------------
+
+async function connect(args) {
+  const stats = new Stats();
+  const n = args.connections;
+  log(`connect ${args.system}: warm-up ${args.warmup} connections`);
+  const warm = await openClients(args, args.warmup, (i) => `cw-${i}`, (i) => args.urls[i % 2],
+    stats, (i) => `cw-${i}`);
+  await closeAll(warm.clients);
+  await sleep(args.settle * 1000);
+  const quiet = await waitQuiet(args);
+  log(`connect ${args.system}: ${n} connections opened and joined, ${args.concurrency} in flight`);
+  const cpu = new CpuWindow(args.pids, args.redisPid);
+  const joinMs = new Samples(n);
+  const t0 = performance.now();
+  const opened = await openClients(args, n, (i) => `conn-${i}`, (i) => args.urls[i % 2], stats,
+    (i) => `conn-${i}`, joinMs);
+  const t1 = performance.now();
+  const window = cpu.finish();
+  log(`connect ${args.system}: all opened and joined`);
+  const connected = opened.clients.filter(Boolean).length;
+  const joined = joinMs.n;
+  await closeAll(opened.clients);
+  return {
+    workload: "connect",
+    connections: n,
+    concurrency: args.concurrency,
+    connected,
+    joined,
+    total_s: round((t1 - t0) / 1000, 3),
+    opened_joined_per_s: round(joined / ((t1 - t0) / 1000), 1),
+    open_latency: opened.openMs.summary(),
+    join_latency: joinMs.summary(),
+    quiet,
+    ...window,
+    errors: stats.errors,
+    closes: stats.closes,
+    connect_failures: opened.failures,
+  };
+}
+
 // --- main -----------------------------------------------------------------------------------
 
 async function main() {
@@ -784,7 +831,7 @@ async function main() {
     process.exit(3);
   }, args.maxSeconds * 1000);
   guard.unref();
-  const workloads = { fanout, rooms, idle };
+  const workloads = { fanout, rooms, idle, connect };
   const run = workloads[args.workload];
   if (!run) throw new Error(`unknown workload ${args.workload}`);
   const result = await run(args);

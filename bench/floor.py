@@ -1,0 +1,61 @@
+"""The floor under workload D: what trio + trio-websocket alone cost per connection.
+
+A bare trio-websocket server that speaks just enough of trio-chat's protocol for the load
+generator's trio client: it accepts every upgrade, writes ``welcome``, and answers each
+``join`` with ``joined``; no Redis, no token check (``--jwt`` adds PyJWT's HS256 check of the
+bearer token, as trio-chat does). Run workload D of ``bench/loadgen/loadgen.mjs`` against it:
+
+  .venv/bin/python bench/floor.py [--jwt] [--port 0]      # prints "floor listening on ws://..."
+  node bench/loadgen/loadgen.mjs --system trio --workload connect --urls URL,URL \\
+      --secret "$(python3 -c 'import run; print(run.SECRET)')" --pids PID --connections 2000 \\
+      --concurrency 100
+
+It is no chat server: it is how fast trio-chat could open and join at best without leaving
+trio-websocket, the design we were asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+
+import jwt
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+SECRET = "bench-secret-" + "s" * 51  # bench/run.py's
+
+
+async def handler(check_jwt: bool, request: WebSocketRequest) -> None:
+    if check_jwt:
+        header = dict(request.headers).get(b"authorization", b"").decode()
+        jwt.decode(header.removeprefix("Bearer "), SECRET, algorithms=["HS256"])
+    ws = await request.accept()
+    await ws.send_message(json.dumps({"type": "welcome", "session_id": "s"}))
+    try:
+        while True:
+            frame = json.loads(await ws.get_message())
+            if frame.get("type") == "join":
+                reply = {"type": "joined", "ref": frame.get("ref"), "room": frame.get("room")}
+                await ws.send_message(json.dumps(reply))
+    except ConnectionClosed:
+        pass
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--jwt", action="store_true", help="verify the bearer token (HS256)")
+    args = parser.parse_args()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(serve_websocket, partial(handler, args.jwt), "127.0.0.1", args.port, None)
+        )
+        port = server.port
+        print(f"floor listening on ws://127.0.0.1:{port}/ws", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main)
