@@ -9,6 +9,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import coredis
 import pytest
 import trio
 from _chat import closed_with as _closed_with
@@ -92,6 +93,44 @@ async def test_ban_mute_and_not_before_apply_to_the_next_frame(redis_server, nur
             await chat.send_frame({"type": "send", "room": "room", "data": 1})
             frames, code = await _closed_with(chat)
             assert (frames[-1], code) == ({"type": "logout", "reason": "revoked"}, 4401)
+
+
+async def _hgetall_calls(redis_url: str) -> int:
+    client = coredis.Redis.from_url(redis_url, decode_responses=True)
+    async with client:
+        stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_the_handshakes_read_of_auth_serves_the_first_join(redis_server, nursery):
+    # one read of auth:<uid> per connection: the handshake's, kept for the join and the send
+    server = await start(nursery, make_config(redis_server.url, auth={"cache_ttl": 60}))
+    before = await _hgetall_calls(redis_server.url)
+    async with open_client(server.url, make_token("alice")) as chat:
+        await chat.join("room")
+        await chat.send("room", "hello")
+    assert await _hgetall_calls(redis_server.url) == before + 1
+
+
+async def test_a_change_announced_during_the_handshake_is_not_cached_over(
+    redis_server, nursery, monkeypatch
+):
+    # A ban announced after the handshake read auth:alice must not hide behind that read.
+    server = await start(nursery, make_config(redis_server.url, auth={"cache_ttl": 60}))
+    remember = Hub.remember_auth
+
+    async def announce_then_remember(self, user_id, record, stamp):
+        self.forget_auth(user_id)  # what the pump does for auth:changed
+        remember(self, user_id, record, stamp)
+
+    monkeypatch.setattr(
+        Hub, "remember_auth", lambda *a: nursery.start_soon(announce_then_remember, *a)
+    )
+    async with open_client(server.url, make_token("alice")) as chat:
+        await _publish(redis_server.url, "auth:none", {"user_id": "alice"}, status="banned")
+        await chat.send_frame({"type": "join", "room": "room"})
+        frames, code = await _closed_with(chat)
+        assert (frames[-1], code) == ({"type": "logout", "reason": "banned"}, 4403)
 
 
 async def test_bare_hset_ban_applies_within_cache_ttl(redis_server, nursery):

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING, assert_never
 
 import trio
@@ -136,7 +137,7 @@ class ConnectionHandler:
             )
             if info.path != self.config.server.path:
                 raise AuthError(404, "not_found", "no WebSocket endpoint here")
-            identity = await self._authenticate(info)
+            identity, record, stamp = await self._authenticate(info)
         except AuthError as exc:
             log_event(
                 logger,
@@ -206,6 +207,7 @@ class ConnectionHandler:
                 )
             )
             self.hub.add(session)
+            self.hub.remember_auth(identity.user_id, record, stamp)
             log_event(
                 logger,
                 logging.INFO,
@@ -242,7 +244,11 @@ class ConnectionHandler:
 
     # --- handshake -----------------------------------------------------------------------------
 
-    async def _authenticate(self, info: HandshakeInfo) -> Identity:
+    async def _authenticate(
+        self, info: HandshakeInfo
+    ) -> tuple[Identity, AuthRecord | None, tuple[float, int]]:
+        """The identity the request's credential proves, and the user's ``auth:<uid>`` as read
+        from ``stamp`` on (:meth:`Hub.remember_auth`), once nothing refuses the connection."""
         config = self.config
         if self.hub.draining:
             raise AuthError(503, "draining", "server is shutting down")

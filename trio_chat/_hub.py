@@ -287,20 +287,32 @@ class Hub:
         Raises:
             BackendUnavailable: the store could not be reached.
         """
-        now = trio.current_time()
+        stamp = self.auth_stamp()
         cached = self._auth_cache.get(user_id)
-        if cached is not None and now - cached[0] < self.config.auth.cache_ttl:
+        if cached is not None and stamp[0] - cached[0] < self.config.auth.cache_ttl:
             return cached[1]
-        generation = self._auth_generation
         batch = Batch()
         reply = batch.hgetall(keys.auth(user_id))
         await self.backend.execute(batch)
         record = AuthRecord.from_hash(reply.value) if reply.value else None
-        # Not if a change was announced while we read: that copy may predate it.
-        fresh = generation == self._auth_generation
-        if fresh and self.config.auth.cache_ttl > 0 and user_id in self._by_user:
-            self._auth_cache[user_id] = (now, record)
+        self.remember_auth(user_id, record, stamp)
         return record
+
+    def auth_stamp(self) -> tuple[float, int]:
+        """When a read of ``auth:<uid>`` begins: for :meth:`remember_auth`."""
+        return trio.current_time(), self._auth_generation
+
+    def remember_auth(
+        self, user_id: str, record: AuthRecord | None, stamp: tuple[float, int]
+    ) -> None:
+        """Keep ``auth:<uid>`` as read from :meth:`auth_stamp`'s moment on (the handshake's read
+        spares its first join one), for a user with a local session, unless a change was
+        announced while it was read: that copy may predate it."""
+        read_at, generation = stamp
+        if generation != self._auth_generation or self.config.auth.cache_ttl <= 0:
+            return
+        if user_id in self._by_user:
+            self._auth_cache[user_id] = (read_at, record)
 
     def forget_auth(self, user_id: str) -> None:
         self._auth_cache.pop(user_id, None)
