@@ -266,6 +266,7 @@ class ConnectionHandler:
         batch = Batch()
         record_fields = batch.hgetall(keys.auth(identity.user_id))
         live_sessions = batch.scard(keys.user_sessions(identity.user_id))
+        stamp = self.hub.auth_stamp()
         try:
             await self.backend.execute(batch)
         except BackendUnavailable as exc:
@@ -278,7 +279,7 @@ class ConnectionHandler:
             raise AuthError(status, code, f"user {refusal.replace('_', ' ')}")
         if live_sessions.value >= config.limits.max_sessions_per_user:
             raise AuthError(429, "too_many_sessions", "session limit for this user reached")
-        return identity
+        return identity, record, stamp
 
     async def _resolve_session(self, session_id: str) -> Identity:
         """Look an opaque session id up in ``auth.session_key`` (SPEC §5).
@@ -327,8 +328,8 @@ class ConnectionHandler:
         emptied: list[str] = []
         rooms: set[str] = set()
         if session is not None:
-            for timer in session.expiry_timers:
-                timer.cancel()
+            if session.expiry_timer is not None:
+                session.expiry_timer.cancel()
             rooms = set(session.rooms)
             emptied = self.hub.discard(session)
         batch = Batch()
@@ -636,29 +637,36 @@ class ConnectionHandler:
     # --- watchers ------------------------------------------------------------------------------
 
     def _schedule_expiry(self, session: Session) -> None:
-        """``token_expiring`` at ``exp - refresh_window``; at ``exp + leeway`` without a
-        refresh, ``logout {reason: "expired"}`` and 4401. Replaces earlier timers."""
-        for timer in session.expiry_timers:
-            timer.cancel()
-        session.expiry_timers.clear()
+        """Warn ``token_expiring`` once ``auth.refresh_window`` before the token's expiry, then
+        at the deadline (+ leeway) close with ``logout {reason: "expired"}`` and 4401, unless a
+        refresh replaced the token meanwhile (it calls this again, replacing the timer). One
+        timer per session at a time: idle connections are what an instance holds most of."""
+        if session.expiry_timer is not None:
+            session.expiry_timer.cancel()
+            session.expiry_timer = None
         expires_at = session.identity.expires_at
         if expires_at is None:  # an opaque session with no TTL
             return
-        auth, timers = self.config.auth, self.hub.timers
         left = expires_at - time.time()
-        warning = encode("token_expiring", expires_at=expires_at)
-        session.expiry_timers = [
-            timers.call_later(max(0.0, left - auth.refresh_window), lambda: session.reply(warning)),
-            timers.call_later(left + auth.leeway, lambda: self._expire(session)),
-        ]
+        session.expiry_timer = self.hub.timers.call_later(
+            max(0.0, left - self.config.auth.refresh_window), partial(self._warn_expiry, session)
+        )
+
+    def _warn_expiry(self, session: Session) -> None:
+        expires_at = session.identity.expires_at
+        assert expires_at is not None
+        session.reply(encode("token_expiring", expires_at=expires_at))
+        left = expires_at - time.time()
+        session.expiry_timer = self.hub.timers.call_later(
+            max(0.0, left + self.config.auth.leeway), partial(self._expire, session)
+        )
 
     def _expire(self, session: Session) -> None:
         if session.refreshes_in_flight:
             # A refresh that arrived in time wins: look again once it has been answered.
-            session.expiry_timers.append(
-                self.hub.timers.call_later(0.05, lambda: self._expire(session))
-            )
+            session.expiry_timer = self.hub.timers.call_later(0.05, partial(self._expire, session))
             return
+        session.expiry_timer = None
         session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
 
 

@@ -51,6 +51,26 @@ class CloseRequest:
 class Session:
     """A verified, registered client connection owned by this instance."""
 
+    __slots__ = (
+        "_close_timeout",
+        "_metrics",
+        "_nursery",
+        "_writer",
+        "close_request",
+        "connected_at_ms",
+        "expiry_timer",
+        "frame_bucket",
+        "id",
+        "identity",
+        "pong",
+        "refreshes_in_flight",
+        "remote",
+        "rooms",
+        "send_bucket",
+        "user_id",
+        "ws",
+    )
+
     def __init__(
         self,
         session_id: str,
@@ -74,8 +94,8 @@ class Session:
         self.close_request: CloseRequest | None = None
         #: refresh frames received and not yet answered: expiry waits for them
         self.refreshes_in_flight = 0
-        #: the token's pending ``token_expiring`` and deadline timers
-        self.expiry_timers: list[Timer] = []
+        #: the token's pending ``token_expiring`` or deadline timer
+        self.expiry_timer: Timer | None = None
         #: set by the pong of the last ping sent, if any
         self.pong: Pong | None = None
         #: ``limits.send_*``: spent by ``send`` and ``direct``

@@ -13,7 +13,7 @@ This is the one module that relies on trio-websocket internals (pinned to 0.12.x
   ``events()``, empty, is called). :func:`forget_handshake` drops them: ~3 KiB per connection;
 - ``WebSocketConnection._send`` is how its reader task answers a ping (a pong) or an oversized
   message (a close 1009); :func:`forget_handshake` also makes those answers give way once our
-  close frame is out (see :func:`_send_unless_closed`).
+  close frame is out (see :class:`_ServerConnection`).
 
 Server frames are not masked, so a message's frame is the same bytes for every recipient: it is
 built once (:func:`text_frame`) and handed to each connection's :class:`FrameWriter`, which
@@ -31,18 +31,18 @@ import os
 import random
 import struct
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+from trio_websocket import WebSocketConnection
 from wsproto import events
 from wsproto.utilities import LocalProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Iterator
     from types import TracebackType
 
-    from trio_websocket import WebSocketConnection, WebSocketRequest
+    from trio_websocket import WebSocketRequest
     from wsproto.events import Event
 
 logger = logging.getLogger(__name__)
@@ -82,28 +82,30 @@ def forget_handshake(request: WebSocketRequest) -> None:
     assert ws._wsproto.connection is not None, "only once the connection is open"
     ws._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
     request._event = None  # type: ignore[assignment]
-    ws._send = partial(_send_unless_closed, ws, ws._send)  # type: ignore[method-assign]
+    # The same object and layout, with one method changed: nothing to allocate per connection.
+    ws.__class__ = _ServerConnection
 
 
-async def _send_unless_closed(
-    ws: WebSocketConnection, send: Callable[[Event], Awaitable[None]], event: Event
-) -> None:
-    """Send ``event``, but drop a pong or a close that wsproto refuses because our close frame
-    is out already.
+class _ServerConnection(WebSocketConnection):
+    """A server's open connection whose late answers give way to our close frame."""
 
-    trio-websocket's reader answers a ping with a pong, and an oversized message with a close
-    1009, whatever the state; once we have sent our close, wsproto refuses both
-    (``LocalProtocolError``), and raised in the reader task the error would end the whole
-    handlers' nursery: one client could stop the server (trio-websocket issue #184). After our
-    close nothing more is due, so the answer is dropped and the reader goes on to the
-    client's close.
-    """
-    try:
-        await send(event)
-    except LocalProtocolError:
-        if not isinstance(event, events.Pong | events.CloseConnection):
-            raise
-        logger.debug("%s: no %s after our close", ws, type(event).__name__)
+    async def _send(self, event: Event) -> None:
+        """Send ``event``, but drop a pong or a close that wsproto refuses because our close
+        frame is out already.
+
+        trio-websocket's reader answers a ping with a pong, and an oversized message with a
+        close 1009, whatever the state; once we have sent our close, wsproto refuses both
+        (``LocalProtocolError``), and raised in the reader task the error would end the whole
+        handlers' nursery: one client could stop the server (trio-websocket issue #184). After
+        our close nothing more is due, so the answer is dropped and the reader goes on to the
+        client's close.
+        """
+        try:
+            await super()._send(event)
+        except LocalProtocolError:
+            if not isinstance(event, events.Pong | events.CloseConnection):
+                raise
+            logger.debug("%s: no %s after our close", self, type(event).__name__)
 
 
 class HandoffLock:
