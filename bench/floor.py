@@ -23,9 +23,8 @@ from functools import partial
 
 import jwt
 import trio
+from run import SECRET  # bench/run.py: the secret the generator signs its tokens with
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
-
-SECRET = "bench-secret-" + "s" * 51  # bench/run.py's
 
 
 async def handler(check_jwt: bool, request: WebSocketRequest) -> None:
