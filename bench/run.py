@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -1554,74 +1554,89 @@ def main() -> int:
             failed.append(f"profile: {exc}")
             print(f"FAILED: profile: {exc}", file=sys.stderr)
     profile_result = results.pop("profile", None)
-    handshake_text: str | None = None
-    handshake_result: dict[str, object] | None = None
-    if args.profile_handshakes:
-        n = args.profile_handshakes
-        try:
-            handshake_result = one_pass(
-                "trio",
-                "idle",
-                {**common, "connections": n},
-                n / 20 + args.quiet_max + 240,
-                logs,
-                profile={
-                    "seconds": args.profile_seconds,
-                    "out": args.profile_handshakes_out,
-                    "opening": n,
-                },
-                trigger=b"idle trio: opening ",
-            )
-            c = handshake_result
-            latency = cast("dict[str, object]", c["open_latency"])
-            handshake_text = write_profile_summary(
-                c,
-                args.profile_handshakes_out,
-                f"{system_label('trio')} C: opening {n:,} idle connections, {args.concurrency} in "
-                f"flight, while profiled: opened {c['connected']}/{c['connections']} in "
-                f"{c['open_s']} s, {fmt(c['opened_per_s'])}/s (open p50 {latency['p50_ms']} ms, "
-                f"p99 {latency['p99_ms']} ms), server CPU {c['open_server_cpu']} s/s, Redis "
-                f"{c['open_redis_cpu']}, other processes {c['open_other_cpu']}; py-spy ran "
-                f"{c.get('profiled_s')} s from its start (stopped {c.get('profile_stopped_at')})",
-            )
-        except BenchError as exc:
-            failed.append(f"profile-handshakes: {exc}")
-            print(f"FAILED: profile-handshakes: {exc}", file=sys.stderr)
 
-    connect_text: str | None = None
-    connect_result: dict[str, object] | None = None
-    if args.profile_connect:
-        n = args.profile_connect
+    def profiled(
+        name: str,
+        workload: str,
+        options: dict[str, object],
+        profile: dict[str, object],
+        trigger: bytes,
+        describe: Callable[[dict[str, object]], str],
+    ) -> tuple[dict[str, object] | None, str | None]:
+        """One more trio-chat pass of ``workload`` under py-spy; its result and summary."""
+        n = cast("int", options["connections"])
         try:
-            connect_result = one_pass(
+            result = one_pass(
                 "trio",
-                "connect",
-                {**common, "connections": n, "concurrency": args.connect_concurrency},
+                workload,
+                options,
                 n / 20 + args.quiet_max + 240,
                 logs,
-                profile={
-                    "seconds": max(args.profile_seconds, 60),
-                    "out": args.profile_connect_out,
-                    "until": b"all opened and joined",
-                },
-                trigger=b"connections opened and joined,",
+                profile=profile,
+                trigger=trigger,
             )
-            d = connect_result
-            opens = cast("dict[str, object]", d["open_latency"])
-            joins = cast("dict[str, object]", d["join_latency"])
-            connect_text = write_profile_summary(
-                d,
-                args.profile_connect_out,
-                f"trio-chat (one instance) D: {n:,} connections opened and each joined to a new "
-                f"room, {args.connect_concurrency} in flight, while profiled: {d['joined']} "
-                f"joined in {d['total_s']} s, {fmt(d['opened_joined_per_s'])}/s (open p50 "
-                f"{opens['p50_ms']} ms, join p50 {joins['p50_ms']} ms), server CPU "
-                f"{d['server_cpu']} s/s, Redis {d['redis_cpu']}; py-spy ran {d.get('profiled_s')}"
-                f" s, stopped {d.get('profile_stopped_at')}",
-            )
+            return result, write_profile_summary(result, str(profile["out"]), describe(result))
         except BenchError as exc:
-            failed.append(f"profile-connect: {exc}")
-            print(f"FAILED: profile-connect: {exc}", file=sys.stderr)
+            failed.append(f"{name}: {exc}")
+            print(f"FAILED: {name}: {exc}", file=sys.stderr)
+            return None, None
+
+    def handshakes(c: dict[str, object]) -> str:
+        latency = cast("dict[str, object]", c["open_latency"])
+        return (
+            f"{system_label('trio')} C: opening {c['connections']:,} idle connections, "
+            f"{args.concurrency} in flight, while profiled: opened {c['connected']}/"
+            f"{c['connections']} in {c['open_s']} s, {fmt(c['opened_per_s'])}/s (open p50 "
+            f"{latency['p50_ms']} ms, p99 {latency['p99_ms']} ms), server CPU "
+            f"{c['open_server_cpu']} s/s, Redis {c['open_redis_cpu']}, other processes "
+            f"{c['open_other_cpu']}; py-spy ran {c.get('profiled_s')} s from its start (stopped "
+            f"{c.get('profile_stopped_at')})"
+        )
+
+    def connects(d: dict[str, object]) -> str:
+        opens = cast("dict[str, object]", d["open_latency"])
+        joins = cast("dict[str, object]", d["join_latency"])
+        return (
+            f"trio-chat (one instance) D: {d['connections']:,} connections opened and each "
+            f"joined to a new room, {args.connect_concurrency} in flight, while profiled: "
+            f"{d['joined']} joined in {d['total_s']} s, {fmt(d['opened_joined_per_s'])}/s (open "
+            f"p50 {opens['p50_ms']} ms, join p50 {joins['p50_ms']} ms), server CPU "
+            f"{d['server_cpu']} s/s, Redis {d['redis_cpu']}; py-spy ran {d.get('profiled_s')} s,"
+            f" stopped {d.get('profile_stopped_at')}"
+        )
+
+    handshake_result, handshake_text = None, None
+    if args.profile_handshakes:
+        handshake_result, handshake_text = profiled(
+            "profile-handshakes",
+            "idle",
+            {**common, "connections": args.profile_handshakes},
+            {
+                "seconds": args.profile_seconds,
+                "out": args.profile_handshakes_out,
+                "opening": args.profile_handshakes,
+            },
+            b"idle trio: opening ",
+            handshakes,
+        )
+    connect_result, connect_text = None, None
+    if args.profile_connect:
+        connect_result, connect_text = profiled(
+            "profile-connect",
+            "connect",
+            {
+                **common,
+                "connections": args.profile_connect,
+                "concurrency": args.connect_concurrency,
+            },
+            {
+                "seconds": max(args.profile_seconds, 60),
+                "out": args.profile_connect_out,
+                "until": b"all opened and joined",
+            },
+            b"connections opened and joined,",
+            connects,
+        )
 
     elapsed = time.monotonic() - started
     date = datetime.date.today().isoformat()
