@@ -3,9 +3,11 @@
 A bare trio-websocket server that speaks just enough of trio-chat's protocol for the load
 generator's trio client: it accepts every upgrade, writes ``welcome``, and answers each
 ``join`` with ``joined``; no Redis, no token check (``--jwt`` adds PyJWT's HS256 check of the
-bearer token, as trio-chat does). Run workload D of ``bench/loadgen/loadgen.mjs`` against it:
+bearer token, as trio-chat does; ``--forget`` drops the handshake's leftovers once the socket
+is open, as trio-chat does, with ``trio_chat._wire.forget_handshake``). Run workload D (or C)
+of ``bench/loadgen/loadgen.mjs`` against it:
 
-  .venv/bin/python bench/floor.py [--jwt] [--port 0]      # prints "floor listening on ws://..."
+  .venv/bin/python bench/floor.py [--jwt] [--forget]   # prints "floor listening on ws://..."
   node bench/loadgen/loadgen.mjs --system trio --workload connect --urls URL,URL \\
       --secret "$(python3 -c 'import run; print(run.SECRET)')" --pids PID --connections 2000 \\
       --concurrency 100
@@ -26,12 +28,16 @@ import trio
 from run import SECRET  # bench/run.py: the secret the generator signs its tokens with
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
+from trio_chat._wire import forget_handshake
 
-async def handler(check_jwt: bool, request: WebSocketRequest) -> None:
+
+async def handler(check_jwt: bool, forget: bool, request: WebSocketRequest) -> None:
     if check_jwt:
         header = dict(request.headers).get(b"authorization", b"").decode()
         jwt.decode(header.removeprefix("Bearer "), SECRET, algorithms=["HS256"])
     ws = await request.accept()
+    if forget:
+        forget_handshake(request)
     await ws.send_message(json.dumps({"type": "welcome", "session_id": "s"}))
     try:
         while True:
@@ -47,10 +53,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--jwt", action="store_true", help="verify the bearer token (HS256)")
+    parser.add_argument("--forget", action="store_true", help="forget_handshake() each socket")
     args = parser.parse_args()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            partial(serve_websocket, partial(handler, args.jwt), "127.0.0.1", args.port, None)
+            partial(
+                serve_websocket,
+                partial(handler, args.jwt, args.forget),
+                "127.0.0.1",
+                args.port,
+                None,
+            )
         )
         port = server.port
         print(f"floor listening on ws://127.0.0.1:{port}/ws", file=sys.stderr, flush=True)
