@@ -35,8 +35,8 @@ import jwt
 import trio
 from trio_websocket import ConnectionClosed
 
-from trio_chat._backends import open_backend
-from trio_chat._store import Backend, Batch
+from trio_chat._store.backends import open_backend
+from trio_chat._store.interface import Backend, Batch
 from trio_chat.client import ChatClient, open_client
 
 if TYPE_CHECKING:

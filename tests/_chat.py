@@ -16,8 +16,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_chat import Config, Server, serve
-from trio_chat._backends import open_backend
-from trio_chat._store import Backend, Batch
+from trio_chat._store.backends import open_backend
+from trio_chat._store.interface import Backend, Batch
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,12 +10,12 @@ import pytest
 from _redis_cluster import RedisCluster
 from _redis_server import RedisServer, free_port
 
-from trio_chat._backends import open_backend
+from trio_chat._store.backends import open_backend
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
-    from trio_chat._store import Backend
+    from trio_chat._store.interface import Backend
 
 #: generous for a local server; the tests about timeouts open their own backend
 COMMAND_TIMEOUT = 2.0

@@ -14,13 +14,13 @@ from _chat import ADMIN, ADMIN_KEY, admin_client, make_config, make_token, read_
 from _chat import closed_with as _closed_with
 from trio_websocket import ConnectionRejected
 
-from trio_chat import _cli
-from trio_chat._admin import create_app
-from trio_chat._backends import open_backend
+from trio_chat._cli import main as _cli
 from trio_chat._hub import Hub
+from trio_chat._store.backends import open_backend
+from trio_chat._web.admin import create_app
 from trio_chat.client import ServerError, open_client
 
-OPENAPI = json.loads(resources.files("trio_chat").joinpath("openapi.json").read_bytes())
+OPENAPI = json.loads(resources.files("trio_chat._web").joinpath("openapi.json").read_bytes())
 
 #: every /v1 operation, with a body that would be accepted
 V1 = [

@@ -30,7 +30,7 @@ from _chat import ADMIN, ADMIN_KEY, SECRET, admin_client, make_config, make_toke
 from _redis_server import free_port
 from playwright.sync_api import expect, sync_playwright
 
-from trio_chat._history import parse_id
+from trio_chat._store.history import parse_id
 from trio_chat.client import open_client
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ TIMEOUT_MS = 10_000
 TEST_SECONDS = 30
 DEMO = {**ADMIN, "demo": True}
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-STATIC = Path(__file__).resolve().parent.parent / "trio_chat" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "trio_chat" / "_web" / "static"
 #: write the screenshots to docs/ (and make some traffic for the dashboard's chart first)
 SCREENSHOTS = os.environ.get("TRIO_CHAT_SCREENSHOTS") == "1"
 

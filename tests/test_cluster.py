@@ -19,11 +19,11 @@ import trio
 from _chat import ADMIN, admin_client, make_config, make_token, start
 from _redis_cluster import NODE_TIMEOUT_MS, command
 
-from trio_chat._backends import open_backend
-from trio_chat._cluster import ClusterBackend, ClusterURL
 from trio_chat._errors import BackendUnavailable, ConfigError
-from trio_chat._keys import hash_slot
-from trio_chat._store import Batch
+from trio_chat._store.backends import open_backend
+from trio_chat._store.cluster import ClusterBackend, ClusterURL
+from trio_chat._store.interface import Batch
+from trio_chat._store.keys import hash_slot
 from trio_chat.client import ServerError, open_client
 
 if TYPE_CHECKING:

@@ -36,3 +36,43 @@ def test_example_config_mentions_every_key():
         for key in re.findall(r"^#? ?([a-z_]+) =", body, re.MULTILINE)
     }
     assert mentioned == _config_keys()
+
+
+def _readme_tree() -> set[str]:
+    """Every path the README's package tree names, relative to the repository."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### The package: one folder per layer", 1)[1].split("```", 2)[1]
+    paths: set[str] = set()
+    folders: list[str] = []  # the folder open at each depth
+    for line in block.splitlines()[1:]:
+        match = re.match(r"^((?:[│ ]   )*)[├└]── (\S+)", line)
+        if match is None:  # a comment line or a blank one
+            continue
+        depth = len(match.group(1)) // 4
+        name = match.group(2)
+        del folders[depth:]
+        prefix = "/".join(["trio_chat", *folders])
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+            paths.add(f"{prefix}/{name.rstrip('/')}")
+            continue
+        paths.add(f"{prefix}/{name}")
+        # more leaf modules on the same row
+        rest = line[match.end() :].split("  ")
+        paths.update(f"{prefix}/{extra.strip()}" for extra in rest if extra.strip().endswith(".py"))
+    return paths
+
+
+def test_readme_package_tree_matches_the_package():
+    """The README's tree names every module and folder of trio_chat/ (static files aside), and
+    nothing that is not there."""
+    package = ROOT / "trio_chat"
+    actual = {
+        str(path.relative_to(ROOT))
+        for path in package.rglob("*")
+        if "__pycache__" not in path.parts
+        and path.name != "py.typed"
+        and not (path.name == "__init__.py" and path.parent != package)
+        and "static" not in path.parent.parts
+    }
+    assert _readme_tree() == actual

@@ -7,7 +7,7 @@ import pytest
 import trio
 from _chat import make_config, make_token, open_backend, start
 
-from trio_chat._store import Batch
+from trio_chat._store.interface import Batch
 from trio_chat.client import ServerError, open_client
 
 TIME_LIMIT = 10

@@ -13,8 +13,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 from trio_chat import _wire as wire
 from trio_chat._connection import ConnectionHandler
 from trio_chat._errors import BackendUnavailable
-from trio_chat._redis import RedisBackend
-from trio_chat._store import Batch
+from trio_chat._store.interface import Batch
+from trio_chat._store.redis import RedisBackend
 from trio_chat._wire import FrameWriter
 from trio_chat.client import open_client
 

@@ -18,7 +18,7 @@ from trio_websocket import ConnectionRejected
 
 from trio_chat._hub import Hub
 from trio_chat._reaper import sweep
-from trio_chat._store import Batch
+from trio_chat._store.interface import Batch
 from trio_chat.client import ServerError, open_client
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ async def test_only_the_packaged_files_are_served(nursery):
         for path in (
             "/static/nothing.js",
             "/static/demo.html",  # pages only at their own path, with their headers
-            "/static/..%2F_admin.py",
+            "/static/..%2Fadmin.py",
             "/static/%2E%2E%2Fopenapi.json",
         ):
             r = await http.get(path)

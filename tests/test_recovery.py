@@ -26,8 +26,8 @@ import pytest
 import trio
 from _chat import ADMIN, admin_client, make_config, make_token, start
 
-from trio_chat._history import APPEND_SHA, parse_id
-from trio_chat._redis import RedisBackend
+from trio_chat._store.history import APPEND_SHA, parse_id
+from trio_chat._store.redis import RedisBackend
 from trio_chat.client import ConnectionRejected, ServerError, open_client
 
 if TYPE_CHECKING:

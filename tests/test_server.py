@@ -15,7 +15,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from trio_chat._auth import AuthRecord
 from trio_chat._connection import ConnectionHandler
 from trio_chat._hub import Hub
-from trio_chat._store import Batch
+from trio_chat._store.interface import Batch
 from trio_chat.client import ServerError, open_client
 
 
@@ -613,16 +613,16 @@ async def test_slow_consumer_is_closed_1008_while_others_keep_receiving(redis_se
 async def test_first_joins_at_once_share_subscribe_round_trips(redis_server, nursery, monkeypatch):
     # A reconnect storm is first joins of many rooms at once: one SUBSCRIBE at a time, one
     # room each, would be the instance's limit. Those that wait meanwhile go in one SUBSCRIBE.
-    import trio_chat._redis
+    import trio_chat._store.redis
 
     subscribes: list[int] = []
-    subscribe = trio_chat._redis.RedisSubscription.subscribe
+    subscribe = trio_chat._store.redis.RedisSubscription.subscribe
 
     async def counted(self, *channels):
         subscribes.append(len(channels))
         await subscribe(self, *channels)
 
-    monkeypatch.setattr(trio_chat._redis.RedisSubscription, "subscribe", counted)
+    monkeypatch.setattr(trio_chat._store.redis.RedisSubscription, "subscribe", counted)
     server = await start(nursery, make_config(redis_server.url))
     rooms = [f"storm-{n}" for n in range(40)]
     with trio.fail_after(10):

@@ -13,12 +13,12 @@ import pytest
 import trio
 from coredis.exceptions import WrongTypeError
 
-import trio_chat._redis
-from trio_chat._backends import open_backend
+import trio_chat._store.redis
 from trio_chat._errors import BackendUnavailable, ConfigError
-from trio_chat._memory import MemoryBackend
-from trio_chat._redis import RedisBackend, open_redis_backend
-from trio_chat._store import Batch
+from trio_chat._store.backends import open_backend
+from trio_chat._store.interface import Batch
+from trio_chat._store.memory import MemoryBackend
+from trio_chat._store.redis import RedisBackend, open_redis_backend
 
 TIME_LIMIT = 5  # seconds, for any one test
 
@@ -516,13 +516,13 @@ async def test_execute_gives_up_on_a_paused_redis_within_the_timeout(redis_serve
 
 async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
     pipelines = []
-    pipeline = trio_chat._redis._pipeline
+    pipeline = trio_chat._store.redis._pipeline
 
     async def counted(commands, sharded, client):
         pipelines.append(len(commands))
         return await pipeline(commands, sharded, client)
 
-    monkeypatch.setattr(trio_chat._redis, "_pipeline", counted)
+    monkeypatch.setattr(trio_chat._store.redis, "_pipeline", counted)
     with trio.fail_after(TIME_LIMIT):
         async with open_backend(redis_server.url, command_timeout=1) as backend:
             async with trio.open_nursery() as nursery:
@@ -543,7 +543,7 @@ async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
     # Redis answers within the timeout, but slower than half of it: a batch queued behind a
     # pipeline that is out waits for it, and then its own round trip, and succeeds. (It must
     # never be reported as failed after it ran.)
-    pipeline = trio_chat._redis._pipeline
+    pipeline = trio_chat._store.redis._pipeline
 
     async def slow(commands, sharded, client):
         await trio.sleep(0.2)
@@ -561,12 +561,12 @@ async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
 
     with trio.fail_after(TIME_LIMIT):
         async with open_backend(redis_server.url, command_timeout=0.3) as backend:
-            monkeypatch.setattr(trio_chat._redis, "_pipeline", slow)
+            monkeypatch.setattr(trio_chat._store.redis, "_pipeline", slow)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, 1)
                 await trio.sleep(0.01)
                 nursery.start_soon(one, 2)
-            monkeypatch.setattr(trio_chat._redis, "_pipeline", pipeline)
+            monkeypatch.setattr(trio_chat._store.redis, "_pipeline", pipeline)
             assert results == {1: "ok", 2: "ok"}
             assert [await read(backend, key) for key in ("k1", "k2")] == ["v1", "v2"]
 

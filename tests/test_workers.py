@@ -12,7 +12,7 @@ import trio
 from _chat import SECRET, make_token, open_backend
 from _redis_server import free_port
 
-from trio_chat._store import Batch
+from trio_chat._store.interface import Batch
 from trio_chat.client import ConnectionClosed, open_client
 
 

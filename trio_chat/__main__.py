@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from . import _cli
+from ._cli.main import main as run_cli
 
 
 def main() -> None:
     """Run the command line and exit with its status."""
-    sys.exit(_cli.main())
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, assert_never
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
-from . import _keys as keys
 from ._auth import (
     REFUSALS,
     SUBPROTOCOL,
@@ -31,9 +30,7 @@ from ._auth import (
     opaque_session_id,
     origin_allowed,
 )
-from ._cluster import ClusterBackend
 from ._errors import AuthError, BackendUnavailable, ProtocolError
-from ._history import ID_BYTES, format_id, message_frame, parse_id, recover
 from ._limits import ABUSE_STRIKES, TokenBucket
 from ._logging import log_event
 from ._messages import (
@@ -67,7 +64,10 @@ from ._operations import room_history
 from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, CloseRequest, Session
-from ._store import Batch
+from ._store import keys
+from ._store.cluster import ClusterBackend
+from ._store.history import ID_BYTES, format_id, message_frame, parse_id, recover
+from ._store.interface import Batch
 from ._wire import forget_handshake
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class ConnectionHandler:
         self.config = config
         self.hub = hub
         self.backend = hub.backend
-        # a failover of a Redis Cluster can fork a room's history (_history.recover)
+        # a failover of a Redis Cluster can fork a room's history (_store.history.recover)
         self._forks = isinstance(hub.backend, ClusterBackend)
         self.verifier = verifier
         self.metrics = hub.metrics

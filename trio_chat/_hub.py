@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import _keys as keys
 from ._auth import AuthRecord
 from ._errors import BackendUnavailable, single_error
-from ._history import StreamId, format_id, message_frame, parse_id, stored
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
-from ._store import Backend, Batch, Subscription
+from ._store import keys
+from ._store.history import StreamId, format_id, message_frame, parse_id, stored
+from ._store.interface import Backend, Batch, Subscription
 from ._timers import Timers
 from ._wire import Cork, text_frame
 

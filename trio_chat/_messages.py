@@ -224,7 +224,7 @@ def room_message(
     room: str, sender: str | None, session_id: str | None, data: JSONValue
 ) -> tuple[int, str]:
     """A new room message: its ``ts``, and its ``chat:room`` payload (SPEC §4) without the
-    ``id``, which publishing gives it (:func:`trio_chat._history.publish`). The payload
+    ``id``, which publishing gives it (:func:`trio_chat._store.history.publish`). The payload
     carries ids and data, never a token. The one place payloads are shaped.
 
     ``sender`` and ``session_id`` are None for a message of the admin API: no user id can

@@ -1,6 +1,6 @@
 """What the admin operations read and write in the store (SPEC §3, §4, §9), without HTTP.
 
-Each function is one operator action; the admin API (``_admin``) and any future caller map
+Each function is one operator action; the admin API (``_web.admin``) and any future caller map
 their results and errors (:class:`BackendUnavailable`, :class:`NoRecord`) onto a transport.
 """
 
@@ -11,21 +11,21 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from . import _keys as keys
-from ._cluster import ClusterBackend
 from ._errors import BackendUnavailable, ChatError
-from ._history import ID_BYTES, parse_id, stored
-from ._history import publish as publish_message
 from ._messages import JSONValue, dumps, now_ms, room_message
 from ._registry import session_rooms
-from ._store import Batch
+from ._store import keys
+from ._store.cluster import ClusterBackend
+from ._store.history import ID_BYTES, parse_id, stored
+from ._store.history import publish as publish_message
+from ._store.interface import Batch
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from ._config import Config, HistoryConfig
     from ._hub import Hub
-    from ._store import Backend
+    from ._store.interface import Backend
 
 logger = logging.getLogger(__name__)
 

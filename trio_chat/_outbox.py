@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from . import _keys as keys
 from ._errors import BackendUnavailable, ProtocolError
-from ._history import FIELD, publish
 from ._messages import INTERNAL, UNAVAILABLE, encode, error_frame
-from ._store import Batch
+from ._store import keys
+from ._store.history import FIELD, publish
+from ._store.interface import Batch
 
 if TYPE_CHECKING:
     from ._config import HistoryConfig
     from ._metrics import Metrics
     from ._session import Session
-    from ._store import Backend
+    from ._store.interface import Backend
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import _keys as keys
-from ._backends import open_backend
 from ._errors import BackendUnavailable
 from ._registry import remove_instance, remove_session, session_rooms
-from ._store import Backend, Batch
+from ._store import keys
+from ._store.backends import open_backend
+from ._store.interface import Backend, Batch
 
 if TYPE_CHECKING:
     from ._config import Config

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import _keys as keys
 from ._errors import BackendUnavailable
 from ._messages import dumps, now_ms
-from ._store import Backend, Batch
+from ._store import keys
+from ._store.interface import Backend, Batch
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

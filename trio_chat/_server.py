@@ -30,16 +30,16 @@ from trio_websocket import WebSocketServer
 
 from . import _reaper as reaper
 from . import _registry as registry
-from ._admin import serve_admin
 from ._auth import TokenVerifier
-from ._backends import open_backend
-from ._cluster import ClusterBackend
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hub import Hub
 from ._metrics import Metrics
 from ._session import GOING_AWAY
-from ._store import Backend, Batch
+from ._store.backends import open_backend
+from ._store.cluster import ClusterBackend
+from ._store.interface import Backend, Batch
+from ._web.admin import serve_admin
 
 if TYPE_CHECKING:
     from ._config import Config

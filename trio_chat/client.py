@@ -36,7 +36,7 @@ from trio_websocket import (
 )
 
 from ._errors import single_error
-from ._history import parse_id
+from ._store.history import parse_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable

@@ -17,15 +17,15 @@ from urllib.parse import quote, urlsplit
 
 import trio
 
-from ._auth import NoSigningKey, mint_token
-from ._config import load_config
-from ._errors import BackendUnavailable, ConfigError, first_leaf
-from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
+from .._auth import NoSigningKey, mint_token
+from .._config import load_config
+from .._errors import BackendUnavailable, ConfigError, first_leaf
+from .._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from ._config import AuthConfig, Config
+    from .._config import AuthConfig, Config
 
 #: admin commands -> (HTTP method, last segment of /v1/users/<uid>/..., help)
 _ADMIN_COMMANDS = {
@@ -141,7 +141,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
 def _clean(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     setup_logging("warning", "text")
-    from ._reaper import clean_once
+    from .._reaper import clean_once
 
     try:
         reaped = trio.run(clean_once, config)
@@ -154,7 +154,7 @@ def _clean(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from trio_websocket import ConnectionRejected
 
-    from ._terminal import run_client
+    from .terminal import run_client
 
     token = args.token or _mint(load_config(args.config).auth, args.user, ttl=3600, rooms=None)
     code = 0
@@ -175,8 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     if config.server.workers > 1:
         return _supervise(config, args)
-    from ._server import serve  # late: of all the commands, only this one needs the server
-    from ._systemd import Notifier
+    from .._server import serve  # late: of all the commands, only this one needs the server
+    from .._systemd import Notifier
 
     code = 0
     _tune_process()
@@ -212,7 +212,7 @@ def _tune_process() -> None:
 
 
 def _supervise(config: Config, args: argparse.Namespace) -> int:
-    from ._workers import supervise
+    from .workers import supervise
 
     try:
         # the workers get the same command line as the supervisor, after "serve"

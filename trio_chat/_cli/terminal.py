@@ -15,7 +15,7 @@ from typing import TextIO
 
 import trio
 
-from .client import ChatClient, ConnectionClosed, open_client
+from ..client import ChatClient, ConnectionClosed, open_client
 
 HELP = "commands: /join ROOM  /leave ROOM  /room ROOM  /history  /direct USER TEXT  /ping  /quit"
 #: messages shown on /join, and per /history

@@ -21,7 +21,7 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._config import Config
+    from .._config import Config
 
 logger = logging.getLogger(__name__)
 

@@ -6,16 +6,16 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ._cluster import SCHEMES as CLUSTER_SCHEMES
-from ._cluster import open_cluster_backend
-from ._errors import ConfigError
-from ._memory import MemoryBackend
-from ._redis import open_redis_backend
+from .._errors import ConfigError
+from .cluster import SCHEMES as CLUSTER_SCHEMES
+from .cluster import open_cluster_backend
+from .memory import MemoryBackend
+from .redis import open_redis_backend
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from ._store import Backend
+    from .interface import Backend
 
 
 @asynccontextmanager

@@ -5,7 +5,7 @@ and its sharded Pub/Sub goes silent on every shard when one master dies (measure
 docs/cluster-notes.md). So this backend routes by itself, over coredis's single-node clients:
 
 - **Batches.** A batch is split by the slot of each command's key (a command on several keys,
-  one command per key); each master's share goes to a :class:`~trio_chat._redis.RedisBackend`
+  one command per key); each master's share goes to a :class:`~trio_chat._store.redis.RedisBackend`
   of that master, which pipelines it with the other batches for that node, and the masters are
   sent their shares at once. No command spans two slots, and the history script touches one key
   and its same-named channel, so the cluster takes every one of them.
@@ -39,23 +39,23 @@ import attrs
 import trio
 from coredis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 
-from . import _keys as keys
-from ._errors import BackendUnavailable, ConfigError, single_error
-from ._redis import (
+from .._errors import BackendUnavailable, ConfigError, single_error
+from . import keys
+from .interface import Batch, Command, Reply
+from .redis import (
     make_client,
     open_redis_backend,
     open_subscription,
     unavailable,
     without_password,
 )
-from ._store import Batch, Command, Reply
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
 
     import coredis
 
-    from ._redis import RedisBackend, RedisSubscription
+    from .redis import RedisBackend, RedisSubscription
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class ClusterURL:
 
 
 class ClusterBackend:
-    """A :class:`~trio_chat._store.Backend` on a Redis Cluster; open it with
+    """A :class:`~trio_chat._store.interface.Backend` on a Redis Cluster; open it with
     :func:`open_cluster_backend` (see the module docs for how it routes)."""
 
     def __init__(
@@ -394,7 +394,7 @@ class ClusterBackend:
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[RedisSubscription]:
         """Open a subscription on the cluster as it is now (the slot map is read first); see
-        :class:`~trio_chat._redis.RedisSubscription` and Backend.
+        :class:`~trio_chat._store.redis.RedisSubscription` and Backend.
 
         Raises:
             BackendUnavailable: on entry, when the map cannot be read, or the master of the

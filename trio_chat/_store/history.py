@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from . import _keys as keys
-from ._messages import encode, loads, new_message_id
-from ._store import Reply
+from .._messages import encode, loads, new_message_id
+from . import keys
+from .interface import Reply
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ._config import HistoryConfig
-    from ._store import Batch, StreamEntry
+    from .._config import HistoryConfig
+    from .interface import Batch, StreamEntry
 
 logger = logging.getLogger(__name__)
 

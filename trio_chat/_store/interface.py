@@ -193,7 +193,7 @@ class Subscription(Protocol):
 
 
 class Backend(Protocol):
-    """A connected store; obtained from :func:`trio_chat._backends.open_backend`."""
+    """A connected store; obtained from :func:`trio_chat._store.backends.open_backend`."""
 
     #: the URL it was opened with, with any password removed
     url: str

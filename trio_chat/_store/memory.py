@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from ._history import FIELD, StreamId, format_id, parse_id, with_id
+from .history import FIELD, StreamId, format_id, parse_id, with_id
 
 if TYPE_CHECKING:
     import builtins
     from collections.abc import AsyncIterator, Mapping, Sized
 
-    from ._store import Batch, StreamEntry
+    from .interface import Batch, StreamEntry
 
 # Redis's own wording; the Redis backend raises coredis's WrongTypeError with the same text.
 _WRONGTYPE = "Operation against a key holding the wrong kind of value"
@@ -284,7 +284,7 @@ class _MemorySubscription:
 
 
 class MemoryBackend:
-    """An in-process store and Pub/Sub with Redis's semantics; see :mod:`trio_chat._store`.
+    """An in-process store and Pub/Sub with Redis's semantics; see :mod:`.interface`.
 
     Differences from Redis: a command on a key of the wrong type raises :class:`TypeError` (Redis:
     coredis's ``WrongTypeError``) and stops the batch there; a batch runs atomically.
@@ -310,7 +310,7 @@ class MemoryBackend:
                     command.reply.set(getattr(self._keyspace, command.name)(*command.args))
 
     def _append(self, key: str, message: str, maxlen: int, ttl: float) -> str:
-        """The history script of the Redis backend (:data:`~trio_chat._history.APPEND_SCRIPT`)."""
+        """The history script of the Redis backend (:data:`.history.APPEND_SCRIPT`)."""
         entry_id = self._keyspace.xadd(key, {FIELD: message}, maxlen)
         self._keyspace.expire(key, ttl)
         self._publish(key, with_id(message, entry_id))

@@ -25,9 +25,9 @@ from coredis.exceptions import NoScriptError, ResponseError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
-from ._errors import BackendUnavailable, ConfigError, first_leaf, single_error
-from ._history import APPEND_SCRIPT, APPEND_SHA
-from ._keys import hash_slot, is_shard_channel
+from .._errors import BackendUnavailable, ConfigError, first_leaf, single_error
+from .history import APPEND_SCRIPT, APPEND_SHA
+from .keys import hash_slot, is_shard_channel
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from coredis.patterns.pipeline import Pipeline
     from coredis.typing import RedisValueT
 
-    from ._store import Batch, Command
+    from .interface import Batch, Command
 
 # What "Redis did not answer" looks like: coredis's ConnectionError (also raised for a server
 # still loading its data), OSError (TimeoutError is one), our own trio.fail_after, and anyio's
@@ -243,7 +243,7 @@ class _Queued:
 
 
 class RedisBackend:
-    """A :class:`~trio_chat._store.Backend` on Redis; open it with :func:`open_redis_backend`.
+    """A :class:`~.interface.Backend` on Redis; open it with :func:`open_redis_backend`.
 
     Batches are pipelined together: :meth:`execute` queues its batch, and one task sends
     everything queued as one pipeline while the previous pipeline is out, then the next. Under

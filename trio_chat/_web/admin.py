@@ -26,20 +26,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import _operations as ops
-from . import _pages as pages
-from ._auth import NoSigningKey, mint_token
-from ._errors import BackendUnavailable
-from ._messages import DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, ROOM_ID, is_user_id
-from ._messages import loads as strict_loads
+from .. import _operations as ops
+from .._auth import NoSigningKey, mint_token
+from .._errors import BackendUnavailable
+from .._messages import DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, ROOM_ID, is_user_id
+from .._messages import loads as strict_loads
+from . import pages
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from hypercorn.typing import ASGIFramework
 
-    from ._config import Config
-    from ._hub import Hub
+    from .._config import Config
+    from .._hub import Hub
 
     Handler = Callable[[Request], Awaitable[Response | dict[str, Any]]]
 

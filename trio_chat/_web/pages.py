@@ -1,4 +1,4 @@
-"""The browser side of the admin port (SPEC §13): the files of ``trio_chat/static/`` and the
+"""The browser side of the admin port (SPEC §13): the files of ``trio_chat/_web/static/`` and the
 headers pages are served with. No I/O after start-up: the files are read once.
 """
 
