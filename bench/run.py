@@ -382,7 +382,7 @@ def main() -> int:
     )
     if not args.snapshot and source_digest() != digest_at_start:
         print(
-            "WARNING: trio_chat/*.py changed on disk during the run: passes may have measured "
+            "WARNING: trio_chat/**/*.py changed on disk during the run: passes may have measured "
             "different code",
             file=sys.stderr,
         )

@@ -201,12 +201,15 @@ def log_notes(workdir: Path) -> list[str]:
 
 
 def source_digest(root: Path = ROOT) -> str:
-    """A digest of trio_chat/*.py under ``root``: the code the servers import."""
+    """A digest of trio_chat/**/*.py under ``root``, subpackages included: the code the servers
+    import. Each file's path relative to ``root`` and its bytes, in the order of those paths (as
+    strings: the same on every Python, and on a flat trio_chat/ the order it always had)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted((root / "trio_chat").rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    files = {path.relative_to(root).as_posix(): path for path in (root / "trio_chat").rglob("*.py")}
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -228,5 +231,5 @@ def snapshot_source(logs: Path) -> str:
     TRIO_SRC[0] = target
     return (
         f"{head}{' + uncommitted changes in trio_chat/' if dirty else ''}, copied to "
-        f"{target} (trio_chat/*.py sha256 {source_digest(target)})"
+        f"{target} (trio_chat/**/*.py sha256 {source_digest(target)})"
     )
