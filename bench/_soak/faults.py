@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.lowlevel
 
-from trio_chat._keys import hash_slot, room_channel
+from trio_chat._store.keys import hash_slot, room_channel
 
 from .common import SHUTDOWN_TIMEOUT, SoakError, now_ms, parse_id
 from .ledger import Ledger, ReplicationCheck
