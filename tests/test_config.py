@@ -188,7 +188,7 @@ def test_env_outside_every_section_is_ignored_with_one_warning(
     assert config.server.port == 9000
     assert [r.getMessage() for r in caplog.records] == [
         "ignoring TRIO_CHAT_BIN: 'bin' is no configuration section "
-        "(server, redis, auth, session, heartbeat, limits, history, admin)"
+        "(server, redis, auth, session, heartbeat, limits, history, admin, hooks)"
     ]
 
 

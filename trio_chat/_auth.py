@@ -137,7 +137,11 @@ class TokenVerifier:
             self._keys[alg] = key
 
     def verify(self, token: str) -> Identity:
-        """Return the token's identity, or raise :class:`AuthError` (401).
+        """Return the token's identity, or raise :class:`AuthError` (401)."""
+        return self.verify_claims(token)[0]
+
+    def verify_claims(self, token: str) -> tuple[Identity, dict[str, Any]]:
+        """Return the token's identity and its verified claims, or raise :class:`AuthError`.
 
         Only the header's ``alg`` is read before the signature is checked, and only to pick
         one of the configured keys: ``kid``, ``jku``, ``x5u`` and ``jwk`` never choose a key,
@@ -173,7 +177,7 @@ class TokenVerifier:
             raise AuthError(
                 401, "invalid_token", "invalid token: a time claim is no number"
             ) from exc
-        return _identity(claims, config.leeway)
+        return _identity(claims, config.leeway), claims
 
 
 def _identity(claims: dict[str, Any], leeway: float) -> Identity:

@@ -24,6 +24,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, override
 
 from ._errors import ConfigError
+from ._hooks.events import HOOKS
 from ._systemd import credential
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "HeartbeatConfig",
     "HistoryConfig",
+    "HooksConfig",
     "LimitsConfig",
     "RedisConfig",
     "ServerConfig",
@@ -179,6 +181,33 @@ class AdminConfig:
     demo: bool = False
 
 
+def _http_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+
+
+def _hook_names(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for name in value:
+        if name not in HOOKS:
+            raise ValueError(f"unknown hook {name!r} (hooks: {', '.join(HOOKS)})")
+
+
+@attrs.frozen(kw_only=True)
+class HooksConfig:
+    """The application's hooks over HTTP (SPEC §14); an embedding passes ``hooks=`` instead."""
+
+    #: the application's hook endpoint: each hook is ``POST <url>/<hook>``; None: no HTTP hooks
+    url: str | None = attrs.field(default=None, validator=_http_url)
+    #: which hooks are called (the others allow without asking)
+    calls: tuple[str, ...] = attrs.field(default=HOOKS, converter=tuple, validator=_hook_names)
+    #: HMAC-SHA256 key of ``X-Trio-Chat-Signature``; required with ``url``
+    secret: str | None = attrs.field(default=None, repr=False)
+    #: seconds per hook call (Python hooks too), waiting for a pooled connection included
+    timeout: float = attrs.field(default=2.0, validator=_positive)
+    #: hook calls in flight per instance; more wait, within ``timeout``
+    max_concurrency: int = attrs.field(default=100, validator=_positive)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """The whole configuration, passed explicitly to everything that needs a part of it."""
@@ -191,6 +220,7 @@ class Config:
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     history: HistoryConfig = attrs.Factory(HistoryConfig)
     admin: AdminConfig = attrs.Factory(AdminConfig)
+    hooks: HooksConfig = attrs.Factory(HooksConfig)
 
 
 def _type_of(field: attrs.Attribute[Any]) -> type[Any]:
@@ -205,7 +235,11 @@ for _cls in _SECTIONS.values():
 _ENV_PREFIX = "TRIO_CHAT_"
 #: systemd credentials (``LoadCredential=<name>:<file>``) and the key each sets: above the
 #: file, below the environment
-_CREDENTIALS = {"jwt_secret": ("auth", "jwt_secret"), "admin_api_key": ("admin", "api_key")}
+_CREDENTIALS = {
+    "jwt_secret": ("auth", "jwt_secret"),
+    "admin_api_key": ("admin", "api_key"),
+    "hooks_secret": ("hooks", "secret"),
+}
 _ENV_NAMES = {
     f"{_ENV_PREFIX}{section}_{field.name}".upper(): (section, field)
     for section, cls in _SECTIONS.items()
@@ -256,10 +290,14 @@ def load_config(
             sources[section] = source
             sources.update((f"{section}.{key}", source) for key in table)
     try:
-        return _converter.structure(data, Config)
+        config = _converter.structure(data, Config)
     except ClassValidationError as exc:
         key, message = next(_problems(exc))
         raise _error(key, message, sources.get(key) or sources[key.partition(".")[0]]) from None
+    if config.hooks.url is not None and not config.hooks.secret:
+        source = sources.get("hooks.url", "in the configuration")
+        raise _error("hooks.secret", "required with hooks.url", source)
+    return config
 
 
 def _error(key: str, message: str, source: str) -> ConfigError:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from functools import partial
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
@@ -31,6 +31,17 @@ from ._auth import (
     origin_allowed,
 )
 from ._errors import AuthError, BackendUnavailable, ProtocolError
+from ._hooks.caller import HookDenied, HookFailed
+from ._hooks.events import (
+    KEEP,
+    Allow,
+    ConnectEvent,
+    DirectEvent,
+    DisconnectEvent,
+    Event,
+    JoinEvent,
+    SendEvent,
+)
 from ._limits import ABUSE_STRIKES, TokenBucket
 from ._logging import log_event
 from ._messages import (
@@ -40,12 +51,14 @@ from ._messages import (
     MUTED,
     NOT_IN_ROOM,
     RATE_LIMITED,
+    ROOM_ID,
     TOO_LARGE,
     UNAVAILABLE,
     ClientMessage,
     Direct,
     History,
     Join,
+    JSONValue,
     Leave,
     Ping,
     Refresh,
@@ -60,7 +73,7 @@ from ._messages import (
     parse_client_message,
     room_message,
 )
-from ._operations import room_history
+from ._operations import direct_payload, room_history, route_direct
 from ._outbox import Outbox, Outgoing
 from ._registry import remove_session, write_session
 from ._session import INTERNAL_ERROR, POLICY, CloseRequest, Session
@@ -71,7 +84,12 @@ from ._store.interface import Batch
 from ._wire import forget_handshake
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from trio_websocket import WebSocketConnection
+
     from ._config import Config
+    from ._hooks.caller import HookCaller
     from ._hub import Hub
 
 logger = logging.getLogger(__name__)
@@ -83,6 +101,8 @@ RATE_LIMIT_CLOSE = 4429
 MESSAGE_TOO_BIG = 1009
 #: unparseable frames in a row after which the client is closed with 1008
 MALFORMED_STRIKES = 10
+#: frames read ahead while a hook runs; beyond, the socket is read no further until it ends
+READ_AHEAD = 32
 
 
 class SessionEnded(Exception):
@@ -106,7 +126,9 @@ class ConnectionHandler:
         verifier: the JWT verifier built from ``config.auth``.
     """
 
-    def __init__(self, config: Config, hub: Hub, verifier: TokenVerifier) -> None:
+    def __init__(
+        self, config: Config, hub: Hub, verifier: TokenVerifier, hooks: HookCaller | None = None
+    ) -> None:
         self.config = config
         self.hub = hub
         self.backend = hub.backend
@@ -114,6 +136,8 @@ class ConnectionHandler:
         self._forks = isinstance(hub.backend, ClusterBackend)
         self.verifier = verifier
         self.metrics = hub.metrics
+        #: the application's hooks (SPEC §14); None: nothing is asked
+        self.hooks = hooks
 
     async def __call__(self, request: WebSocketRequest) -> None:
         """Authenticate, register, serve and clean up one connection.
@@ -137,7 +161,10 @@ class ConnectionHandler:
             )
             if info.path != self.config.server.path:
                 raise AuthError(404, "not_found", "no WebSocket endpoint here")
-            identity, record, stamp = await self._authenticate(info)
+            identity, claims, record, stamp = await self._authenticate(info)
+            session_id = new_session_id()
+            allowed = await self._ask_connect(session_id, identity, claims, remote)
+            del claims
         except AuthError as exc:
             log_event(
                 logger,
@@ -159,12 +186,13 @@ class ConnectionHandler:
             await _reject(request, AuthError(500, "internal", "internal error"))
             return
 
-        session_id = new_session_id()
         session: Session | None = None
+        registered = False
         try:
             connected_at = now_ms()
             try:
                 await self._register(session_id, identity, remote, connected_at)
+                registered = True
             except BackendUnavailable as exc:
                 log_event(
                     logger,
@@ -196,6 +224,7 @@ class ConnectionHandler:
                 metrics=self.metrics,
             )
             session.connected_at_ms = connected_at
+            session.info = allowed.info if allowed is not None else None
             session.reply(
                 encode(
                     "welcome",
@@ -204,6 +233,7 @@ class ConnectionHandler:
                     instance=self.hub.instance_id,
                     expires_at=identity.expires_at,
                     heartbeat=self.config.heartbeat.ping_interval,
+                    info=session.info,
                 )
             )
             self.hub.add(session)
@@ -220,7 +250,10 @@ class ConnectionHandler:
             if self.hub.draining:
                 session.close(1001, "server shutting down")
             self._schedule_expiry(session)
-            await session.serve(self._read_loop, close_timeout=CLEANUP_TIMEOUT)
+            rooms = allowed.rooms if allowed is not None else ()
+            await session.serve(
+                partial(self._read_loop, rooms=rooms), close_timeout=CLEANUP_TIMEOUT
+            )
         except (ConnectionClosed, trio.BrokenResourceError):
             pass  # the client went away during the upgrade or the close
         except Exception:
@@ -229,8 +262,15 @@ class ConnectionHandler:
                 with trio.move_on_after(1, shield=True):
                     await session.ws.aclose(INTERNAL_ERROR, "internal error")
         finally:
+            rooms_left = tuple(sorted(session.rooms)) if session is not None else ()
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await self._unregister(session_id, identity.user_id, session)
+                if registered and self.hooks is not None:
+                    why = disconnect_reason(session.close_request if session else None)
+                    event = DisconnectEvent(
+                        user=identity.user_id, session=session_id, reason=why, rooms=rooms_left
+                    )
+                    await self.hooks.notify(event)
             reason = session.close_request.reason if session and session.close_request else "closed"
             log_event(
                 logger,
@@ -246,9 +286,10 @@ class ConnectionHandler:
 
     async def _authenticate(
         self, info: HandshakeInfo
-    ) -> tuple[Identity, AuthRecord | None, tuple[float, int]]:
-        """The identity the request's credential proves, and the user's ``auth:<uid>`` as read
-        from ``stamp`` on (:meth:`Hub.remember_auth`), once nothing refuses the connection."""
+    ) -> tuple[Identity, dict[str, Any] | None, AuthRecord | None, tuple[float, int]]:
+        """The identity the request's credential proves, its JWT claims (None for an opaque
+        session id), and the user's ``auth:<uid>`` as read from ``stamp`` on
+        (:meth:`Hub.remember_auth`), once nothing refuses the connection."""
         config = self.config
         if self.hub.draining:
             raise AuthError(503, "draining", "server is shutting down")
@@ -259,10 +300,11 @@ class ConnectionHandler:
         token = find_token(info, config.auth)
         if token is None:
             raise AuthError(401, "missing_token", "no credential in the request")
+        claims = None
         if (opaque := opaque_session_id(token, config.auth)) is not None:
             identity = await self._resolve_session(opaque)
         else:
-            identity = self.verifier.verify(token)
+            identity, claims = self.verifier.verify_claims(token)
         batch = Batch()
         record_fields = batch.hgetall(keys.auth(identity.user_id))
         live_sessions = batch.scard(keys.user_sessions(identity.user_id))
@@ -279,7 +321,32 @@ class ConnectionHandler:
             raise AuthError(status, code, f"user {refusal.replace('_', ' ')}")
         if live_sessions.value >= config.limits.max_sessions_per_user:
             raise AuthError(429, "too_many_sessions", "session limit for this user reached")
-        return identity, record, stamp
+        return identity, claims, record, stamp
+
+    async def _ask_connect(
+        self, session_id: str, identity: Identity, claims: dict[str, Any] | None, remote: str
+    ) -> Allow | None:
+        """The application's word on a verified client (SPEC §14): None without a connect hook.
+
+        Raises:
+            AuthError: 403 ``forbidden`` when it refuses, 503 ``hooks_unavailable`` when it
+                cannot be asked.
+        """
+        if self.hooks is None or "connect" not in self.hooks:
+            return None
+        event = ConnectEvent(
+            user=identity.user_id,
+            session=session_id,
+            claims=claims,
+            remote=remote,
+            instance=self.hub.instance_id,
+        )
+        try:
+            return await self.hooks.decide("connect", event)
+        except HookDenied as exc:
+            raise AuthError(403, "forbidden", str(exc)) from None
+        except HookFailed:
+            raise AuthError(503, "hooks_unavailable", "the application did not answer") from None
 
     async def _resolve_session(self, session_id: str) -> Identity:
         """Look an opaque session id up in ``auth.session_key`` (SPEC §5).
@@ -347,7 +414,19 @@ class ConnectionHandler:
 
     # --- frames --------------------------------------------------------------------------------
 
-    async def _read_loop(self, session: Session) -> None:
+    async def _read_loop(self, session: Session, *, rooms: Sequence[str] = ()) -> None:
+        """Answer the session's frames in order, after joining the connect hook's ``rooms``."""
+        for room in rooms:
+            if not await self._auto_join(session, room):
+                return
+        receive = session.ws.get_message
+        if self.hooks is not None:
+            # A hook may take a while: a task of the session reads on meanwhile, so that pongs
+            # and a close are still seen (a slow hook must not cost the client a 4408).
+            frames = _ReadAhead()
+            if not session.start_soon(partial(frames.fill, session.ws)):
+                return
+            receive = frames.receive
         outbox = Outbox(
             session,
             self.backend,
@@ -359,7 +438,7 @@ class ConnectionHandler:
         malformed = 0  # frames in a row that could not be parsed at all
         while not session.closing:
             try:
-                raw = await session.ws.get_message()
+                raw = await receive()
             except ConnectionClosed:
                 # The client is gone, but what it sent before it left still goes out.
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
@@ -399,14 +478,37 @@ class ConnectionHandler:
                     session.close(ended.close.code, ended.close.reason, *ended.close.last_frames)
                 return
 
-    async def _handle(self, session: Session, message: ClientMessage) -> Outgoing | None:
-        """Answer one frame; a ``send`` is answered by the outbox it returns to."""
+    async def _auto_join(self, session: Session, room: str) -> bool:
+        """Join a room the connect hook named, as a ``join`` frame without ``ref`` would, but
+        without asking the join hook; a refusal is an ``error`` frame without ``ref``.
+
+        Returns False when that ended the session (a ban meanwhile).
+        """
+        if not ROOM_ID.fullmatch(room):
+            refusal = ProtocolError(BAD_REQUEST, f"room {room[:128]!r} is not a valid room id")
+            session.reply(error_frame(refusal))
+            return True
+        try:
+            await self._handle(session, Join(room), ask=False)
+        except ProtocolError as exc:
+            session.reply(error_frame(exc))
+        except SessionEnded as ended:
+            if ended.close is not None:
+                session.close(ended.close.code, ended.close.reason, *ended.close.last_frames)
+            return False
+        return True
+
+    async def _handle(
+        self, session: Session, message: ClientMessage, *, ask: bool = True
+    ) -> Outgoing | None:
+        """Answer one frame; a ``send`` is answered by the outbox it returns to. ``ask``: False
+        for a join the connect hook asked for (the join hook is not asked again)."""
         try:
             match message:
                 case Send():
                     return await self._send(session, message)
                 case Join():
-                    await self._join(session, message)
+                    await self._join(session, message, ask=ask)
                 case Leave():
                     await self._leave(session, message)
                 case Direct():
@@ -450,7 +552,20 @@ class ConnectionHandler:
         if speaks and record is not None and record.muted_until > time.time():
             raise ProtocolError(MUTED, f"muted until {int(record.muted_until)}", ref)
 
-    async def _join(self, session: Session, message: Join) -> None:
+    async def _decide(self, name: str, event: Event, ref: JSONValue) -> Allow:
+        """Ask hook ``name``; a refusal is ``forbidden`` with its reason, a failure
+        ``unavailable`` (SPEC §14)."""
+        assert self.hooks is not None
+        try:
+            return await self.hooks.decide(name, event)
+        except HookDenied as exc:
+            raise ProtocolError(FORBIDDEN, str(exc), ref) from None
+        except HookFailed:
+            raise ProtocolError(
+                UNAVAILABLE, "the application's hooks are unavailable; not done", ref
+            ) from None
+
+    async def _join(self, session: Session, message: Join, *, ask: bool = True) -> None:
         """Join, and with ``since`` replay what the client missed (SPEC §11).
 
         With history, a first join or a replay holds the room's live messages for the
@@ -471,6 +586,12 @@ class ConnectionHandler:
             if len(session.rooms) >= self.config.limits.max_rooms_per_session:
                 raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
             await self._authorize(session, message.ref, speaks=False)
+        publish = True
+        if new and ask and self.hooks is not None and "join" in self.hooks:
+            event = JoinEvent(
+                user=session.user_id, session=session.id, room=room, info=session.info
+            )
+            publish = (await self._decide("join", event, message.ref)).publish
         hold = bool(history.size) and (new or since is not None)
         if new or hold:
             await self.hub.join(session, room, hold=hold)
@@ -497,6 +618,8 @@ class ConnectionHandler:
             else:
                 self.hub.release(session, room, None)  # joined as before, without a replay
             raise
+        if not publish:
+            session.read_only = (session.read_only or set()) | {room}
         if not hold:  # history off, or a plain join of a room joined already
             gap = {} if message.since is None else {"recovered": False, "missed": 0}
             session.reply(encode("joined", message.ref, room=room, **gap))
@@ -539,6 +662,8 @@ class ConnectionHandler:
     async def _leave(self, session: Session, message: Leave) -> None:
         room = message.room
         if room in session.rooms:
+            if session.read_only:
+                session.read_only.discard(room)
             await self.hub.leave(session, room)
             batch = Batch()
             batch.zrem(keys.room_presence(room), session.id)
@@ -554,42 +679,33 @@ class ConnectionHandler:
         """Check a ``send`` and make its room message; the outbox publishes it and acks."""
         if message.room not in session.rooms:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        if session.read_only and message.room in session.read_only:
+            raise ProtocolError(FORBIDDEN, "read-only membership of this room", message.ref)
         _spend(session.send_bucket, message.ref)
         await self._authorize(session, message.ref, speaks=True)
-        ts, payload = room_message(message.room, session.user_id, session.id, message.data)
+        data = message.data
+        if self.hooks is not None and "send" in self.hooks:
+            event = SendEvent(
+                user=session.user_id, session=session.id, room=message.room, data=data
+            )
+            if (replaced := (await self._decide("send", event, message.ref)).data) is not KEEP:
+                data = replaced
+        ts, payload = room_message(message.room, session.user_id, session.id, data)
         self._check_size(payload, message.ref, ID_BYTES)
         return Outgoing(message.room, payload, ts, message.ref)
 
     async def _direct(self, session: Session, message: Direct) -> None:
         _spend(session.send_bucket, message.ref)
         await self._authorize(session, message.ref, speaks=True)
+        data = message.data
+        if self.hooks is not None and "direct" in self.hooks:
+            event = DirectEvent(user=session.user_id, session=session.id, to=message.to, data=data)
+            if (replaced := (await self._decide("direct", event, message.ref)).data) is not KEEP:
+                data = replaced
         message_id, ts = new_message_id(), now_ms()
-        payload = dumps(
-            {
-                "type": "direct",
-                "id": message_id,
-                "to": message.to,
-                "from": session.user_id,
-                "session": session.id,
-                "data": message.data,
-                "ts": ts,
-            }
-        )
+        payload = direct_payload(message_id, message.to, session.user_id, session.id, data, ts)
         self._check_size(payload, message.ref)
-        lookup = Batch()
-        session_ids = lookup.smembers(keys.user_sessions(message.to))
-        await self.backend.execute(lookup)
-        where = Batch()
-        owners = [where.hget(keys.session(s), "instance") for s in sorted(session_ids.value)]
-        if owners:
-            await self.backend.execute(where)
-        # Only the instances that hold the user's sessions hear about it.
-        instances = {owner.value for owner in owners if owner.value}
-        if instances:
-            publish = Batch()
-            for instance_id in sorted(instances):
-                publish.publish(keys.control_channel(instance_id), payload)
-            await self.backend.execute(publish)
+        await route_direct(self.backend, message.to, payload)
         session.reply(encode("ack", message.ref, id=message_id, ts=ts))
 
     def _check_size(self, payload: str, ref: object, extra: int = 0) -> None:
@@ -668,6 +784,53 @@ class ConnectionHandler:
             return
         session.expiry_timer = None
         session.close(TOKEN_EXPIRED_CLOSE, "token expired", encode("logout", reason="expired"))
+
+
+class _ReadAhead:
+    """A session's frames, read by a task of their own into a short queue: while the read loop
+    waits for a hook, trio-websocket still reads the socket (pongs, the client's close)."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[str | bytes](READ_AHEAD)
+        self._closed: ConnectionClosed | None = None
+
+    async def fill(self, ws: WebSocketConnection) -> None:
+        async with self._send:
+            try:
+                while True:
+                    await self._send.send(await ws.get_message())
+            except ConnectionClosed as exc:
+                self._closed = exc
+
+    async def receive(self) -> str | bytes:
+        """The next frame; raises ConnectionClosed once the client is gone."""
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise self._closed or ConnectionClosed(None) from None
+
+
+def disconnect_reason(close: CloseRequest | None) -> str:
+    """The ``reason`` of the disconnect hook (SPEC §14) for how a session ended."""
+    if close is None:
+        return "closed"
+    match close.code:
+        case 4000:
+            return "kicked" if close.reason == "kicked" else "logout"
+        case 4403:
+            return "banned"
+        case 4401:
+            return "revoked" if close.reason == "revoked" else "expired"
+        case 4408:
+            return "timeout"
+        case 1001:
+            return "shutdown"
+        case 1011:
+            return "error"
+        case 1008 if close.reason == "slow consumer":
+            return "slow"
+        case _:
+            return "policy"
 
 
 def _spend(bucket: TokenBucket, ref: object) -> None:

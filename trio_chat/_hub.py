@@ -13,12 +13,13 @@ import json
 import logging
 import random
 from collections import defaultdict, deque
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._auth import AuthRecord
-from ._errors import BackendUnavailable, single_error
+from ._errors import BackendUnavailable, ChatError, single_error
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
 from ._store import keys
@@ -28,7 +29,7 @@ from ._timers import Timers
 from ._wire import Cork, text_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import AsyncIterator, Iterable
 
     from ._config import Config
     from ._session import Session
@@ -44,6 +45,8 @@ HEARTBEAT_TIMEOUT_CLOSE = 4408
 _MAX_BACKOFF = 0.5
 #: ids of handed-out messages kept per room for the catch-up (see Hub._recent)
 _RECENT_IDS = 32
+#: messages a ``server.listen`` reader may fall behind before it is told (SlowListener)
+LISTEN_BUFFER = 1000
 #: failed cleanups kept for a retry; beyond, the oldest are left to the TTLs and the reaper
 _MAX_FAILED_CLEANUPS = 100_000
 
@@ -82,6 +85,8 @@ class Hub:
         # replica stored meanwhile, which a catch-up from the last id alone would skip.
         self._recent: dict[str, deque[StreamId]] = {}
         self._history = config.history
+        # server.listen(room): the application's own readers of rooms (bots, archivers)
+        self._listeners: dict[str, set[_Listener]] = {}
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
         # Bumped by every announced change; a read that straddles one is not cached.
         self._auth_generation = 0
@@ -131,9 +136,13 @@ class Hub:
         emptied = []
         for room in session.rooms:
             self._end_hold(room, session)
-            if not _discard(self._by_room, room, session) and room not in self._holds:
+            if not _discard(self._by_room, room, session) and not self._needed(room):
                 emptied.append(room)
         return emptied
+
+    def _needed(self, room: str) -> bool:
+        """Whether the room's channel is needed, though no local session is a member."""
+        return room in self._holds or room in self._listeners
 
     def user_sessions(self, user_id: str) -> set[Session]:
         return self._by_user.get(user_id, set())
@@ -189,7 +198,7 @@ class Hub:
     async def leave(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
         self._end_hold(room, session)
-        if not _discard(self._by_room, room, session) and room not in self._holds:
+        if not _discard(self._by_room, room, session) and not self._needed(room):
             await self.release_rooms([room])
 
     async def release_rooms(self, rooms: Iterable[str]) -> None:
@@ -199,7 +208,7 @@ class Hub:
                 r
                 for r in rooms
                 if r not in self._by_room
-                and r not in self._holds
+                and not self._needed(r)
                 and keys.room_channel(r) in self._subscribed
             ]
             if not idle:
@@ -477,7 +486,7 @@ class Hub:
 
     async def _resubscribe(self, subscription: Subscription) -> None:
         async with self._subscription_lock:
-            rooms = self._by_room.keys() | self._holds.keys()
+            rooms = self._by_room.keys() | self._holds.keys() | self._listeners.keys()
             channels = [*self.base_channels, *map(keys.room_channel, rooms)]
             await subscription.subscribe(*channels)
             self._subscribed = set(channels)
@@ -552,6 +561,9 @@ class Hub:
             if (recent := self._recent.get(room)) is None:
                 recent = self._recent[room] = deque(maxlen=_RECENT_IDS)
             recent.append(message_id)
+        if (listeners := self._listeners.get(room)) is not None:
+            for listener in list(listeners):
+                listener.offer(room, event)
         members = self._by_room.get(room)
         holds = self._holds.get(room)
         if not members and not holds:
@@ -633,6 +645,33 @@ class Hub:
             except BackendUnavailable as exc:
                 logger.warning("could not acknowledge a logout: %s", exc)
 
+    # --- the application's listeners -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def listen(self, room: str) -> AsyncIterator[AsyncIterator[dict[str, object]]]:
+        """Every message of ``room`` this instance hands out, from now on, as ``message``
+        frames (dicts), in the order members get them: the catch-up after a Pub/Sub drop
+        included, nothing twice (SPEC §14 ``server.listen``).
+
+        Raises:
+            BackendUnavailable: the room's channel could not be subscribed.
+            SlowListener: (from the iterator) it fell :data:`LISTEN_BUFFER` messages behind.
+        """
+        listener = _Listener()
+        self._listeners.setdefault(room, set()).add(listener)
+        try:
+            await self._subscribe(room)
+            yield listener
+        finally:
+            listener.close()
+            listeners = self._listeners[room]
+            listeners.discard(listener)
+            if not listeners:
+                del self._listeners[room]
+                if room not in self._by_room and not self._needed(room):
+                    with trio.move_on_after(self.config.redis.command_timeout, shield=True):
+                        await self.release_rooms([room])
+
     # --- operations that need every instance -----------------------------------------------------
 
     async def logout(
@@ -661,6 +700,55 @@ class Hub:
             return waiter.closed
         finally:
             del self._logout_waiters[request]
+
+
+class SlowListener(ChatError):
+    """A ``server.listen`` reader fell too far behind; messages after it were not kept."""
+
+
+class _Listener:
+    """One ``server.listen``: a bounded buffer the pump fills without ever waiting."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[dict[str, object]](LISTEN_BUFFER)
+        self.overflowed = False
+
+    def offer(self, room: str, event: dict[str, object]) -> None:
+        if self.overflowed:
+            return
+        frame = {
+            "type": "message",
+            "id": event["id"],
+            "room": room,
+            "from": event.get("from"),
+            "data": event.get("data"),
+            "ts": event.get("ts"),
+        }
+        try:
+            self._send.send_nowait(frame)
+        except trio.WouldBlock:
+            logger.warning(
+                "a listener of room %s is %d messages behind: dropped", room, LISTEN_BUFFER
+            )
+            self.overflowed = True
+            self._send.close()
+
+    def __aiter__(self) -> _Listener:
+        return self
+
+    async def __anext__(self) -> dict[str, object]:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self.overflowed:
+                raise SlowListener(
+                    f"fell {LISTEN_BUFFER} messages behind; later ones were dropped"
+                ) from None
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()
 
 
 class _Subscribing:

@@ -110,6 +110,23 @@ PUBLISH_BUCKETS = (
 )
 #: publisher's clock to this pump: a PUBLISH, the Pub/Sub hop, and clock skew between hosts
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: hook calls: in-process ones take microseconds, HTTP ones a round trip to the application
+HOOK_BUCKETS = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class HubLike(Protocol):
@@ -194,6 +211,19 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.hook_calls = Counter(
+            "trio_chat_hook_calls",
+            'Calls of the application\'s hooks, by hook and result ("allow", "deny", "error")',
+            ["hook", "result"],
+            registry=registry,
+        )
+        self.hook_seconds = Histogram(
+            "trio_chat_hook_seconds",
+            "Time of a call of the application's hooks, failures included",
+            ["hook"],
+            buckets=HOOK_BUCKETS,
+            registry=registry,
+        )
         self._reconnects = _CallbackCounter(
             "trio_chat_redis_reconnects",
             "Pub/Sub reconnections since start (lost or stale connections)",
@@ -274,6 +304,11 @@ class Metrics:
     def slow_consumer(self) -> None:
         """Count one session closed as a slow consumer."""
         self.slow_consumer_closes.inc()
+
+    def hook(self, name: str, result: str, seconds: float) -> None:
+        """Count and time one call of the application's hook ``name``."""
+        self.hook_calls.labels(name, result).inc()
+        self.hook_seconds.labels(name).observe(seconds)
 
     # --- Redis -----------------------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
-"""What the admin operations read and write in the store (SPEC §3, §4, §9), without HTTP.
+"""What the admin operations read and write in the store (SPEC §3, §4, §9, §14), without HTTP.
 
-Each function is one operator action; the admin API (``_web.admin``) and any future caller map
-their results and errors (:class:`BackendUnavailable`, :class:`NoRecord`) onto a transport.
+:class:`Operator` is the one code path of every operator action: the admin API
+(``_web.admin``) and the embedding API (:class:`trio_chat.Server`) both call it, and map its
+results and errors (:class:`InvalidArgument`, :class:`BackendUnavailable`, :class:`NoRecord`,
+:class:`PayloadTooLarge`) onto their transport. Its answers are what the admin API's JSON
+bodies hold.
 """
 
 from __future__ import annotations
@@ -12,7 +15,17 @@ import time
 from typing import TYPE_CHECKING
 
 from ._errors import BackendUnavailable, ChatError
-from ._messages import JSONValue, dumps, now_ms, room_message
+from ._messages import (
+    DEFAULT_HISTORY_PAGE,
+    MAX_HISTORY_PAGE,
+    ROOM_ID,
+    JSONValue,
+    dumps,
+    is_user_id,
+    new_message_id,
+    now_ms,
+    room_message,
+)
 from ._registry import session_rooms
 from ._store import keys
 from ._store.cluster import ClusterBackend
@@ -38,9 +51,174 @@ class PayloadTooLarge(ChatError):
     """The Pub/Sub payload would exceed ``limits.max_message_bytes``: recipients refuse it."""
 
 
-async def publish(backend: Backend, config: Config, room: str, data: JSONValue) -> tuple[str, int]:
-    """PUBLISH a room message shaped as a client's (SPEC §4), with ``from`` and ``session``
-    null: it comes from no user.
+class InvalidArgument(ChatError, ValueError):
+    """An argument of an operation is not valid (a room id, a user id, a number out of range)."""
+
+
+#: the longest mute, in seconds (a year)
+MAX_MUTE_SECONDS = 365 * 86400
+
+
+class Operator:
+    """The operator actions of one instance (SPEC §9, §14), checked, with JSON-shaped answers.
+
+    Args:
+        hub: the instance's hub (its store, its configuration, cross-instance logouts).
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    @property
+    def _config(self) -> Config:
+        return self._hub.config
+
+    async def publish(
+        self, room: object, data: JSONValue, *, sender: object = None
+    ) -> dict[str, JSONValue]:
+        """A room message from the server (``sender`` None: from no user), as clients'.
+
+        Returns:
+            ``{"id", "ts"}`` of the message.
+        """
+        message_id, ts = await publish(
+            self._hub.backend, self._config, _room(room), data, sender=_sender(sender)
+        )
+        return {"id": message_id, "ts": ts}
+
+    async def direct(
+        self, user: str, data: JSONValue, *, sender: object = None
+    ) -> dict[str, JSONValue]:
+        """A ``direct`` to every session of ``user``, from the server (or ``sender``).
+
+        Returns:
+            ``{"id", "ts"}`` of the message.
+        """
+        message_id, ts = new_message_id(), now_ms()
+        payload = direct_payload(message_id, _user(user), _sender(sender), None, data, ts)
+        if len(payload.encode()) > self._config.limits.max_message_bytes:
+            raise PayloadTooLarge(f"message over {self._config.limits.max_message_bytes} bytes")
+        await route_direct(self._hub.backend, user, payload)
+        logger.info("server sent direct %s to user %s", message_id, user)
+        return {"id": message_id, "ts": ts}
+
+    async def logout(self, user: str) -> dict[str, JSONValue]:
+        _user(user)
+        return {"closed": await logout(self._hub, user)}
+
+    async def ban(self, user: str) -> dict[str, JSONValue]:
+        _user(user)
+        return {"closed": await ban(self._hub, user)}
+
+    async def unban(self, user: str) -> dict[str, JSONValue]:
+        _user(user)
+        await unban(self._hub, user)
+        return {"user_id": user, "status": "active"}
+
+    async def mute(self, user: str, seconds: object) -> dict[str, JSONValue]:
+        _user(user)
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 < seconds <= MAX_MUTE_SECONDS
+        ):
+            raise InvalidArgument(f"'seconds' must be a number in (0, {MAX_MUTE_SECONDS}]")
+        return {"muted_until": await mute(self._hub, user, float(seconds))}
+
+    async def sessions(self, user: str) -> dict[str, JSONValue]:
+        _user(user)
+        return {"sessions": await user_sessions(self._hub.backend, user)}
+
+    async def kick(self, session_id: str) -> dict[str, JSONValue] | None:
+        """Returns ``{"closed"}``, or None when there is no such session."""
+        closed = await kick(self._hub, session_id)
+        return None if closed is None else {"closed": closed}
+
+    async def presence(self, room: str) -> dict[str, JSONValue]:
+        _room(room)
+        sessions = await room_presence(self._hub.backend, self._config, room)
+        users = sorted({s["user_id"] for s in sessions})
+        return {"room": room, "sessions": sessions, "users": users}
+
+    async def history(
+        self, room: str, *, before: str | None = None, limit: int = DEFAULT_HISTORY_PAGE
+    ) -> dict[str, JSONValue]:
+        _room(room)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 100:
+            raise InvalidArgument(f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}")
+        try:
+            messages, more = await room_history(
+                self._hub.backend, self._config.history, room, before, limit
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return {"room": room, "messages": messages, "more": more}
+
+    async def instances(self) -> dict[str, JSONValue]:
+        return {"instances": await instances(self._hub.backend)}
+
+
+def _room(room: object) -> str:
+    if not isinstance(room, str) or not ROOM_ID.fullmatch(room):
+        raise InvalidArgument("'room' must be 1-128 chars of [A-Za-z0-9_.:-]")
+    return room
+
+
+def _user(user: object) -> str:
+    if not isinstance(user, str) or not is_user_id(user):
+        raise InvalidArgument("a user id must be 1-256 bytes of UTF-8 without control characters")
+    return user
+
+
+def _sender(sender: object) -> str | None:
+    if sender is not None and (not isinstance(sender, str) or not is_user_id(sender)):
+        raise InvalidArgument("'from' must be a user id (or null)")
+    return sender
+
+
+def direct_payload(
+    message_id: str, to: str, sender: str | None, session_id: str | None, data: JSONValue, ts: int
+) -> str:
+    """The ``ws:control`` payload of a direct message (SPEC §4): ids and data, never a token."""
+    return dumps(
+        {
+            "type": "direct",
+            "id": message_id,
+            "to": to,
+            "from": sender,
+            "session": session_id,
+            "data": data,
+            "ts": ts,
+        }
+    )
+
+
+async def route_direct(backend: Backend, to: str, payload: str) -> None:
+    """PUBLISH a direct message to the instances that hold ``to``'s sessions, and no other.
+
+    Raises:
+        BackendUnavailable: the store could not be reached.
+    """
+    lookup = Batch()
+    session_ids = lookup.smembers(keys.user_sessions(to))
+    await backend.execute(lookup)
+    where = Batch()
+    owners = [where.hget(keys.session(s), "instance") for s in sorted(session_ids.value)]
+    if owners:
+        await backend.execute(where)
+    instances = {owner.value for owner in owners if owner.value}
+    if instances:
+        publish = Batch()
+        for instance_id in sorted(instances):
+            publish.publish(keys.control_channel(instance_id), payload)
+        await backend.execute(publish)
+
+
+async def publish(
+    backend: Backend, config: Config, room: str, data: JSONValue, *, sender: str | None = None
+) -> tuple[str, int]:
+    """PUBLISH a room message shaped as a client's (SPEC §4), with ``session`` null, and
+    ``from`` the ``sender`` (None: it comes from no user).
 
     Returns:
         The message's ``(id, ts)``, as recipients see them.
@@ -49,14 +227,14 @@ async def publish(backend: Backend, config: Config, room: str, data: JSONValue) 
         PayloadTooLarge: the payload is over ``limits.max_message_bytes``.
         BackendUnavailable: the store could not be reached.
     """
-    ts, message = room_message(room, None, None, data)
+    ts, message = room_message(room, sender, None, data)
     if len(message.encode()) + ID_BYTES > config.limits.max_message_bytes:
         raise PayloadTooLarge(f"message over {config.limits.max_message_bytes} bytes")
     batch = Batch()
     reply = publish_message(batch, config.history, room, message)
     await backend.execute(batch)
     message_id = reply.value
-    logger.info("admin published %s to room %s", message_id, room)
+    logger.info("server published %s to room %s", message_id, room)
     return message_id, ts
 
 

@@ -33,8 +33,11 @@ from . import _registry as registry
 from ._auth import TokenVerifier
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
+from ._hooks import check_hooks, open_hooks
 from ._hub import Hub
+from ._messages import DEFAULT_HISTORY_PAGE, ROOM_ID, JSONValue
 from ._metrics import Metrics
+from ._operations import InvalidArgument, Operator
 from ._session import GOING_AWAY
 from ._store.backends import open_backend
 from ._store.cluster import ClusterBackend
@@ -42,6 +45,9 @@ from ._store.interface import Backend, Batch
 from ._web.admin import serve_admin
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
+
     from ._config import Config
     from ._systemd import Notifier
 
@@ -50,7 +56,10 @@ logger = logging.getLogger(__name__)
 
 @attrs.frozen
 class Server:
-    """What ``nursery.start(serve, config)`` returns once the instance is listening."""
+    """What ``nursery.start(serve, config)`` returns once the instance is listening: where it
+    listens, and the embedding API (SPEC §14), the admin API's operations as methods, on the
+    same code path as ``/v1``. Errors: :class:`ValueError` (``InvalidArgument``) for a bad
+    argument, :class:`BackendUnavailable` when the store cannot be reached."""
 
     #: the bound WebSocket port (useful with ``server.port = 0``)
     host: str
@@ -60,6 +69,7 @@ class Server:
     #: the bound admin API port; None when ``admin.enabled`` is false
     admin_port: int | None = None
     admin_host: str = "127.0.0.1"
+    _hub: Hub | None = attrs.field(default=None, repr=False, eq=False, alias="hub")
 
     @property
     def url(self) -> str:
@@ -74,10 +84,80 @@ class Server:
         host = f"[{self.admin_host}]" if ":" in self.admin_host else self.admin_host
         return f"http://{host}:{self.admin_port}"
 
+    @property
+    def _ops(self) -> Operator:
+        if self._hub is None:
+            raise RuntimeError("this Server was not returned by serve()")
+        return Operator(self._hub)
+
+    async def publish(self, room: str, data: JSONValue, *, sender: str | None = None) -> str:
+        """Publish ``data`` to ``room`` as the server, or as user ``sender`` (a bot): members
+        get a ``message`` with ``from`` = ``sender`` (null without one) and ``session`` null.
+        The ``send`` hook is not asked. Returns the message id."""
+        answer = await self._ops.publish(room, data, sender=sender)
+        return str(answer["id"])
+
+    async def direct(self, user: str, data: JSONValue, *, sender: str | None = None) -> str:
+        """Send ``data`` to every session of ``user`` as a ``direct``; returns its id."""
+        answer = await self._ops.direct(user, data, sender=sender)
+        return str(answer["id"])
+
+    async def logout(self, user: str) -> int:
+        """Revoke the user's tokens so far and close its sessions everywhere; returns how many
+        closed (as acknowledged within a second)."""
+        return int((await self._ops.logout(user))["closed"])
+
+    async def ban(self, user: str) -> int:
+        """Ban the user and close its sessions everywhere; returns how many closed."""
+        return int((await self._ops.ban(user))["closed"])
+
+    async def unban(self, user: str) -> None:
+        """Let a banned user in again."""
+        await self._ops.unban(user)
+
+    async def mute(self, user: str, seconds: float) -> int:
+        """Refuse the user's sends for ``seconds``; returns ``muted_until`` (unix s)."""
+        return int((await self._ops.mute(user, seconds))["muted_until"])
+
+    async def kick(self, session: str) -> int | None:
+        """Close one session wherever it is; returns 1 or 0 closed, None for no such session."""
+        answer = await self._ops.kick(session)
+        return None if answer is None else int(answer["closed"])
+
+    async def sessions(self, user: str) -> list[dict[str, object]]:
+        """The user's live sessions, as ``GET /v1/users/<uid>/sessions`` lists them."""
+        return list((await self._ops.sessions(user))["sessions"])
+
+    async def presence(self, room: str) -> dict[str, object]:
+        """``{room, sessions, users}`` of the room, as ``GET /v1/rooms/<room>/presence``."""
+        return await self._ops.presence(room)
+
+    async def history(
+        self, room: str, *, before: str | None = None, limit: int = DEFAULT_HISTORY_PAGE
+    ) -> dict[str, object]:
+        """``{room, messages, more}``: a page of the room's history, oldest first."""
+        return await self._ops.history(room, before=before, limit=limit)
+
+    async def instances(self) -> list[dict[str, object]]:
+        """Every instance of the deployment, as ``GET /v1/instances`` lists them."""
+        return list((await self._ops.instances())["instances"])
+
+    def listen(self, room: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, object]]]:
+        """``async with server.listen(room) as messages: async for message in messages``:
+        every ``message`` of the room this instance hands out from now on, from any instance,
+        in id order, with the catch-up after a Pub/Sub drop (nothing missed, nothing twice).
+        Raises ``SlowListener`` from the iterator if it falls 1,000 messages behind."""
+        if self._hub is None:
+            raise RuntimeError("this Server was not returned by serve()")
+        if not isinstance(room, str) or not ROOM_ID.fullmatch(room):
+            raise InvalidArgument("'room' must be 1-128 chars of [A-Za-z0-9_.:-]")
+        return self._hub.listen(room)
+
 
 async def serve(
     config: Config,
     *,
+    hooks: object | None = None,
     handle_signals: bool = False,
     notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
@@ -94,16 +174,20 @@ async def serve(
 
     Args:
         config: the whole configuration.
+        hooks: the application's hooks (SPEC §14): an object with any of the async methods
+            ``connect``, ``join``, ``send``, ``direct``, ``disconnect``; not with ``hooks.url``.
         handle_signals: install SIGTERM/SIGINT handlers (main thread only); embedders that
             handle signals themselves leave it False and cancel instead.
         notifier: tell systemd READY=1 once listening, STOPPING=1 when the drain begins, and
             feed its watchdog (the CLI passes ``Notifier.from_environ()``).
 
     Raises:
-        ConfigError: the auth configuration cannot verify any token.
+        ConfigError: the auth configuration cannot verify any token, or the hooks are
+            misconfigured.
         BackendUnavailable: the store is unreachable at start-up.
     """
     verifier = TokenVerifier(config.auth)
+    check_hooks(config, hooks)
     instance_id = config.server.instance_id
     async with trio.open_nursery() as root:
         release = trio.Event()
@@ -114,10 +198,15 @@ async def serve(
         if isinstance(backend, ClusterBackend):
             metrics.bind_cluster(backend)
         try:
-            async with trio.open_nursery() as services:
+            # the hooks' HTTP client outlives the connections: their disconnect hook needs it
+            async with (
+                open_hooks(config, hooks, metrics) as caller,
+                trio.open_nursery() as services,
+            ):
                 await services.start(hub.run)
+                handler = ConnectionHandler(config, hub, verifier, caller)
                 await _serve_connections(
-                    config, hub, verifier, services, handle_signals, notifier, task_status
+                    config, hub, handler, services, handle_signals, notifier, task_status
                 )
                 services.cancel_scope.cancel()
         finally:
@@ -168,7 +257,7 @@ async def _cancel_on_signal(
 async def _serve_connections(
     config: Config,
     hub: Hub,
-    verifier: TokenVerifier,
+    handler: ConnectionHandler,
     services: trio.Nursery,
     handle_signals: bool,
     notifier: Notifier | None,
@@ -181,7 +270,7 @@ async def _serve_connections(
                 listeners = await _listen(config)
                 ws_server = await front.start(
                     WebSocketServer(
-                        ConnectionHandler(config, hub, verifier),
+                        handler,
                         listeners,
                         handler_nursery=handlers,
                         max_message_size=config.limits.max_message_bytes,
@@ -227,6 +316,7 @@ async def _serve_connections(
                         hub.instance_id,
                         admin_port,
                         config.admin.host,
+                        hub=hub,
                     )
                 )
                 if notifier is not None:

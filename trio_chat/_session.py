@@ -23,12 +23,13 @@ from trio_websocket import ConnectionClosed
 from ._wire import Cork, FrameWriter, Pong, text_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from trio_websocket import WebSocketConnection
 
     from ._auth import Identity
     from ._limits import TokenBucket
+    from ._messages import JSONValue
     from ._metrics import Metrics
     from ._timers import Timer
 
@@ -62,7 +63,9 @@ class Session:
         "frame_bucket",
         "id",
         "identity",
+        "info",
         "pong",
+        "read_only",
         "refreshes_in_flight",
         "remote",
         "rooms",
@@ -90,6 +93,10 @@ class Session:
         self.remote = remote
         self.ws = ws
         self.rooms: set[str] = set()
+        #: what the connect hook said of the session (SPEC §14), None without one
+        self.info: Mapping[str, JSONValue] | None = None
+        #: rooms the join hook made read-only (``publish: false``); None while there are none
+        self.read_only: set[str] | None = None
         self.connected_at_ms = 0
         self.close_request: CloseRequest | None = None
         #: refresh frames received and not yet answered: expiry waits for them

@@ -53,7 +53,6 @@ _server_logger.setLevel(logging.WARNING)
 DEMO_TOKEN_SECONDS = 15 * 60
 DEMO_USER_CHARS = 64
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-MAX_MUTE_SECONDS = 365 * 24 * 3600
 #: room and data fit in ``limits.max_message_bytes``; this leaves room for JSON whitespace
 _BODY_SLACK = 4096
 
@@ -111,6 +110,7 @@ def create_app(
         Route("/v1/publish", v1(api.publish), methods=["POST"]),
         # user ids may hold "/" (SPEC allows any non-space), sent as %2F: match the whole rest
         Route("/v1/users/{user_id:path}/logout", v1(api.logout), methods=["POST"]),
+        Route("/v1/users/{user_id:path}/direct", v1(api.direct), methods=["POST"]),
         Route("/v1/users/{user_id:path}/ban", v1(api.ban), methods=["POST"]),
         Route("/v1/users/{user_id:path}/unban", v1(api.unban), methods=["POST"]),
         Route("/v1/users/{user_id:path}/mute", v1(api.mute), methods=["POST"]),
@@ -174,6 +174,7 @@ class _AdminApi:
     ) -> None:
         self.config = config
         self.hub = hub
+        self.ops = ops.Operator(hub)
         self._metrics = metrics
         self._ws_url = ws_url
         self._files = pages.static_files()
@@ -199,6 +200,8 @@ class _AdminApi:
                 return error_response(404, "no_record", str(exc))
             except ops.PayloadTooLarge as exc:
                 return error_response(413, "too_large", str(exc))
+            except ops.InvalidArgument as exc:
+                return error_response(422, "invalid_field", str(exc))
             except ClientDisconnect:
                 return error_response(400, "bad_request", "client disconnected")
             except Exception:
@@ -305,54 +308,41 @@ class _AdminApi:
 
     async def publish(self, request: Request) -> dict[str, Any]:
         body = await self._body(request)
-        room = body.get("room")
-        if not isinstance(room, str) or not ROOM_ID.fullmatch(room):
-            raise ApiError(422, "invalid_field", "'room' must be 1-128 chars of [A-Za-z0-9_.:-]")
         if "data" not in body:
             raise ApiError(422, "invalid_field", "'data' is required")
-        message_id, ts = await ops.publish(self.hub.backend, self.config, room, body["data"])
-        return {"id": message_id, "ts": ts}
+        return await self.ops.publish(body.get("room"), body["data"], sender=body.get("from"))
+
+    async def direct(self, request: Request) -> dict[str, Any]:
+        user_id = _path_id(request, "user_id", is_user_id)
+        body = await self._body(request)
+        if "data" not in body:
+            raise ApiError(422, "invalid_field", "'data' is required")
+        return await self.ops.direct(user_id, body["data"], sender=body.get("from"))
 
     async def logout(self, request: Request) -> dict[str, Any]:
-        return {"closed": await ops.logout(self.hub, _path_id(request, "user_id", is_user_id))}
+        return await self.ops.logout(_path_id(request, "user_id", is_user_id))
 
     async def ban(self, request: Request) -> dict[str, Any]:
-        return {"closed": await ops.ban(self.hub, _path_id(request, "user_id", is_user_id))}
+        return await self.ops.ban(_path_id(request, "user_id", is_user_id))
 
     async def unban(self, request: Request) -> dict[str, Any]:
-        user_id = _path_id(request, "user_id", is_user_id)
-        await ops.unban(self.hub, user_id)
-        return {"user_id": user_id, "status": "active"}
+        return await self.ops.unban(_path_id(request, "user_id", is_user_id))
 
     async def mute(self, request: Request) -> dict[str, Any]:
         user_id = _path_id(request, "user_id", is_user_id)
-        seconds = (await self._body(request)).get("seconds")
-        if (
-            not isinstance(seconds, int | float)
-            or isinstance(seconds, bool)
-            or not 0 < seconds <= MAX_MUTE_SECONDS
-        ):
-            raise ApiError(
-                422, "invalid_field", f"'seconds' must be a number in (0, {MAX_MUTE_SECONDS}]"
-            )
-        return {"muted_until": await ops.mute(self.hub, user_id, seconds)}
+        return await self.ops.mute(user_id, (await self._body(request)).get("seconds"))
 
     async def sessions(self, request: Request) -> dict[str, Any]:
-        user_id = _path_id(request, "user_id", is_user_id)
-        return {"sessions": await ops.user_sessions(self.hub.backend, user_id)}
+        return await self.ops.sessions(_path_id(request, "user_id", is_user_id))
 
     async def kick(self, request: Request) -> dict[str, Any]:
         session_id = _path_id(request, "session_id", SESSION_ID.fullmatch)
-        closed = await ops.kick(self.hub, session_id)
-        if closed is None:
+        if (closed := await self.ops.kick(session_id)) is None:
             raise ApiError(404, "not_found", f"no session {session_id!r}")
-        return {"closed": closed}
+        return closed
 
     async def presence(self, request: Request) -> dict[str, Any]:
-        room = _path_id(request, "room", ROOM_ID.fullmatch)
-        sessions = await ops.room_presence(self.hub.backend, self.config, room)
-        users = sorted({s["user_id"] for s in sessions})
-        return {"room": room, "sessions": sessions, "users": users}
+        return await self.ops.presence(_path_id(request, "room", ROOM_ID.fullmatch))
 
     async def history(self, request: Request) -> dict[str, Any]:
         room = _path_id(request, "room", ROOM_ID.fullmatch)
@@ -366,15 +356,12 @@ class _AdminApi:
             )
         before = request.query_params.get("before")
         try:
-            messages, more = await ops.room_history(
-                self.hub.backend, self.config.history, room, before, int(raw_limit)
-            )
-        except ValueError as exc:
+            return await self.ops.history(room, before=before, limit=int(raw_limit))
+        except ops.InvalidArgument as exc:  # a query parameter: 400, as for 'limit'
             raise ApiError(400, "bad_request", str(exc)) from exc
-        return {"room": room, "messages": messages, "more": more}
 
     async def instances(self, request: Request) -> dict[str, Any]:
-        return {"instances": await ops.instances(self.hub.backend)}
+        return await self.ops.instances()
 
     async def _body(self, request: Request) -> dict[str, Any]:
         """The JSON object in the body, read up to a bound: 413 beyond, 400 if not JSON, 422 if
