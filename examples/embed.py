@@ -16,7 +16,6 @@ import jwt
 import trio
 
 import trio_chat
-from trio_chat._config import AuthConfig, ServerConfig
 from trio_chat.client import open_client
 
 SECRET = "example-secret-" + "x" * 32
@@ -30,8 +29,8 @@ def token(user: str) -> str:
 async def main() -> None:
     config = attrs.evolve(
         trio_chat.Config(),
-        server=ServerConfig(port=0, instance_id="embedded-1"),
-        auth=AuthConfig(jwt_secret=SECRET),
+        server=trio_chat.ServerConfig(port=0, instance_id="embedded-1"),
+        auth=trio_chat.AuthConfig(jwt_secret=SECRET),
     )
     async with trio.open_nursery() as nursery:
         # Returns once the listener is bound; `server.url` has the ephemeral port.

@@ -195,7 +195,7 @@ async def test_a_hook_that_raises_hangs_or_answers_nonsense_fails_closed(nursery
             return Allow()
 
     hooks = Hooks(send=send)
-    server = await start(nursery, hooks, hooks={"timeout": 0.3}, history={"size": 100})
+    server = await start(nursery, hooks, hooks={"timeout": 0.3}, history={"size": 100}, admin=ADMIN)
     with trio.fail_after(15):
         for user in ("crash", "big"):
             with pytest.raises(ConnectionRejected) as refused:
@@ -218,6 +218,12 @@ async def test_a_hook_that_raises_hangs_or_answers_nonsense_fails_closed(nursery
             await alice.send("lobby", "fine")
             assert (await bob.receive())["data"] == "fine"
             assert (await alice.ping())["type"] == "pong"
+        async with admin_client(server) as http:
+            metrics = (await http.get("/metrics")).text
+    assert 'trio_chat_hook_calls_total{hook="send",result="error"} 4.0' in metrics
+    assert 'trio_chat_hook_calls_total{hook="send",result="allow"} 1.0' in metrics
+    assert 'trio_chat_hook_calls_total{hook="connect",result="error"} 2.0' in metrics
+    assert 'trio_chat_hook_seconds_count{hook="send"} 5.0' in metrics
 
 
 async def test_a_senders_messages_keep_their_order_through_a_slow_hook(nursery):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,28 @@ async def test_embedding_example_runs():
     lines = result.stdout.decode().splitlines()
     assert lines[1] == "bob got: 'hello from the embedding app' from alice"
     assert lines[-1] == "stopped cleanly"
+
+
+async def test_moderated_example_runs():
+    """examples/moderated.py: the join hook refuses carol, the send hook masks, the bot rolls."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, str(ROOT / "examples" / "moderated.py")], capture_stdout=True
+        )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "carol was refused: forbidden: team-a is for its members"
+    assert lines[1] == "bob got from alice: well, ****"
+    assert lines[2] == "bob got from alice: /roll"
+    assert re.fullmatch(r"bob got from dice-bot: alice rolled [1-6]", lines[3])
+    assert lines[-1] == "stopped cleanly"
+
+
+def test_examples_and_readme_import_nothing_private():
+    """An embedding needs only what ``trio_chat`` exports (and the public client)."""
+    texts = [path.read_text() for path in (ROOT / "examples").glob("*.py")]
+    texts.append((ROOT / "README.md").read_text())
+    for text in texts:
+        assert not re.search(r"(from|import) trio_chat\._", text)
 
 
 async def test_terminal_client_chats_with_a_live_server(nursery):

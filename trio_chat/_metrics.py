@@ -111,22 +111,7 @@ PUBLISH_BUCKETS = (
 #: publisher's clock to this pump: a PUBLISH, the Pub/Sub hop, and clock skew between hosts
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: hook calls: in-process ones take microseconds, HTTP ones a round trip to the application
-HOOK_BUCKETS = (
-    0.0001,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+HOOK_BUCKETS = (*PUBLISH_BUCKETS, 2.5, 5.0)
 
 
 class HubLike(Protocol):

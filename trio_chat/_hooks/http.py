@@ -81,7 +81,7 @@ class HttpHooks:
         Raises:
             HookFailed: unreachable, not 200, too large, or not a valid answer.
         """
-        body = dumps(attrs.asdict(event, retain_collection_types=False)).encode()
+        body = dumps(attrs.asdict(event)).encode()
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
