@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server chromium clean bench soak
+.PHONY: run test lint typecheck check redis-server chromium systemd-analyze clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ chromium:
 	  echo "chromium not found: installing Debian's chromium"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(STAMP) redis-server chromium
+# tests/test_systemd.py checks the unit file with `systemd-analyze verify` (Debian's systemd).
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "systemd-analyze not found: installing Debian's systemd"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
+
+test: $(STAMP) redis-server chromium systemd-analyze
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
