@@ -15,23 +15,24 @@ from trio_chat.client import open_client
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_embedding_example_runs():
+async def run_example(name: str) -> list[str]:
+    """Run ``examples/<name>`` to its end; its lines of output."""
     with trio.fail_after(30):
         result = await trio.run_process(
-            [sys.executable, str(ROOT / "examples" / "embed.py")], capture_stdout=True
+            [sys.executable, str(ROOT / "examples" / name)], capture_stdout=True
         )
-    lines = result.stdout.decode().splitlines()
+    return result.stdout.decode().splitlines()
+
+
+async def test_embedding_example_runs():
+    lines = await run_example("embed.py")
     assert lines[1] == "bob got: 'hello from the embedding app' from alice"
     assert lines[-1] == "stopped cleanly"
 
 
 async def test_moderated_example_runs():
     """examples/moderated.py: the join hook refuses carol, the send hook masks, the bot rolls."""
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, str(ROOT / "examples" / "moderated.py")], capture_stdout=True
-        )
-    lines = result.stdout.decode().splitlines()
+    lines = await run_example("moderated.py")
     assert lines[0] == "carol was refused: forbidden: team-a is for its members"
     assert lines[1] == "bob got from alice: well, ****"
     assert lines[2] == "bob got from alice: /roll"

@@ -34,7 +34,8 @@ from ._store.history import publish as publish_message
 from ._store.interface import Batch
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterator, Mapping
+    from contextlib import AbstractAsyncContextManager
 
     from ._config import Config, HistoryConfig
     from ._hub import Hub
@@ -144,7 +145,11 @@ class Operator:
         self, room: str, *, before: str | None = None, limit: int = DEFAULT_HISTORY_PAGE
     ) -> dict[str, JSONValue]:
         _room(room)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 100:
+        if (
+            not isinstance(limit, int)
+            or isinstance(limit, bool)
+            or not 0 < limit <= MAX_HISTORY_PAGE
+        ):
             raise InvalidArgument(f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}")
         try:
             messages, more = await room_history(
@@ -156,6 +161,10 @@ class Operator:
 
     async def instances(self) -> dict[str, JSONValue]:
         return {"instances": await instances(self._hub.backend)}
+
+    def listen(self, room: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, object]]]:
+        """The room's messages as this instance hands them out (:meth:`Hub.listen`)."""
+        return self._hub.listen(_room(room))
 
 
 def _room(room: object) -> str:

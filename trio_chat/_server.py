@@ -35,9 +35,9 @@ from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hooks import check_hooks, open_hooks
 from ._hub import Hub
-from ._messages import DEFAULT_HISTORY_PAGE, ROOM_ID, JSONValue
+from ._messages import DEFAULT_HISTORY_PAGE, JSONValue
 from ._metrics import Metrics
-from ._operations import InvalidArgument, Operator
+from ._operations import Operator
 from ._session import GOING_AWAY
 from ._store.backends import open_backend
 from ._store.cluster import ClusterBackend
@@ -69,7 +69,7 @@ class Server:
     #: the bound admin API port; None when ``admin.enabled`` is false
     admin_port: int | None = None
     admin_host: str = "127.0.0.1"
-    _hub: Hub | None = attrs.field(default=None, repr=False, eq=False, alias="hub")
+    _operator: Operator | None = attrs.field(default=None, repr=False, eq=False, alias="operator")
 
     @property
     def url(self) -> str:
@@ -86,9 +86,9 @@ class Server:
 
     @property
     def _ops(self) -> Operator:
-        if self._hub is None:
+        if self._operator is None:
             raise RuntimeError("this Server was not returned by serve()")
-        return Operator(self._hub)
+        return self._operator
 
     async def publish(self, room: str, data: JSONValue, *, sender: str | None = None) -> str:
         """Publish ``data`` to ``room`` as the server, or as user ``sender`` (a bot): members
@@ -147,11 +147,7 @@ class Server:
         every ``message`` of the room this instance hands out from now on, from any instance,
         in id order, with the catch-up after a Pub/Sub drop (nothing missed, nothing twice).
         Raises ``SlowListener`` from the iterator if it falls 1,000 messages behind."""
-        if self._hub is None:
-            raise RuntimeError("this Server was not returned by serve()")
-        if not isinstance(room, str) or not ROOM_ID.fullmatch(room):
-            raise InvalidArgument("'room' must be 1-128 chars of [A-Za-z0-9_.:-]")
-        return self._hub.listen(room)
+        return self._ops.listen(room)
 
 
 async def serve(
@@ -316,7 +312,7 @@ async def _serve_connections(
                         hub.instance_id,
                         admin_port,
                         config.admin.host,
-                        hub=hub,
+                        operator=Operator(hub),
                     )
                 )
                 if notifier is not None:
