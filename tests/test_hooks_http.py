@@ -82,6 +82,9 @@ async def instances(redis_server, hooks_app, tmp_path):
             process.terminate()
         for process in (one, two):
             assert process.wait(timeout=15) == 0
+        for log in ("one.log", "two.log"):
+            # one line per connect and disconnect, none per hook call (httpx logs every request)
+            assert "HTTP Request" not in (tmp_path / log).read_text()
 
 
 async def test_the_example_application_decides_on_two_instances(instances, hooks_app):
