@@ -7,12 +7,15 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import h11
 import httpx
 import pytest
 import trio
+import trustme
 from _chat import make_token, spawn
 from _redis_server import free_port
 from hypercorn.config import Config as HypercornConfig
@@ -23,7 +26,9 @@ from starlette.routing import Route
 from test_recovery import redis_command
 from trio_websocket import ConnectionRejected
 
-from trio_chat._hooks.http import signature
+from trio_chat import Allow, HooksConfig, SendEvent
+from trio_chat._hooks.caller import HookFailed
+from trio_chat._hooks.http import HttpHooks, signature
 from trio_chat.client import ServerError, open_client
 
 if TYPE_CHECKING:
@@ -255,3 +260,136 @@ async def test_every_failure_of_the_application_fails_closed(redis_server, nurse
     log = (tmp_path / "one.log").read_text()
     assert "Traceback" not in log
     assert SECRET not in log
+
+
+# --- the client itself: keep-alive, a connection closed while idle, the bound, TLS -----------
+
+
+class Raw:
+    """An HTTP/1.1 server on a real socket that answers ``{"allow": true}`` and counts the
+    connections and requests it sees; ``drop`` lists the requests (1-based, per connection)
+    it closes the connection on without answering."""
+
+    def __init__(self, drop: tuple[int, ...] = (), close_after: bool = False) -> None:
+        self.drop, self.close_after = drop, close_after
+        self.connections = 0
+        self.requests = 0
+        self.in_flight = self.most_in_flight = 0
+        self.delay = 0.0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        served = 0
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.EndOfMessage):
+                    served += 1
+                    self.requests += 1
+                    if served in self.drop:
+                        return
+                    self.in_flight += 1
+                    self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                    await trio.sleep(self.delay)
+                    self.in_flight -= 1
+                    body = b'{"allow": true}'
+                    headers = [("content-type", "application/json"), ("content-length", "15")]
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=headers))
+                        + conn.send(h11.Data(data=body))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                    if self.close_after:
+                        return
+                    conn.start_next_cycle()
+
+    async def serve(self, nursery: trio.Nursery) -> str:
+        serve = partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1")
+        [listener] = await nursery.start(serve)
+        return f"http://127.0.0.1:{listener.socket.getsockname()[1]}/hooks"
+
+
+def client(url: str, **settings: Any) -> HttpHooks:
+    return HttpHooks(HooksConfig(url=url, secret=SECRET, **settings), "test", 65536)
+
+
+def event() -> SendEvent:
+    return SendEvent(user="alice", session="s", room="lobby", data="hi")
+
+
+async def test_connections_are_kept_alive_and_a_closed_idle_one_is_not_used(nursery):
+    server = Raw()
+    hooks = client(await server.serve(nursery))
+    for _ in range(5):
+        assert await hooks.call("send", event()) == Allow()
+    assert (server.connections, server.requests) == (1, 5)
+    await hooks.aclose()
+    # the application closes each connection after answering: noticed while idle, not used
+    closing = Raw(close_after=True)
+    hooks = client(await closing.serve(nursery))
+    for _ in range(3):
+        assert await hooks.call("send", event()) == Allow()
+        await trio.sleep(0.05)  # the close reaches us while the connection is idle
+    assert (closing.connections, closing.requests) == (3, 3)
+    await hooks.aclose()
+
+
+async def test_a_reused_connection_that_breaks_unanswered_is_tried_once_more(nursery):
+    server = Raw(drop=(2,))  # every connection's second request: closed, unanswered
+    hooks = client(await server.serve(nursery))
+    assert await hooks.call("send", event()) == Allow()
+    assert await hooks.call("send", event()) == Allow()  # on a new connection
+    assert (server.connections, server.requests) == (2, 3)
+    await hooks.aclose()
+    # on a new connection, an unanswered request fails (closed) and is not repeated
+    first = Raw(drop=(1,))
+    hooks = client(await first.serve(nursery))
+    with pytest.raises(HookFailed):
+        await hooks.call("send", event())
+    assert first.requests == 1
+    await hooks.aclose()
+
+
+async def test_at_most_max_concurrency_calls_are_in_flight(nursery):
+    server = Raw()
+    server.delay = 0.05
+    hooks = client(await server.serve(nursery), max_concurrency=3)
+    async with trio.open_nursery() as calls:
+        for _ in range(12):
+            calls.start_soon(hooks.call, "send", event())
+    assert server.requests == 12
+    assert server.most_in_flight == 3
+    assert server.connections == 3
+    await hooks.aclose()
+
+
+async def test_hooks_over_https(nursery, tmp_path, monkeypatch):
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    server = Misbehaving()
+    config = HypercornConfig()
+    port = free_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    config.certfile, config.keyfile = str(cert), str(key)
+    await nursery.start(partial(serve_http, server.app, config))  # type: ignore[arg-type]
+    # an untrusted certificate fails closed
+    with pytest.raises(HookFailed):
+        await client(f"https://127.0.0.1:{port}/hooks").call("send", event())
+    # the system's trust store, as OpenSSL finds it (SSL_CERT_FILE), decides
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    hooks = client(f"https://127.0.0.1:{port}/hooks")
+    assert await hooks.call("send", event()) == Allow()
+    assert await hooks.call("send", event()) == Allow()
+    assert server.calls == ["send", "send"]
+    await hooks.aclose()

@@ -79,8 +79,7 @@ def setup_logging(
 
     Installs one handler on the root logger; calling again replaces the handler it installed
     before (and no other). Also quiets ``coredis``, which logs a traceback for each failed
-    connection attempt where ours say it in one line, and ``httpx``/``httpcore``, which log a
-    line for every request: one per hook call (ours log a failure burst once).
+    connection attempt where ours say it in one line.
 
     Args:
         level: a name from :data:`LOG_LEVELS`, any case.
@@ -100,13 +99,7 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("coredis").setLevel(logging.CRITICAL)
-    for chatty in _PER_REQUEST_LOGGERS:
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     return handler
-
-
-#: libraries that log every HTTP request they make at INFO (httpx) or DEBUG (httpcore)
-_PER_REQUEST_LOGGERS = ("httpx", "httpcore")
 
 
 _HANDLER_NAME = "trio-chat"

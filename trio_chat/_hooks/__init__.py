@@ -17,6 +17,7 @@ import trio
 
 from .._errors import ConfigError
 from .caller import HookCaller, methods_of
+from .http import HttpHooks
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -58,8 +59,6 @@ async def open_hooks(
     if settings.url is None:
         yield None
         return
-    from .http import HttpHooks  # httpx is imported only by an instance that uses it
-
     client = HttpHooks(settings, config.server.instance_id, config.limits.max_message_bytes)
     try:
         yield HookCaller(client.hooks(), timeout=settings.timeout, metrics=metrics)
