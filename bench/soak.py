@@ -2,7 +2,8 @@
 then prove that nothing acknowledged was lost, nothing came twice and no record leaked.
 
     python bench/soak.py --minutes N [--instances 3] [--clients 300] [--rooms 30] [--rate R]
-                         [--cluster | --netem] [--seed S] [--fault-interval SECONDS] [--keep]
+                         [--cluster | --netem] [--hooks] [--seed S] [--fault-interval SECONDS]
+                         [--keep]
     make soak ARGS="--minutes 30"
     python bench/soak.py --cluster --minutes 5     # on a Redis Cluster, 3 masters + 3 replicas
 
@@ -49,6 +50,11 @@ comes once before any comes twice):
   ``net_loss`` (2-8% of packets each way, 8-15 s) and ``net_partition`` (every packet dropped,
   5 s). ``tc qdisc netem`` on a veth pair when the kernel has it; otherwise (no
   CONFIG_NET_SCH_NETEM) the same faults in a forwarder process between two TUN devices.
+- with ``--hooks``, the instances ask an HTTP application on every hook (SPEC §14:
+  ``bench/peers/hooks_allow.py``, which checks the signature and allows), and one more fault:
+  ``hooks_restart``, SIGKILL that application and start it again 1-3 s later. Meanwhile
+  handshakes are refused 503 ``hooks_unavailable`` (the clients retry) and joins and sends
+  are answered ``unavailable``: a refused send is not lost, a refused join is tried again.
 
 The invariant, checked at the end. A client is a member of a room from the moment its first
 ``joined`` arrived; it stays one through every drop, logout and ban, because it always comes
@@ -127,6 +133,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a Redis Cluster (3 masters, 3 replicas: tests/_redis_cluster.py), not one Redis",
     )
     parser.add_argument("--netem", action="store_true", help="network faults on the link to Redis")
+    parser.add_argument(
+        "--hooks",
+        action="store_true",
+        help="the instances ask an HTTP hooks application (bench/peers/hooks_allow.py) on "
+        "every hook; one more fault kills and restarts it",
+    )
     parser.add_argument(
         "--netem-impl",
         choices=["auto", "tc", "tun"],

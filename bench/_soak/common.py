@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # bench/_soak/common.py
+#: --hooks: the HMAC key the instances sign with and peers/hooks_allow.py checks
+HOOKS_SECRET = "soak-hooks-secret"
 
 SECRET = "soak-secret-" + "s" * 52
 ADMIN_KEY = "soak-admin-key"

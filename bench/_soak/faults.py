@@ -48,9 +48,11 @@ FAULTS: dict[str, tuple[str, str]] = {
     "master_pause": ("--cluster", "SIGSTOP a master for 0.3-0.7 s, under the node timeout"),
     "master_stall": ("--cluster", "SIGSTOP a master until its replica is promoted, and more"),
     "shard_loss": ("--cluster", "SIGKILL a master and its replica, restart both empty"),
+    "hooks_restart": ("--hooks", "SIGKILL the hooks application, start it again 1-3 s later"),
 }
 FAULT_KINDS = [kind for kind, (where, _) in FAULTS.items() if where == "base"]
 NET_FAULT_KINDS = [kind for kind, (where, _) in FAULTS.items() if where == "--netem"]
+HOOKS_FAULT_KINDS = [kind for kind, (where, _) in FAULTS.items() if where == "--hooks"]
 #: with --cluster, in place of redis_pause and redis_restart
 CLUSTER_FAULT_KINDS = [kind for kind, (where, _) in FAULTS.items() if where == "--cluster"]
 #: a master SIGSTOPped for less than this is not failed over (node timeout 1 s in the fixture)
@@ -82,11 +84,13 @@ class Faults:
     net_lock: trio.Lock
     cluster: Any
     node_busy: set[int]
+    hooks_app: Child | None
 
     if TYPE_CHECKING:
 
         def clock(self) -> float: ...
         def start_redis(self) -> None: ...
+        async def start_hooks_app(self) -> None: ...
         async def redis_up(self, timeout: float = 10.0) -> bool: ...  # noqa: ASYNC109
         async def start_instance(self, slot: Slot) -> bool: ...
         async def admin_post(self, path: str) -> dict[str, Any] | None: ...
@@ -107,6 +111,7 @@ class Faults:
     async def fault_schedule(self, nursery: trio.Nursery) -> None:
         rng = self.fault_rng
         kinds = FAULT_KINDS + (NET_FAULT_KINDS if self.net is not None else [])
+        kinds += HOOKS_FAULT_KINDS if self.args.hooks else []
         if self.cluster is not None:
             kinds = [k for k in kinds if not k.startswith("redis_")] + CLUSTER_FAULT_KINDS
         if len(self.slots) < 2:
@@ -205,6 +210,16 @@ class Faults:
             if not await self.redis_up():
                 raise SoakError("redis-server did not come back")
             return "SIGKILL, started empty"
+
+    async def fault_hooks_restart(self) -> str:
+        """The application behind the hooks goes away: meanwhile handshakes are refused 503
+        and join, send and direct answered ``unavailable`` (refused, never lost)."""
+        assert self.hooks_app is not None
+        self.hooks_app.signal(signal.SIGKILL)
+        await self.hooks_app.wait(5)
+        await self.pause(self.fault_rng.uniform(1, 3))
+        await self.start_hooks_app()
+        return "SIGKILL, started again"
 
     # --- faults on a Redis Cluster (--cluster) ----------------------------------------------
 

@@ -22,9 +22,11 @@ from .children import CLUSTERS, Child, redis_cluster_class
 from .clients import Client, User
 from .common import (
     ADMIN_KEY,
+    HOOKS_SECRET,
     INSTANCE_TTL,
     PROGRESS_EVERY,
     REFRESH_WINDOW,
+    ROOT,
     SECRET,
     SESSION_TTL,
     SHUTDOWN_TIMEOUT,
@@ -84,6 +86,9 @@ class Soak(Faults):
         self.redis_host = "127.0.0.1"
         self.redis_port = free_port()
         self.redis: Child | None = None
+        #: --hooks: the hooks application the instances ask (peers/hooks_allow.py)
+        self.hooks_port = free_port()
+        self.hooks_app: Child | None = None
         self.redis_lock = trio.Lock()  # one Redis (or cluster) fault at a time
         self.net_lock = trio.Lock()
         #: --cluster: the RedisCluster (set up in run), and the ports of the nodes whose process
@@ -143,7 +148,26 @@ class Soak(Faults):
             TRIO_CHAT_LIMITS_FRAME_RATE="1000",
             TRIO_CHAT_LIMITS_FRAME_BURST="2000",
         )
+        if self.args.hooks:
+            env.update(
+                TRIO_CHAT_HOOKS_URL=f"http://127.0.0.1:{self.hooks_port}/hooks",
+                TRIO_CHAT_HOOKS_SECRET=HOOKS_SECRET,
+            )
         return env
+
+    async def start_hooks_app(self) -> None:
+        """Start peers/hooks_allow.py (every hook allowed) and wait until it accepts."""
+        argv = [sys.executable, str(ROOT / "bench" / "peers" / "hooks_allow.py")]
+        argv += ["--port", str(self.hooks_port), "--secret", HOOKS_SECRET]
+        self.hooks_app = Child("hooks", argv, self.workdir / "hooks.log")
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", self.hooks_port)).aclose()
+                    return
+                except OSError:
+                    await trio.sleep(0.05)
+        raise SoakError(f"the hooks application did not start: see {self.hooks_app.log}")
 
     def mint(self, user: str) -> str:
         now = int(time.time())
@@ -387,6 +411,8 @@ class Soak(Faults):
                 self.start_redis()
                 if not await self.redis_up():
                     raise SoakError(f"redis-server did not start: see {self.workdir / 'redis.log'}")
+            if self.args.hooks:
+                await self.start_hooks_app()
             async with trio.open_nursery() as starting:
                 for slot in self.slots:
                     starting.start_soon(self.start_instance, slot)
@@ -462,6 +488,8 @@ class Soak(Faults):
             async with self.redis_lock:
                 self.start_redis()
                 await self.redis_up(20)
+        if self.hooks_app is not None and self.hooks_app.exited() is not None:
+            await self.start_hooks_app()
         for slot in self.slots:
             if slot.state != "up":
                 async with slot.lock:
