@@ -36,6 +36,12 @@ TRIO_LAYOUT: list[str] = ["2x1"]
 #: --history-size: TRIO_CHAT_HISTORY_SIZE for the trio-chat instances (None: the server's
 #: default, 200); 0 turns history off, so a send is a bare PUBLISH instead of the script
 HISTORY_SIZE: list[int | None] = [None]
+#: bench/hooks.py: how the trio-chat instances ask the application before each send (SPEC
+#: §14): "none" (no hooks), "python" (an in-process hook that allows,
+#: peers/trio_python_hooks.py) or "http" (hooks.url, one peers/hooks_allow.py per instance)
+HOOK_VARIANTS = ("none", "python", "http")
+TRIO_HOOKS: list[str] = ["none"]
+HOOKS_SECRET = "bench-hooks-secret"
 #: --redis: what the instances of a pass run on: one redis-server, or a Redis Cluster
 #: (tests/_redis_cluster.py: 3 masters, 1 replica each)
 REDIS_MODES = ("single", "cluster")

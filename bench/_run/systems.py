@@ -22,6 +22,7 @@ from .processes import child, free_port, wait_for
 from .settings import (
     BENCH_PYTHON,
     HISTORY_SIZE,
+    HOOKS_SECRET,
     LABEL_REDIS,
     NODE_PEER,
     PEERS,
@@ -29,6 +30,7 @@ from .settings import (
     SECRET,
     SYSTEMS,
     TRIO_ENV,
+    TRIO_HOOKS,
     TRIO_LAYOUT,
     TRIO_PYTHON,
     TRIO_SRC,
@@ -76,7 +78,10 @@ def trio_chat_server(
         **TRIO_ENV,
     }
     port = free_port() if workers > 1 else 0
-    command = [str(TRIO_PYTHON), "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
+    if TRIO_HOOKS[0] == "python":
+        command = [str(TRIO_PYTHON), str(PEERS / "trio_python_hooks.py"), "--host", "127.0.0.1"]
+    else:
+        command = [str(TRIO_PYTHON), "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--redis-url", redis_url, "--instance-id", name]
     if workers > 1:
         command += ["--workers", str(workers)]
@@ -85,7 +90,10 @@ def trio_chat_server(
     ids = [f"{name}-w{n}" for n in range(workers)] if workers > 1 else [name]
     worker_pids: dict[int, int] = {}
     try:
-        with child(command, log, env=env, cwd=TRIO_SRC[0]) as process:
+        with contextlib.ExitStack() as stack:
+            if TRIO_HOOKS[0] == "http":
+                env.update(_hooks_app(stack, workdir, name))
+            process = stack.enter_context(child(command, log, env=env, cwd=TRIO_SRC[0]))
             found: list[str] = []
 
             def ready() -> bool:
@@ -116,6 +124,22 @@ def trio_chat_server(
             if _is_worker(pid, ids[n]):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _hooks_app(stack: contextlib.ExitStack, workdir: Path, name: str) -> dict[str, str]:
+    """Start peers/hooks_allow.py for instance ``name`` (closed with ``stack``); return the
+    environment that points the instance's ``send`` hook at it."""
+    port = free_port()
+    command = [str(TRIO_PYTHON), str(PEERS / "hooks_allow.py"), "--port", str(port)]
+    command += ["--secret", HOOKS_SECRET]
+    log = workdir / f"{name}-hooks.log"
+    app = stack.enter_context(child(command, log))
+    wait_for(lambda: "Running on" in log.read_text(errors="replace"), app, f"{name}-hooks", log)
+    return {
+        "TRIO_CHAT_HOOKS_URL": f"http://127.0.0.1:{port}/hooks",
+        "TRIO_CHAT_HOOKS_SECRET": HOOKS_SECRET,
+        "TRIO_CHAT_HOOKS_CALLS": "send",
+    }
 
 
 @contextlib.contextmanager
@@ -166,7 +190,8 @@ def system_label(system: str) -> str:
     if system != "trio":
         return SYSTEMS[system]
     history = "" if HISTORY_SIZE[0] is None else f", history {HISTORY_SIZE[0]}"
-    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history}{LABEL_REDIS[0]})"
+    hooks = "" if TRIO_HOOKS[0] == "none" else f", {TRIO_HOOKS[0]} send hook"
+    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history}{hooks}{LABEL_REDIS[0]})"
 
 
 def connections_by_instance(workdir: Path) -> dict[str, int]:
