@@ -310,7 +310,9 @@ async def test_presence_and_instances(redis_or_cluster, nursery):
             r = await http.get("/v1/rooms/lobby/presence")
             assert r.json() == {
                 "room": "lobby",
-                "sessions": [{"session_id": bob.welcome["session_id"], "user_id": "bob"}],
+                "sessions": [
+                    {"session_id": bob.welcome["session_id"], "user_id": "bob", "info": None}
+                ],
                 "users": ["bob"],
             }
             instances = (await http.get("/v1/instances")).json()["instances"]

@@ -87,6 +87,9 @@ async def test_connect_allows_with_info_and_rooms_or_denies(nursery):
             assert frames[2] == {"type": "joined", "room": "news", "last": None}
             # auto-joined: a send there works, and the join hook was not asked
             assert (await alice.send("lobby", {"text": "hi"}))["type"] == "ack"
+            # presence shows what the connect hook said of the session
+            [present] = (await server.presence("lobby"))["sessions"]
+            assert (present["user_id"], present["info"]) == ("alice", {"name": "Alice"})
         connects = of(hooks, trio_chat.ConnectEvent)
         assert [e.user for e in connects] == ["mallory", "alice"]
         assert connects[1].claims["role"] == "x"

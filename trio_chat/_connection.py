@@ -84,7 +84,7 @@ from ._store.interface import Batch
 from ._wire import forget_handshake
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from trio_websocket import WebSocketConnection
 
@@ -191,7 +191,8 @@ class ConnectionHandler:
         try:
             connected_at = now_ms()
             try:
-                await self._register(session_id, identity, remote, connected_at)
+                public = allowed.info if allowed is not None else None
+                await self._register(session_id, identity, remote, connected_at, public)
                 registered = True
             except BackendUnavailable as exc:
                 log_event(
@@ -224,7 +225,7 @@ class ConnectionHandler:
                 metrics=self.metrics,
             )
             session.connected_at_ms = connected_at
-            session.info = allowed.info if allowed is not None else None
+            session.info = public
             session.reply(
                 encode(
                     "welcome",
@@ -376,7 +377,12 @@ class ConnectionHandler:
         return Identity(user_id, issued_at, expires_at)
 
     async def _register(
-        self, session_id: str, identity: Identity, remote: str, connected_at: int
+        self,
+        session_id: str,
+        identity: Identity,
+        remote: str,
+        connected_at: int,
+        info: Mapping[str, JSONValue] | None,
     ) -> None:
         """Write the session's records in one round trip (SPEC §5)."""
         batch = Batch()
@@ -388,6 +394,7 @@ class ConnectionHandler:
             remote=remote,
             connected_at=connected_at,
             rooms=(),
+            info=info,
         )
         await self.backend.execute(batch)
 

@@ -22,6 +22,7 @@ from ._messages import (
     JSONValue,
     dumps,
     is_user_id,
+    loads,
     new_message_id,
     now_ms,
     room_message,
@@ -138,7 +139,7 @@ class Operator:
     async def presence(self, room: str) -> dict[str, JSONValue]:
         _room(room)
         sessions = await room_presence(self._hub.backend, self._config, room)
-        users = sorted({s["user_id"] for s in sessions})
+        users = sorted({str(s["user_id"]) for s in sessions})
         return {"room": room, "sessions": sessions, "users": users}
 
     async def history(
@@ -416,8 +417,9 @@ async def room_history(
     return messages, len(newest.value) > limit
 
 
-async def room_presence(backend: Backend, config: Config, room: str) -> list[dict[str, str]]:
-    """The sessions present in ``room``: a heartbeat within ``session.ttl`` and a live record.
+async def room_presence(backend: Backend, config: Config, room: str) -> list[dict[str, object]]:
+    """The sessions present in ``room``: a heartbeat within ``session.ttl`` and a live record,
+    with the ``info`` the connect hook gave each (None without one).
 
     Raises:
         BackendUnavailable: the store could not be reached.
@@ -427,10 +429,26 @@ async def room_presence(backend: Backend, config: Config, room: str) -> list[dic
     members = lookup.zrangebyscore(keys.room_presence(room), since, math.inf)
     await backend.execute(lookup)
     batch = Batch()
-    users = {sid: batch.hget(keys.session(sid), "user_id") for sid in members.value}
-    if users:
+    found = {
+        sid: (batch.hget(keys.session(sid), "user_id"), batch.hget(keys.session(sid), "info"))
+        for sid in members.value
+    }
+    if found:
         await backend.execute(batch)
-    return [{"session_id": sid, "user_id": user.value} for sid, user in users.items() if user.value]
+    return [
+        {"session_id": sid, "user_id": user.value, "info": _json_object(info.value)}
+        for sid, (user, info) in found.items()
+        if user.value
+    ]
+
+
+def _json_object(raw: str | None) -> dict[str, object] | None:
+    """A JSON object field as written (``info``), or None when absent or not one."""
+    try:
+        value = loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def instances(backend: Backend) -> list[dict[str, object]]:

@@ -20,11 +20,12 @@ from ._store import keys
 from ._store.interface import Backend, Batch
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from ._auth import Identity
     from ._config import Config
     from ._hub import Hub
+    from ._messages import JSONValue
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +39,25 @@ def write_session(
     remote: str,
     connected_at: int,
     rooms: Iterable[str],
+    info: Mapping[str, JSONValue] | None = None,
 ) -> None:
-    """Queue the full records of one session: its hash, its user's set, its instance's map."""
+    """Queue the full records of one session: its hash, its user's set, its instance's map.
+    ``info`` is what the connect hook said of it (SPEC §14), kept for presence."""
     ttl = config.session.ttl
     instance_id = config.server.instance_id
     now = now_ms()
-    batch.hset(
-        keys.session(session_id),
-        {
-            "user_id": identity.user_id,
-            "instance": instance_id,
-            "connected_at": str(connected_at),
-            "last_seen": str(now),
-            "rooms": dumps(sorted(rooms)),
-            "token_exp": str(identity.expires_at or 0),  # 0: an opaque session without TTL
-            "remote": remote,
-        },
-    )
+    fields = {
+        "user_id": identity.user_id,
+        "instance": instance_id,
+        "connected_at": str(connected_at),
+        "last_seen": str(now),
+        "rooms": dumps(sorted(rooms)),
+        "token_exp": str(identity.expires_at or 0),  # 0: an opaque session without TTL
+        "remote": remote,
+    }
+    if info is not None:
+        fields["info"] = dumps(info)
+    batch.hset(keys.session(session_id), fields)
     batch.expire(keys.session(session_id), ttl)
     batch.sadd(keys.user_sessions(identity.user_id), session_id)
     batch.expire(keys.user_sessions(identity.user_id), ttl)
@@ -191,6 +194,7 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
                     remote=session.remote,
                     connected_at=session.connected_at_ms,
                     rooms=session.rooms,
+                    info=session.info,
                 )
         if repair:
             logger.info("heartbeat: repairing session records (%d commands)", len(repair))

@@ -79,7 +79,8 @@ class HookCaller:
 
         Returns:
             The application's :class:`Allow`, checked (``info`` a JSON object of at most
-            1 KiB, ``rooms`` valid room ids, ``publish`` a bool).
+            1 KiB, ``rooms`` strings, ``publish`` a bool, ``data`` JSON); a room id that is
+            not valid is the connection's to refuse, room by room.
 
         Raises:
             HookDenied: the application refused.
@@ -183,7 +184,7 @@ class _Bursts:
 
     def succeeded(self) -> None:
         if self._since is not None:
-            logger.warning(
+            logger.info(
                 "hooks answer again after %d failure(s) in %.1f s",
                 self._count,
                 time.monotonic() - self._since,
