@@ -81,9 +81,10 @@ async def snapshot(backend: Backend, *keys: str) -> dict[str, int]:
 
 
 async def spawn(
-    log: Path, redis_url: str, instance_id: str, **env: str
+    log: Path, redis_url: str, instance_id: str, *, config: Path | None = None, **env: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Run ``trio-chat serve`` in a child process; return it and its WebSocket URL.
+    """Run ``trio-chat serve`` in a child process (with the TOML file ``config``, if any);
+    return it and its WebSocket URL.
 
     Its log goes to a file (a pipe nobody drains would stall it once full).
     """
@@ -95,6 +96,8 @@ async def spawn(
     }
     command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0"]
     command += ["--redis-url", redis_url, "--instance-id", instance_id]
+    if config is not None:
+        command += ["--config", str(config)]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, env=environ, stderr=sink)
     with trio.fail_after(10):

@@ -157,9 +157,11 @@ def _redis_state(port: int) -> dict[str, set[str]]:
         elif key.startswith("ws:user:"):
             state["users"].add(key.removeprefix("ws:user:"))
             state["members"].update(_redis(port, "SMEMBERS", key))
+        elif key.startswith("ws:room:") and key.endswith(":users"):
+            state["users"].update(_redis(port, "HKEYS", key))  # users counted in a room
         elif key.startswith("ws:room:"):
             state["members"].update(_redis(port, "ZRANGE", key, "0", "-1"))
-        elif key.startswith("ws:instance:") and key.endswith(":sessions"):
+        elif key.startswith("ws:instance:") and key.endswith((":sessions", ":rooms")):
             state["members"].update(_redis(port, "HKEYS", key))
     return state
 

@@ -181,7 +181,13 @@ async def test_history_off(store_url, nursery):
         open_client(server.url, make_token("bob")) as bob,
     ):
         await alice.join("room")
-        assert await bob.join("room") == {"type": "joined", "room": "room", "ref": 1}
+        assert await bob.join("room") == {
+            "type": "joined",
+            "room": "room",
+            "read": None,
+            "unread": None,
+            "ref": 1,
+        }
         ack = await alice.send("room", 1)
         assert (await bob.receive())["id"] == ack["id"]
         joined = await bob.request("join", room="room", since=ack["id"])

@@ -80,11 +80,23 @@ async def test_connect_allows_with_info_and_rooms_or_denies(nursery):
         async with open_client(server.url, make_token("alice", role="x")) as alice:
             assert alice.welcome["info"] == {"name": "Alice"}
             frames = [await alice.receive() for _ in range(3)]
-            assert frames[0] == {"type": "joined", "room": "lobby", "last": None}
+            assert frames[0] == {
+                "type": "joined",
+                "room": "lobby",
+                "last": None,
+                "read": None,
+                "unread": 0,
+            }
             assert frames[1]["type"] == "error"
             assert frames[1]["code"] == "bad_request"
             assert "ref" not in frames[1]
-            assert frames[2] == {"type": "joined", "room": "news", "last": None}
+            assert frames[2] == {
+                "type": "joined",
+                "room": "news",
+                "last": None,
+                "read": None,
+                "unread": 0,
+            }
             # auto-joined: a send there works, and the join hook was not asked
             assert (await alice.send("lobby", {"text": "hi"}))["type"] == "ack"
             # presence shows what the connect hook said of the session

@@ -16,6 +16,7 @@ from _chat import closed_with as _closed_with
 from _chat import make_config, make_token, open_backend, snapshot, spawn, start
 from trio_websocket import ConnectionRejected
 
+from trio_chat import Config
 from trio_chat._hub import Hub
 from trio_chat._reaper import sweep
 from trio_chat._store.interface import Batch
@@ -615,17 +616,17 @@ async def test_the_cleaner_reaps_only_an_instance_missing_for_the_whole_grace(au
         batch.sadd("ws:user:alice", "s1")
         await backend.execute(batch)
         suspects: dict[str, float] = {}
-        assert await sweep(backend, "me", suspects=suspects, grace=1.0) == []
+        assert await sweep(backend, "me", Config(), suspects=suspects, grace=1.0) == []
         assert set(suspects) == {"stalled", "dead"}
         batch = Batch()
         batch.hset("ws:instance:stalled", {"host": "h"})  # its heartbeat wrote it back
         await backend.execute(batch)
         await trio.sleep(1.0)
-        assert await sweep(backend, "me", suspects=suspects, grace=1.0) == ["dead"]
+        assert await sweep(backend, "me", Config(), suspects=suspects, grace=1.0) == ["dead"]
         assert set(suspects) == {"dead"}  # (the next sweep sees it gone from ws:instances)
         assert (await snapshot(backend, "ws:user:alice"))["ws:user:alice"] == 0
         # without a memory (trio-chat clean), a missing key is reaped at once
         batch = Batch()
         batch.delete("ws:instance:stalled")
         await backend.execute(batch)
-        assert await sweep(backend, "me") == ["stalled"]
+        assert await sweep(backend, "me", Config()) == ["stalled"]

@@ -8,10 +8,11 @@ import json
 import trio
 import trio.testing
 
-from trio_chat._config import HistoryConfig
+from trio_chat._config import Config
 from trio_chat._errors import BackendUnavailable
 from trio_chat._metrics import Metrics
 from trio_chat._outbox import Outbox, Outgoing
+from trio_chat._rooms import RoomRules
 
 
 class FakeSession:
@@ -60,7 +61,7 @@ def outgoing(n: int) -> Outgoing:
 
 async def test_sends_waiting_together_go_in_one_batch_in_order_and_are_acked_in_order(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()))
     backend.held = trio.Event()
     await outbox.put(outgoing(0))
     await trio.testing.wait_all_tasks_blocked()  # the sender took 0 and waits for Redis
@@ -77,7 +78,7 @@ async def test_sends_waiting_together_go_in_one_batch_in_order_and_are_acked_in_
 
 async def test_a_failed_batch_answers_each_of_its_sends_in_order_and_later_ones_go_on(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()))
     backend.down = True
     for n in range(3):
         await outbox.put(outgoing(n))
@@ -98,7 +99,7 @@ async def test_a_failed_batch_answers_each_of_its_sends_in_order_and_later_ones_
 
 async def test_the_read_loop_waits_once_the_limit_of_waiting_sends_is_reached(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics(), HistoryConfig())
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()))
     backend.held = trio.Event()
     await outbox.put(outgoing(0))  # taken by the sender, which waits for the backend
     await trio.testing.wait_all_tasks_blocked()
@@ -117,7 +118,7 @@ async def test_the_read_loop_waits_once_the_limit_of_waiting_sends_is_reached(nu
 async def test_a_batch_that_was_never_sent_is_refused_without_looking_for_it(nursery):
     # a refused connection wrote nothing: no stream read can find it, none is made
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics(), HistoryConfig(), settle=30.0)
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()), settle=30.0)
     backend.down, backend.sent = True, False
     with trio.fail_after(5):
         for n in range(3):
@@ -131,7 +132,7 @@ async def test_a_batch_that_was_never_sent_is_refused_without_looking_for_it(nur
 
 async def test_a_batch_that_may_have_run_is_looked_for_before_it_is_refused(nursery):
     session, backend = FakeSession(nursery), FakeBackend()
-    outbox = Outbox(session, backend, Metrics(), HistoryConfig(), settle=0.2)
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()), settle=0.2)
     backend.down = True
     with trio.fail_after(5):
         await outbox.put(outgoing(0))

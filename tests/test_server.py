@@ -48,7 +48,14 @@ async def test_room_messages_reach_other_sessions_not_the_sender(store_url, nurs
         ):
             for chat in (alice, alice_phone, bob):
                 joined = await chat.join("lobby")
-                assert joined == {"type": "joined", "room": "lobby", "last": None, "ref": 1}
+                assert joined == {
+                    "type": "joined",
+                    "room": "lobby",
+                    "last": None,
+                    "read": None,
+                    "unread": 0,
+                    "ref": 1,
+                }
             ack = await alice.send("lobby", {"text": "hi"})
             assert ack["type"] == "ack"
             for chat in (alice_phone, bob):

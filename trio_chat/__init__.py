@@ -19,6 +19,7 @@ from ._config import HistoryConfig as HistoryConfig
 from ._config import HooksConfig as HooksConfig
 from ._config import LimitsConfig as LimitsConfig
 from ._config import RedisConfig as RedisConfig
+from ._config import RoomOptions as RoomOptions
 from ._config import ServerConfig as ServerConfig
 from ._config import SessionConfig as SessionConfig
 from ._config import load_config as load_config

@@ -41,9 +41,15 @@ class Identity:
     expires_at: int | None
     #: fnmatch patterns of the rooms the user may join; None means any room
     rooms: tuple[str, ...] | None = None
+    #: fnmatch patterns of the rooms the user may ``send`` and ``signal`` to (SPEC §15, the
+    #: ``publish`` claim); None means every joined room
+    publish: tuple[str, ...] | None = None
 
     def may_join(self, room: str) -> bool:
         return self.rooms is None or any(fnmatch.fnmatchcase(room, p) for p in self.rooms)
+
+    def may_publish(self, room: str) -> bool:
+        return self.publish is None or any(fnmatch.fnmatchcase(room, p) for p in self.publish)
 
 
 @attrs.frozen
@@ -190,12 +196,18 @@ def _identity(claims: dict[str, Any], leeway: float) -> Identity:
         raise AuthError(401, "invalid_token", "'iat' and 'exp' must be numbers")
     if exp <= time.time() - leeway:
         raise AuthError(401, "token_expired", "token has expired")
-    rooms = claims.get("rooms")
-    if rooms is not None and not (
-        isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)
-    ):
-        raise AuthError(401, "invalid_token", "'rooms' must be a list of patterns")
-    return Identity(sub, int(iat), int(exp), None if rooms is None else tuple(rooms))
+    rooms, publish = _patterns(claims, "rooms"), _patterns(claims, "publish")
+    return Identity(sub, int(iat), int(exp), rooms, publish)
+
+
+def _patterns(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    """A claim that lists fnmatch patterns of room ids (``rooms``, ``publish``), when present."""
+    patterns = claims.get(name)
+    if patterns is None:
+        return None
+    if not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise AuthError(401, "invalid_token", f"'{name}' must be a list of patterns")
+    return tuple(patterns)
 
 
 def _finite_number(value: object) -> bool:

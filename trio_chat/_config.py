@@ -45,6 +45,7 @@ __all__ = [
     "HooksConfig",
     "LimitsConfig",
     "RedisConfig",
+    "RoomOptions",
     "ServerConfig",
     "SessionConfig",
     "load_config",
@@ -160,6 +161,9 @@ class LimitsConfig:
     #: refresh costs Redis work too
     frame_rate: float = attrs.field(default=100.0, validator=_positive)
     frame_burst: int = attrs.field(default=200, validator=_positive)
+    #: ``signal`` frames (SPEC §15): beyond, ``rate_limited``, never a close
+    signal_rate: float = attrs.field(default=5.0, validator=_positive)
+    signal_burst: int = attrs.field(default=10, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -208,6 +212,32 @@ class HooksConfig:
     max_concurrency: int = attrs.field(default=100, validator=_positive)
 
 
+def _pattern(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValueError("must be a non-empty fnmatch pattern of room ids")
+
+
+@attrs.frozen(kw_only=True)
+class RoomOptions:
+    """One ``[[rooms]]`` table (SPEC §15): options of the rooms whose id ``match`` fits
+    (fnmatch); the first table that fits a room applies, and None keeps the ``history.*``
+    value."""
+
+    match: str = attrs.field(validator=_pattern)
+    #: messages kept (``history.size`` for these rooms; 0: no history)
+    history_size: int | None = attrs.field(default=None, validator=v.optional(_non_negative))
+    #: seconds the stream and the read markers live after their last change
+    history_ttl: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    #: ``presence_join`` / ``presence_leave`` to the members
+    presence_events: bool = False
+    #: ``signal`` frames allowed
+    signals: bool = True
+    #: False: only the admin API and server-side publishes may post (announcements)
+    client_publish: bool = True
+    #: distinct users at most (0: no limit); a new user's join beyond it is ``room_full``
+    max_members: int = attrs.field(default=0, validator=_non_negative)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """The whole configuration, passed explicitly to everything that needs a part of it."""
@@ -221,6 +251,8 @@ class Config:
     history: HistoryConfig = attrs.Factory(HistoryConfig)
     admin: AdminConfig = attrs.Factory(AdminConfig)
     hooks: HooksConfig = attrs.Factory(HooksConfig)
+    #: the ``[[rooms]]`` tables, in order (TOML only)
+    rooms: tuple[RoomOptions, ...] = ()
 
 
 def _type_of(field: attrs.Attribute[Any]) -> type[Any]:
@@ -229,7 +261,12 @@ def _type_of(field: attrs.Attribute[Any]) -> type[Any]:
 
 
 # Field types are strings until resolved (``from __future__ import annotations``).
-_SECTIONS = {field.name: _type_of(field) for field in attrs.fields(attrs.resolve_types(Config))}
+_SECTIONS = {
+    field.name: _type_of(field)
+    for field in attrs.fields(attrs.resolve_types(Config))
+    if field.name != "rooms"  # a list of tables, not a section
+}
+attrs.resolve_types(RoomOptions)
 for _cls in _SECTIONS.values():
     attrs.resolve_types(_cls)
 _ENV_PREFIX = "TRIO_CHAT_"
@@ -271,8 +308,12 @@ def load_config(
         ConfigError: a one-line message naming the ``section.key`` at fault and its source.
     """
     layers: list[tuple[Mapping[str, object], str]] = []
+    rooms: tuple[RoomOptions, ...] = ()
     if path is not None:
-        layers.append((_read_toml(path), f"in {path}"))
+        toml = _read_toml(path)
+        if "rooms" in toml:
+            rooms = _room_options(toml.pop("rooms"), f"in {path}")
+        layers.append((toml, f"in {path}"))
     environ = os.environ if env is None else env
     layers.extend(_credential_layers(environ))
     layers.extend(_env_layers(environ))
@@ -297,7 +338,26 @@ def load_config(
     if config.hooks.url is not None and not config.hooks.secret:
         source = sources.get("hooks.url", "in the configuration")
         raise _error("hooks.secret", "required with hooks.url", source)
-    return config
+    return attrs.evolve(config, rooms=rooms) if rooms else config
+
+
+def _room_options(tables: object, source: str) -> tuple[RoomOptions, ...]:
+    """The ``[[rooms]]`` tables; an error names the table by its place: ``rooms[2].signals``."""
+    if not isinstance(tables, list):
+        raise _error("rooms", "expected [[rooms]] tables (an array of tables)", source)
+    options = []
+    for number, table in enumerate(tables, 1):
+        key = f"rooms[{number}]"
+        if not isinstance(table, Mapping):
+            raise _error(key, f"expected a table, got {table!r}", source)
+        if "match" not in table:
+            raise _error(f"{key}.match", "required: the fnmatch pattern of the room ids", source)
+        try:
+            options.append(_converter.structure(table, RoomOptions))
+        except ClassValidationError as exc:
+            name, message = next(_problems(exc, key))
+            raise _error(name, message, source) from None
+    return tuple(options)
 
 
 def _error(key: str, message: str, source: str) -> ConfigError:
@@ -462,7 +522,7 @@ _converter = cattrs.Converter(forbid_extra_keys=True)
 for _type, _hook in ((int, _int), (float, _float), (bool, _bool), (str, _str)):
     _converter.register_structure_hook(_type, _hook)
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
-for _cls in _SECTIONS.values():
+for _cls in (*_SECTIONS.values(), RoomOptions):
     _overrides: dict[str, Any] = {
         f.name: override(struct_hook=_checked(f)) for f in attrs.fields(_cls)
     }

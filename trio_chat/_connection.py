@@ -51,6 +51,7 @@ from ._messages import (
     MUTED,
     NOT_IN_ROOM,
     RATE_LIMITED,
+    ROOM_FULL,
     ROOM_ID,
     TOO_LARGE,
     UNAVAILABLE,
@@ -61,8 +62,12 @@ from ._messages import (
     JSONValue,
     Leave,
     Ping,
+    Presence,
+    Read,
+    Receipts,
     Refresh,
     Send,
+    Signal,
     dumps,
     encode,
     error_frame,
@@ -73,9 +78,11 @@ from ._messages import (
     parse_client_message,
     room_message,
 )
-from ._operations import direct_payload, room_history, route_direct
-from ._outbox import Outbox, Outgoing
-from ._registry import remove_session, write_session
+from ._operations import direct_payload, room_history, room_users, route_direct
+from ._outbox import Outbox, Outgoing, OutgoingRead, OutgoingSignal, Pending
+from ._registry import depart, enter, remove_session, write_rooms, write_session
+from ._rooms import read as room_read
+from ._rooms import signal as room_signal
 from ._session import INTERNAL_ERROR, POLICY, CloseRequest, Session
 from ._store import keys
 from ._store.cluster import ClusterBackend
@@ -103,6 +110,10 @@ MESSAGE_TOO_BIG = 1009
 MALFORMED_STRIKES = 10
 #: frames read ahead while a hook runs; beyond, the socket is read no further until it ends
 READ_AHEAD = 32
+#: the largest ``data`` of a ``signal``, in bytes of JSON (SPEC §15)
+MAX_SIGNAL_BYTES = 1024
+#: the longest ``read`` id of a room without history (ids are then opaque strings)
+MAX_MESSAGE_ID_BYTES = 128
 
 
 class SessionEnded(Exception):
@@ -407,6 +418,7 @@ class ConnectionHandler:
             rooms = set(session.rooms)
             emptied = self.hub.discard(session)
         batch = Batch()
+        depart(batch, self.config, self.hub.rooms, session_id, user_id, sorted(rooms))
         remove_session(batch, self.hub.instance_id, session_id, user_id, rooms)
         try:
             await self.backend.execute(batch)
@@ -438,7 +450,7 @@ class ConnectionHandler:
             session,
             self.backend,
             self.metrics,
-            self.config.history,
+            self.hub.rooms,
             settle=2 * self.config.redis.command_timeout,
         )
         max_bytes = self.config.limits.max_message_bytes
@@ -471,7 +483,7 @@ class ConnectionHandler:
             self.metrics.frame_in(message)
             try:
                 _spend(session.frame_bucket, message.ref)
-                if not isinstance(message, Send):
+                if not isinstance(message, Send | Signal | Read):
                     await outbox.wait_idle()  # its reply comes after the acks before it
                 outgoing = await self._handle(session, message)
                 if outgoing is not None:
@@ -507,9 +519,10 @@ class ConnectionHandler:
 
     async def _handle(
         self, session: Session, message: ClientMessage, *, ask: bool = True
-    ) -> Outgoing | None:
-        """Answer one frame; a ``send`` is answered by the outbox it returns to. ``ask``: False
-        for a join the connect hook asked for (the join hook is not asked again)."""
+    ) -> Pending | None:
+        """Answer one frame; a ``send``, ``signal`` or ``read`` goes on through the outbox it
+        returns to (which acknowledges a send). ``ask``: False for a join the connect hook asked
+        for (the join hook is not asked again)."""
         try:
             match message:
                 case Send():
@@ -526,6 +539,14 @@ class ConnectionHandler:
                     session.reply(encode("pong", message.ref))
                 case History():
                     await self._history(session, message)
+                case Presence():
+                    await self._presence(session, message)
+                case Signal():
+                    return self._signal(session, message)
+                case Read():
+                    return await self._read(session, message)
+                case Receipts():
+                    await self._receipts(session, message)
                 case _:
                     assert_never(message)
             return None
@@ -579,9 +600,12 @@ class ConnectionHandler:
         session from before the stream is read until the answer is written; the hub then
         hands over those that followed the stream's last entry. ``joined`` names that entry
         (``last``): the client gets every message after it, and can rejoin with it as
-        ``since`` even if nothing was said before its connection dropped.
+        ``since`` even if nothing was said before its connection dropped. It also carries the
+        user's read marker and how many messages follow it (SPEC §15).
         """
-        room, history = message.room, self.config.history
+        room = message.room
+        policy = self.hub.rooms(room)
+        history = policy.history
         since = None
         if message.since is not None and history.size:
             if (since := parse_id(message.since)) is None:
@@ -593,6 +617,8 @@ class ConnectionHandler:
             if len(session.rooms) >= self.config.limits.max_rooms_per_session:
                 raise ProtocolError(FORBIDDEN, "too many rooms for one session", message.ref)
             await self._authorize(session, message.ref, speaks=False)
+            if policy.max_members:
+                await self._check_room_size(session, room, policy.max_members, message.ref)
         publish = True
         if new and ask and self.hooks is not None and "join" in self.hooks:
             event = JoinEvent(
@@ -604,10 +630,13 @@ class ConnectionHandler:
             await self.hub.join(session, room, hold=hold)
         batch = Batch()
         if new:
-            batch.zadd(keys.room_presence(room), {session.id: now_ms()})
-            batch.expire(keys.room_presence(room), self.config.session.ttl)
-            batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
+            enter(batch, self.config, policy, room, session.id, session.user_id, session.info)
+            write_rooms(batch, self.hub.instance_id, session.id, session.rooms)
+        marker = batch.hget(keys.read_markers(room), session.user_id)
         stream = keys.room_channel(room)
+        if history.size:
+            # without a marker, every message the stream holds is unread
+            everything = batch.count_after(stream, "0-0", history.size)
         if hold:
             last = batch.xrevrange(stream, "+", "-", 1)
         if since is not None:
@@ -617,23 +646,36 @@ class ConnectionHandler:
                 exact = format_id(since)
                 found = batch.xrange(stream, exact, exact, 1)
         try:
-            if batch:
-                await self.backend.execute(batch)
-        except BackendUnavailable:
+            await self.backend.execute(batch)
+        except BackendUnavailable as exc:
             if new:
                 await self.hub.leave(session, room)
+                if exc.sent:  # the user may have been counted in: count them out
+                    undo = Batch()
+                    depart(undo, self.config, self.hub.rooms, session.id, session.user_id, [room])
+                    self.hub.retry_cleanup(undo)
             else:
                 self.hub.release(session, room, None)  # joined as before, without a replay
             raise
+        unread = everything.value if history.size else None
+        if unread and marker.value is not None and parse_id(marker.value) is not None:
+            counting = Batch()
+            after = counting.count_after(stream, marker.value, history.size)
+            try:
+                await self.backend.execute(counting)
+                unread = after.value
+            except BackendUnavailable as exc:  # joined all the same: all of them, at most
+                logger.warning("session %s: unread not counted: %s", session.id, exc)
         if not publish:
             session.read_only = (session.read_only or set()) | {room}
+        read = {"read": marker.value, "unread": unread}
         if not hold:  # history off, or a plain join of a room joined already
             gap = {} if message.since is None else {"recovered": False, "missed": 0}
-            session.reply(encode("joined", message.ref, room=room, **gap))
+            session.reply(encode("joined", message.ref, room=room, **gap, **read))
             return
         last_id = last.value[0][0] if last.value else None
         if since is None:
-            session.reply(encode("joined", message.ref, room=room, last=last_id))
+            session.reply(encode("joined", message.ref, room=room, last=last_id, **read))
         else:
             recovery = recover(
                 since,
@@ -649,17 +691,29 @@ class ConnectionHandler:
                 recovered=recovery.recovered,
                 missed=len(recovery.missed),
                 last=last_id,
+                **read,
             )
             missed = [message_frame(room, str(m["id"]), m) for m in recovery.missed]
             session.reply_all([joined, *missed])
         self.hub.release(session, room, parse_id(last_id))
 
+    async def _check_room_size(self, session: Session, room: str, limit: int, ref: object) -> None:
+        """``room_full`` when ``room`` has ``limit`` distinct users and the session's user is not
+        one of them (SPEC §15: checked, not locked)."""
+        batch = Batch()
+        mine = batch.hget(keys.room_users(room), session.user_id)
+        users = batch.hlen(keys.room_users(room))
+        await self.backend.execute(batch)
+        if mine.value is None and users.value >= limit:
+            raise ProtocolError(ROOM_FULL, f"room {room!r} has {limit} members already", ref)
+
     async def _history(self, session: Session, message: History) -> None:
         if message.room not in session.rooms:
             raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
         try:
+            history = self.hub.rooms(message.room).history
             messages, more = await room_history(
-                self.backend, self.config.history, message.room, message.before, message.limit
+                self.backend, history, message.room, message.before, message.limit
             )
         except ValueError as exc:
             raise ProtocolError(BAD_REQUEST, str(exc), message.ref) from exc
@@ -674,20 +728,23 @@ class ConnectionHandler:
             await self.hub.leave(session, room)
             batch = Batch()
             batch.zrem(keys.room_presence(room), session.id)
-            batch.hset(keys.session(session.id), {"rooms": dumps(sorted(session.rooms))})
+            write_rooms(batch, self.hub.instance_id, session.id, session.rooms)
+            depart(batch, self.config, self.hub.rooms, session.id, session.user_id, [room])
             try:
                 await self.backend.execute(batch)
             except BackendUnavailable as exc:
-                # Left locally all the same; the stale presence entry ages out by score.
+                # Left locally all the same: the heartbeat retries the departure (a count is
+                # only ever added to, so a rejoin meanwhile is counted right).
                 logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
+                retry = Batch()
+                retry.zrem(keys.room_presence(room), session.id)
+                depart(retry, self.config, self.hub.rooms, session.id, session.user_id, [room])
+                self.hub.retry_cleanup(retry)
         session.reply(encode("left", message.ref, room=message.room))
 
     async def _send(self, session: Session, message: Send) -> Outgoing:
         """Check a ``send`` and make its room message; the outbox publishes it and acks."""
-        if message.room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
-        if session.read_only and message.room in session.read_only:
-            raise ProtocolError(FORBIDDEN, "read-only membership of this room", message.ref)
+        self._check_publish(session, message.room, message.ref)
         _spend(session.send_bucket, message.ref)
         await self._authorize(session, message.ref, speaks=True)
         data = message.data
@@ -700,6 +757,78 @@ class ConnectionHandler:
         ts, payload = room_message(message.room, session.user_id, session.id, data)
         self._check_size(payload, message.ref, ID_BYTES)
         return Outgoing(message.room, payload, ts, message.ref)
+
+    def _check_publish(self, session: Session, room: str, ref: object) -> None:
+        """What a ``send`` or a ``signal`` to ``room`` needs: to be joined, and allowed to
+        speak there by the room, the token and the join hook (SPEC §14, §15)."""
+        if room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {room!r} first", ref)
+        if not self.hub.rooms(room).client_publish:
+            raise ProtocolError(FORBIDDEN, "only the server posts in this room", ref)
+        if not session.identity.may_publish(room):
+            raise ProtocolError(FORBIDDEN, "your token does not allow posting here", ref)
+        if session.read_only and room in session.read_only:
+            raise ProtocolError(FORBIDDEN, "read-only membership of this room", ref)
+
+    # --- rooms (SPEC §15) ------------------------------------------------------------------------
+
+    def _signal(self, session: Session, message: Signal) -> OutgoingSignal:
+        """Check a ``signal``; the outbox publishes it, in order with the sends. Over its own
+        budget it is refused, never closed for (SPEC §15)."""
+        room = message.room
+        if room in session.rooms and not self.hub.rooms(room).signals:
+            raise ProtocolError(FORBIDDEN, "signals are off in this room", message.ref)
+        self._check_publish(session, room, message.ref)
+        if len(dumps(message.data).encode()) > MAX_SIGNAL_BYTES:
+            raise ProtocolError(
+                TOO_LARGE, f"signal data over {MAX_SIGNAL_BYTES} bytes", message.ref
+            )
+        if session.signal_bucket is None:  # made at the first signal: most sessions send none
+            limits = self.config.limits
+            session.signal_bucket = TokenBucket(limits.signal_rate, limits.signal_burst)
+        if not session.signal_bucket.take():
+            raise ProtocolError(RATE_LIMITED, "too many signals; slow down", message.ref)
+        event = room_signal(room, session.user_id, session.id, message.data)
+        return OutgoingSignal(room, event, message.ref)
+
+    async def _read(self, session: Session, message: Read) -> OutgoingRead:
+        """Check a ``read``; the outbox moves the marker (and announces it if it moved)."""
+        room, message_id = message.room, message.id
+        if room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {room!r} first", message.ref)
+        history = self.hub.rooms(room).history
+        if history.size:
+            if (read := parse_id(message_id)) is None:
+                raise ProtocolError(BAD_REQUEST, "'id' must be a message id", message.ref)
+            if not self.hub.delivered(room, read):  # newer than this instance has seen
+                batch = Batch()
+                last = batch.xrevrange(keys.room_channel(room), "+", "-", 1)
+                await self.backend.execute(batch)
+                if not last.value or read > (parse_id(last.value[0][0]) or (0, 0)):
+                    raise ProtocolError(
+                        BAD_REQUEST, "'id' is newer than the room's last message", message.ref
+                    )
+        elif len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+            raise ProtocolError(BAD_REQUEST, "'id' is not a message id", message.ref)
+        event = room_read(room, session.user_id, session.id, message_id)
+        return OutgoingRead(room, session.user_id, message_id, history, event, message.ref)
+
+    async def _receipts(self, session: Session, message: Receipts) -> None:
+        if message.room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        batch = Batch()
+        markers = batch.hgetall(keys.read_markers(message.room))
+        await self.backend.execute(batch)
+        session.reply(encode("receipts", message.ref, room=message.room, read=markers.value))
+
+    async def _presence(self, session: Session, message: Presence) -> None:
+        if message.room not in session.rooms:
+            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        users, count = await room_users(self.backend, self.config, message.room)
+        fields: dict[str, JSONValue] = {"room": message.room, "users": users, "count": count}
+        if count > len(users):
+            fields["truncated"] = True
+        session.reply(encode("presence", message.ref, **fields))
 
     async def _direct(self, session: Session, message: Direct) -> None:
         _spend(session.send_bucket, message.ref)

@@ -22,6 +22,7 @@ from ._auth import AuthRecord
 from ._errors import BackendUnavailable, ChatError, single_error
 from ._messages import dumps, encode, new_message_id
 from ._metrics import Metrics
+from ._rooms import ROOM_EVENTS, SIGNAL, RoomRules, client_frame
 from ._store import keys
 from ._store.history import StreamId, format_id, message_frame, parse_id, stored
 from ._store.interface import Backend, Batch, Subscription
@@ -84,7 +85,8 @@ class Hub:
         # it was stalled can publish a late write with a higher id than messages its promoted
         # replica stored meanwhile, which a catch-up from the last id alone would skip.
         self._recent: dict[str, deque[StreamId]] = {}
-        self._history = config.history
+        #: each room's options (SPEC §15)
+        self.rooms = RoomRules(config)
         # server.listen(room): the application's own readers of rooms (bots, archivers)
         self._listeners: dict[str, set[_Listener]] = {}
         self._auth_cache: dict[str, tuple[float, AuthRecord | None]] = {}
@@ -175,6 +177,12 @@ class Hub:
         if not hold:
             self._by_room[room].add(session)
 
+    def delivered(self, room: str, message_id: StreamId) -> bool:
+        """Whether the pump has handed out ``room``'s messages up to ``message_id`` (so the
+        room's stream holds a message that recent)."""
+        last = self._delivered.get(room)
+        return last is not None and message_id <= last
+
     def release(self, session: Session, room: str, replayed_to: StreamId | None) -> None:
         """End the hold of :meth:`join`: the session has everything up to ``replayed_to`` (the
         room's last entry when the join read it; None: there was none), so hand over the held
@@ -230,7 +238,7 @@ class Hub:
         if channel in self._subscribed:
             return
         floor = None
-        if self._history.size:
+        if self.rooms(room).history.size:
             # Before subscribing: every message after this one reaches us live or, if the
             # Pub/Sub connection drops meanwhile, through the catch-up read.
             batch = Batch()
@@ -513,7 +521,7 @@ class Hub:
                 keys.room_channel(room),
                 f"({format_id(start)}",
                 "+",
-                self._history.size + len(recent),
+                self.rooms(room).history.size + len(recent),
             )
         await self.backend.execute(batch)
         caught_up = 0
@@ -536,7 +544,11 @@ class Hub:
         try:
             event = json.loads(payload)
             if channel.startswith(keys.ROOM_CHANNEL_PREFIX):
-                self._deliver_room(channel.removeprefix(keys.ROOM_CHANNEL_PREFIX), event)
+                room = channel.removeprefix(keys.ROOM_CHANNEL_PREFIX)
+                if "type" in event:
+                    self._room_event(room, event)
+                else:
+                    self._deliver_room(room, event)
             elif channel == keys.LOGOUT_CHANNEL:
                 self._logout(event)
             elif channel == keys.CHANGED_CHANNEL:
@@ -579,6 +591,28 @@ class Hub:
                     self._end_hold(room, session)
                     self._by_room[room].add(session)
                     session.deliver(frame, self._cork)
+
+    def _room_event(self, room: str, event: dict[str, object]) -> None:
+        """A presence change, a signal or a read marker (SPEC §15): to the room's members but
+        the session it came from. A member whose outbound queue is more than half full gets no
+        signal: typing indicators go before the messages it would be closed for."""
+        kind = event["type"]
+        members = self._by_room.get(room)
+        if not members or kind not in ROOM_EVENTS:
+            return
+        origin = event.get("session")
+        frame = text_frame(encode(str(kind), **client_frame(event)))
+        delivered = dropped = 0
+        for session in list(members):  # a delivery may close a session, and so change the set
+            if session.id == origin:
+                continue
+            if kind == SIGNAL and session.congested:
+                dropped += 1
+            else:
+                delivered += session.deliver(frame, self._cork)
+        if dropped:
+            self.metrics.signal_dropped(dropped)
+        self.metrics.fanout(str(kind), delivered)
 
     def _control(self, event: dict[str, object]) -> None:
         """A message on our own control channel (SPEC §4 ``ws:control:<id>``)."""

@@ -32,6 +32,7 @@ FORBIDDEN = "forbidden"
 MUTED = "muted"
 RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
+ROOM_FULL = "room_full"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
 
@@ -84,7 +85,36 @@ class History:
     ref: JSONValue = None
 
 
-ClientMessage: TypeAlias = Join | Leave | Send | Direct | Refresh | Ping | History
+@attrs.frozen
+class Presence:
+    room: str
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Signal:
+    room: str
+    data: JSONValue
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Read:
+    room: str
+    #: the id of the last message of the room the user has read
+    id: str
+    ref: JSONValue = None
+
+
+@attrs.frozen
+class Receipts:
+    room: str
+    ref: JSONValue = None
+
+
+ClientMessage: TypeAlias = (
+    Join | Leave | Send | Direct | Refresh | Ping | History | Presence | Signal | Read | Receipts
+)
 #: the longest ``history`` page, and the page without a ``limit`` (SPEC §6)
 MAX_HISTORY_PAGE = 100
 DEFAULT_HISTORY_PAGE = 50
@@ -129,6 +159,14 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         case "history":
             before = _optional_string(frame, "before", ref)
             return History(_room(frame, ref), before, _limit(frame, ref), ref)
+        case "presence":
+            return Presence(_room(frame, ref), ref)
+        case "signal":
+            return Signal(_room(frame, ref), _data(frame, ref), ref)
+        case "read":
+            return Read(_room(frame, ref), _string(frame, "id", ref), ref)
+        case "receipts":
+            return Receipts(_room(frame, ref), ref)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", ref)
 
 

@@ -28,7 +28,19 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from ._messages import Direct, History, Join, Leave, Ping, Refresh, Send
+from ._messages import (
+    Direct,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Presence,
+    Read,
+    Receipts,
+    Refresh,
+    Send,
+    Signal,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sized
@@ -41,7 +53,19 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_FRAME_TYPES", "HANDSHAKE_OUTCOMES", "SERVER_FRAME_TYPES", "Metrics"]
 
 #: the ``type`` of every client frame (SPEC §6); anything else counts as ``invalid``
-CLIENT_FRAME_TYPES = ("join", "leave", "send", "direct", "refresh", "ping", "history")
+CLIENT_FRAME_TYPES = (
+    "join",
+    "leave",
+    "send",
+    "direct",
+    "refresh",
+    "ping",
+    "history",
+    "presence",
+    "signal",
+    "read",
+    "receipts",
+)
 #: the ``type`` of every server frame (SPEC §6)
 SERVER_FRAME_TYPES = (
     "welcome",
@@ -56,6 +80,12 @@ SERVER_FRAME_TYPES = (
     "logout",
     "error",
     "history",
+    "presence",
+    "presence_join",
+    "presence_leave",
+    "signal",
+    "read",
+    "receipts",
 )
 #: ``accepted`` and every refusal code of the handshake (SPEC §5), bound up front so that each
 #: series exists (at 0) from the first scrape
@@ -85,6 +115,10 @@ _CLIENT_CLASSES: dict[type[object], str] = {
     Refresh: "refresh",
     Ping: "ping",
     History: "history",
+    Presence: "presence",
+    Signal: "signal",
+    Read: "read",
+    Receipts: "receipts",
 }
 # Every server frame starts like this: _messages.encode() puts "type" first, compactly.
 _FRAME_PREFIX = '{"type":"'
@@ -190,6 +224,11 @@ class Metrics:
             "Sessions closed with 1008 because their outbound queue was full",
             registry=registry,
         )
+        self.signals_dropped = Counter(
+            "trio_chat_signals_dropped",
+            "Signals not given to a session whose outbound queue was more than half full",
+            registry=registry,
+        )
         self.pump_lag_seconds = Histogram(
             "trio_chat_pump_lag_seconds",
             "Room messages: time from the sender's ts to their arrival at this pump",
@@ -285,6 +324,10 @@ class Metrics:
         ``kind`` frame (``"message"``, ``"direct"``): once per message, not per recipient."""
         self._fanout[""] += recipients
         self._out[kind if kind in self._out else INVALID] += recipients
+
+    def signal_dropped(self, count: int = 1) -> None:
+        """Count signals a congested session did not get (SPEC §15)."""
+        self.signals_dropped.inc(count)
 
     def slow_consumer(self) -> None:
         """Count one session closed as a slow consumer."""

@@ -59,6 +59,9 @@ class InvalidArgument(ChatError, ValueError):
 
 #: the longest mute, in seconds (a year)
 MAX_MUTE_SECONDS = 365 * 86400
+#: ``GET /v1/rooms``: the most rooms listed, and the default
+MAX_ROOMS_PAGE = 1000
+DEFAULT_ROOMS_PAGE = 100
 
 
 class Operator:
@@ -83,8 +86,14 @@ class Operator:
         Returns:
             ``{"id", "ts"}`` of the message.
         """
+        room = _room(room)
         message_id, ts = await publish(
-            self._hub.backend, self._config, _room(room), data, sender=_sender(sender)
+            self._hub.backend,
+            self._config,
+            self._hub.rooms(room).history,
+            room,
+            data,
+            sender=_sender(sender),
         )
         return {"id": message_id, "ts": ts}
 
@@ -154,7 +163,7 @@ class Operator:
             raise InvalidArgument(f"'limit' must be an integer in 1-{MAX_HISTORY_PAGE}")
         try:
             messages, more = await room_history(
-                self._hub.backend, self._config.history, room, before, limit
+                self._hub.backend, self._hub.rooms(room).history, room, before, limit
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
@@ -162,6 +171,12 @@ class Operator:
 
     async def instances(self) -> dict[str, JSONValue]:
         return {"instances": await instances(self._hub.backend)}
+
+    async def rooms(self, limit: object = DEFAULT_ROOMS_PAGE) -> dict[str, JSONValue]:
+        """The rooms with at least one live member, most users first (SPEC §15)."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_ROOMS_PAGE:
+            raise InvalidArgument(f"'limit' must be an integer in 1-{MAX_ROOMS_PAGE}")
+        return {"rooms": await rooms_index(self._hub.backend, limit)}
 
     def listen(self, room: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, object]]]:
         """The room's messages as this instance hands them out (:meth:`Hub.listen`)."""
@@ -225,7 +240,13 @@ async def route_direct(backend: Backend, to: str, payload: str) -> None:
 
 
 async def publish(
-    backend: Backend, config: Config, room: str, data: JSONValue, *, sender: str | None = None
+    backend: Backend,
+    config: Config,
+    history: HistoryConfig,
+    room: str,
+    data: JSONValue,
+    *,
+    sender: str | None = None,
 ) -> tuple[str, int]:
     """PUBLISH a room message shaped as a client's (SPEC §4), with ``session`` null, and
     ``from`` the ``sender`` (None: it comes from no user).
@@ -241,7 +262,7 @@ async def publish(
     if len(message.encode()) + ID_BYTES > config.limits.max_message_bytes:
         raise PayloadTooLarge(f"message over {config.limits.max_message_bytes} bytes")
     batch = Batch()
-    reply = publish_message(batch, config.history, room, message)
+    reply = publish_message(batch, history, room, message)
     await backend.execute(batch)
     message_id = reply.value
     logger.info("server published %s to room %s", message_id, room)
@@ -440,6 +461,59 @@ async def room_presence(backend: Backend, config: Config, room: str) -> list[dic
         for sid, (user, info) in found.items()
         if user.value
     ]
+
+
+#: users a ``presence`` answer lists at most (SPEC §15)
+MAX_PRESENCE_USERS = 1000
+
+
+async def room_users(
+    backend: Backend, config: Config, room: str
+) -> tuple[list[dict[str, object]], int]:
+    """The users present in ``room`` on any instance (SPEC §15): at most
+    :data:`MAX_PRESENCE_USERS` of them, any ones, each with their number of sessions there and
+    the ``info`` of one of those (None without one); and how many users there are.
+
+    The users and their counts come from ``ws:room:<room>:users`` (a dead instance's users
+    count until it is reaped); ``info`` from the records of the room's live sessions.
+
+    Raises:
+        BackendUnavailable: the store could not be reached.
+    """
+    lookup = Batch()
+    counts = lookup.hrandfield(keys.room_users(room), MAX_PRESENCE_USERS)
+    total = lookup.hlen(keys.room_users(room))
+    since = now_ms() - config.session.ttl * 1000
+    members = lookup.zrangebyscore(keys.room_presence(room), since, math.inf)
+    await backend.execute(lookup)
+    batch = Batch()
+    owners = {
+        sid: (batch.hget(keys.session(sid), "user_id"), batch.hget(keys.session(sid), "info"))
+        for sid in members.value
+    }
+    if owners:
+        await backend.execute(batch)
+    infos: dict[str, dict[str, object]] = {}
+    for user, info in owners.values():
+        if user.value in counts.value and (parsed := _json_object(info.value)) is not None:
+            infos.setdefault(user.value, parsed)
+    users: list[dict[str, object]] = [
+        {"user": user, "info": infos.get(user), "sessions": _int(sessions) or 0}
+        for user, sessions in sorted(counts.value.items())
+    ]
+    return users, max(total.value, len(users))
+
+
+async def rooms_index(backend: Backend, limit: int) -> list[dict[str, object]]:
+    """The rooms with a live member on any instance, most users first (``ws:rooms``, SPEC §15).
+
+    Raises:
+        BackendUnavailable: the store could not be reached.
+    """
+    batch = Batch()
+    top = batch.zrevrange(keys.ROOMS, limit)
+    await backend.execute(batch)
+    return [{"room": room, "users": int(users)} for room, users in top.value]
 
 
 def _json_object(raw: str | None) -> dict[str, object] | None:

@@ -1,5 +1,8 @@
 """A session's room messages on their way to Redis: several per round trip, in order.
 
+Signals and read markers (SPEC §15) take the same way, so that they keep their order with the
+messages (the typing signal before the message typed), and cost no round trip of their own.
+
 The read loop does not wait for a ``send``'s PUBLISH before it reads the next frame: it hands
 the payload to the session's :class:`Outbox` and goes on. A task of the session, started only
 while there is something to send, publishes everything handed over meanwhile in one batch (in
@@ -29,8 +32,9 @@ from ._store.interface import Batch
 if TYPE_CHECKING:
     from ._config import HistoryConfig
     from ._metrics import Metrics
+    from ._rooms import RoomRules
     from ._session import Session
-    from ._store.interface import Backend
+    from ._store.interface import Backend, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,33 @@ class Outgoing:
     ref: object
 
 
+@attrs.frozen
+class OutgoingSignal:
+    """One accepted ``signal``: published, never stored, never acknowledged."""
+
+    room: str
+    #: the ``chat:room`` payload (:func:`~trio_chat._rooms.signal`)
+    event: str
+    ref: object
+
+
+@attrs.frozen
+class OutgoingRead:
+    """One accepted ``read``: the user's marker, moved forward (and announced) if it is."""
+
+    room: str
+    user: str
+    message_id: str
+    #: the room's history (its TTL; with a size, ids are ordered)
+    history: HistoryConfig
+    #: the ``chat:room`` payload announcing it (:func:`~trio_chat._rooms.read`)
+    event: str
+    ref: object
+
+
+Pending = Outgoing | OutgoingSignal | OutgoingRead
+
+
 class Outbox:
     """Publishes one session's room messages in order, batching those that wait together."""
 
@@ -60,20 +91,20 @@ class Outbox:
         session: Session,
         backend: Backend,
         metrics: Metrics,
-        history: HistoryConfig,
+        rules: RoomRules,
         *,
         settle: float = 0.0,
     ) -> None:
         self._session = session
         self._backend = backend
         self._metrics = metrics
-        self._history = history
+        self._rules = rules
         #: seconds to find out what became of sends whose batch got no answer (see _settle)
         self._settle_for = settle
-        self._waiting: list[Outgoing] = []
+        self._waiting: list[Pending] = []
         self._idle: trio.Event | None = None  # while a sender task runs: set when it ends
 
-    async def put(self, outgoing: Outgoing) -> None:
+    async def put(self, outgoing: Pending) -> None:
         """Queue ``outgoing`` for the next batch, starting the sender task if none runs."""
         while len(self._waiting) >= self.LIMIT and self._idle is not None:
             await self._idle.wait()
@@ -99,34 +130,50 @@ class Outbox:
             self._idle.set()
             self._idle = None
 
-    async def _publish(self, taken: list[Outgoing]) -> None:
+    async def _publish(self, taken: list[Pending]) -> None:
         batch = Batch()
-        ids = [publish(batch, self._history, o.room, o.message) for o in taken]
+        ids: list[Reply[str] | None] = []
+        for pending in taken:
+            match pending:
+                case Outgoing(room, message):
+                    ids.append(publish(batch, self._rules(room).history, room, message))
+                case OutgoingSignal(room, event):
+                    batch.publish(keys.room_channel(room), event)
+                    ids.append(None)
+                case OutgoingRead(room, user, message_id, history, event):
+                    ordered = bool(history.size)
+                    batch.mark_read(
+                        room, user, message_id, ttl=history.ttl, ordered=ordered, event=event
+                    )
+                    ids.append(None)
+        sends = [pending for pending in taken if isinstance(pending, Outgoing)]
         try:
             with self._metrics.publishing():
                 await self._backend.execute(batch)
         except BackendUnavailable as exc:
-            logger.warning("session %s: %d send(s) failed: %s", self._session.id, len(taken), exc)
+            logger.warning("session %s: %d frame(s) failed: %s", self._session.id, len(taken), exc)
             # what was never sent cannot have been appended: refuse it at once
-            appended = await self._settle(taken) if exc.sent else [None] * len(taken)
-            for outgoing, entry_id in zip(taken, appended, strict=True):
-                if entry_id is not None:
-                    self._session.reply(encode("ack", outgoing.ref, id=entry_id, ts=outgoing.ts))
-                else:
+            appended = await self._settle(sends) if exc.sent else [None] * len(sends)
+            settled = dict(zip(map(id, sends), appended, strict=True))
+            for pending in taken:
+                if (entry_id := settled.get(id(pending))) is not None:
+                    assert isinstance(pending, Outgoing)
+                    self._session.reply(encode("ack", pending.ref, id=entry_id, ts=pending.ts))
+                else:  # a signal or a marker is not looked for: it was ephemeral, or is not
                     refusal = ProtocolError(
-                        UNAVAILABLE, "store unreachable; not delivered", outgoing.ref
+                        UNAVAILABLE, "store unreachable; not delivered", pending.ref
                     )
                     self._session.reply(error_frame(refusal))
         except Exception:
             logger.exception("session %s: publishing failed", self._session.id)
-            for outgoing in taken:
+            for pending in taken:
                 self._session.reply(
-                    error_frame(ProtocolError(INTERNAL, "internal error", outgoing.ref))
+                    error_frame(ProtocolError(INTERNAL, "internal error", pending.ref))
                 )
         else:
-            for outgoing, message_id in zip(taken, ids, strict=True):
-                ack = encode("ack", outgoing.ref, id=message_id.value, ts=outgoing.ts)
-                self._session.reply(ack)
+            for pending, entry in zip(taken, ids, strict=True):
+                if isinstance(pending, Outgoing) and entry is not None:
+                    self._session.reply(encode("ack", pending.ref, id=entry.value, ts=pending.ts))
 
     async def _settle(self, taken: list[Outgoing]) -> list[str | None]:
         """Find which of ``taken`` Redis appended after all: the entry id of each, or None.
@@ -140,15 +187,17 @@ class Outbox:
         history there is nothing to read: every one is ``unavailable``.
         """
         found: list[str | None] = [None] * len(taken)
-        if not self._history.size or not self._settle_for:
+        rooms = {o.room for o in taken if self._rules(o.room).history.size}
+        if not rooms or not self._settle_for:
             return found
-        rooms = {outgoing.room for outgoing in taken}
         reads = 0
         with trio.move_on_after(self._settle_for):
             while reads < 2 and None in found:
                 batch = Batch()
                 recent = {
-                    room: batch.xrevrange(keys.room_channel(room), "+", "-", self._history.size)
+                    room: batch.xrevrange(
+                        keys.room_channel(room), "+", "-", self._rules(room).history.size
+                    )
                     for room in rooms
                 }
                 try:

@@ -4,7 +4,10 @@ An instance that died without cleaning up leaves its id in ``ws:instances`` and 
 in ``ws:instance:<id>:sessions``; its ``ws:instance:<id>`` key expires after
 ``session.instance_ttl``. Any live instance (or ``trio-chat clean``) that sees such an id takes
 the ``ws:reap:<id>`` lock, so exactly one of them removes the dead sessions from the users'
-sets and the rooms' presence, deletes their keys, and finally forgets the instance.
+sets and the rooms' presence, deletes their keys, and finally forgets the instance. The rooms
+of a dead session are read from ``ws:instance:<id>:rooms`` (its ``ws:session`` record may have
+expired): its user's count in each drops, and where that was the user's last session there,
+the room's members get ``presence_leave`` (SPEC §15).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._errors import BackendUnavailable
-from ._registry import remove_instance, remove_session, session_rooms
+from ._registry import depart, remove_instance, remove_session, session_rooms
+from ._rooms import RoomRules
 from ._store import keys
 from ._store.backends import open_backend
 from ._store.interface import Backend, Batch
@@ -37,6 +41,7 @@ _CHUNK = 1000
 async def sweep(
     backend: Backend,
     reaper_id: str,
+    config: Config,
     *,
     suspects: dict[str, float] | None = None,
     grace: float = 0.0,
@@ -46,6 +51,7 @@ async def sweep(
     Args:
         backend: the store.
         reaper_id: who takes the locks (never reaped by itself).
+        config: the deployment's configuration (its rooms' options, its session TTL).
         suspects: a reaper's memory across sweeps: instance id -> when (trio time) its key
             was first seen missing. With it, an instance is reaped only once its key has been
             missing for ``grace`` seconds. After Redis stalled for longer than
@@ -81,29 +87,34 @@ async def sweep(
     reaped = []
     for instance_id, lock in zip(dead, locks, strict=True):
         if lock.value:
-            count = await reap(backend, instance_id)
+            count = await reap(backend, instance_id, config)
             logger.warning("reaped dead instance %s (%d sessions)", instance_id, count)
             reaped.append(instance_id)
     return reaped
 
 
-async def reap(backend: Backend, instance_id: str) -> int:
+async def reap(backend: Backend, instance_id: str, config: Config) -> int:
     """Remove every trace of ``instance_id``'s sessions; return how many there were."""
     batch = Batch()
     owned = batch.hgetall(keys.instance_sessions(instance_id))
+    listed = batch.hgetall(keys.instance_rooms(instance_id))
     await backend.execute(batch)
     sessions = owned.value
     lookup = Batch()
-    rooms = {sid: lookup.hget(keys.session(sid), "rooms") for sid in sessions}
-    if rooms:
+    recorded = {sid: lookup.hget(keys.session(sid), "rooms") for sid in sessions}
+    if recorded:
         await backend.execute(lookup)
+    rules = RoomRules(config)
     # In chunks, so that a big instance does not make one pipeline too slow to ever finish.
     items = list(sessions.items())
     for start in range(0, len(items), _CHUNK):
         cleanup = Batch()
         for session_id, user_id in items[start : start + _CHUNK]:
-            room_list = session_rooms(rooms[session_id].value)
-            remove_session(cleanup, instance_id, session_id, user_id, room_list)
+            rooms = set(session_rooms(listed.value.get(session_id)))
+            rooms.update(session_rooms(recorded[session_id].value))
+            # the counts first: a reaper that dies after them leaves the records to the next
+            depart(cleanup, config, rules, session_id, user_id, sorted(rooms))
+            remove_session(cleanup, instance_id, session_id, user_id, rooms)
         await backend.execute(cleanup)
     # Forget the instance last: if this dies half-way, the id is still there to reap again.
     cleanup = Batch()
@@ -123,6 +134,7 @@ async def cleaner(backend: Backend, config: Config) -> None:
             await sweep(
                 backend,
                 config.server.instance_id,
+                config,
                 suspects=suspects,
                 grace=config.session.instance_ttl,
             )
@@ -140,4 +152,4 @@ async def clean_once(config: Config) -> list[str]:
     async with open_backend(
         config.redis.url, command_timeout=config.redis.command_timeout
     ) as backend:
-        return await sweep(backend, reaper_id)
+        return await sweep(backend, reaper_id, config)

@@ -9,13 +9,14 @@ import logging
 import math
 import os
 import socket
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._errors import BackendUnavailable
 from ._messages import dumps, now_ms
+from ._rooms import presence_join, presence_leave
 from ._store import keys
 from ._store.interface import Backend, Batch
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from ._config import Config
     from ._hub import Hub
     from ._messages import JSONValue
+    from ._rooms import RoomPolicy, RoomRules
+    from ._session import Session
+    from ._store.interface import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +45,19 @@ def write_session(
     rooms: Iterable[str],
     info: Mapping[str, JSONValue] | None = None,
 ) -> None:
-    """Queue the full records of one session: its hash, its user's set, its instance's map.
-    ``info`` is what the connect hook said of it (SPEC §14), kept for presence."""
+    """Queue the full records of one session: its hash, its user's set, its instance's maps,
+    its presence in ``rooms``. ``info`` is what the connect hook said of it (SPEC §14), kept
+    for presence. (Not the per-user counts: :func:`enter` and :func:`depart` change those.)"""
     ttl = config.session.ttl
     instance_id = config.server.instance_id
     now = now_ms()
+    rooms = sorted(rooms)
     fields = {
         "user_id": identity.user_id,
         "instance": instance_id,
         "connected_at": str(connected_at),
         "last_seen": str(now),
-        "rooms": dumps(sorted(rooms)),
+        "rooms": dumps(rooms),
         "token_exp": str(identity.expires_at or 0),  # 0: an opaque session without TTL
         "remote": remote,
     }
@@ -62,6 +68,8 @@ def write_session(
     batch.sadd(keys.user_sessions(identity.user_id), session_id)
     batch.expire(keys.user_sessions(identity.user_id), ttl)
     batch.hset(keys.instance_sessions(instance_id), {session_id: identity.user_id})
+    if rooms:
+        batch.hset(keys.instance_rooms(instance_id), {session_id: fields["rooms"]})
     for room in rooms:
         batch.zadd(keys.room_presence(room), {session_id: now})
         batch.expire(keys.room_presence(room), ttl)
@@ -70,12 +78,59 @@ def write_session(
 def remove_session(
     batch: Batch, instance_id: str, session_id: str, user_id: str, rooms: Iterable[str]
 ) -> None:
-    """Queue the removal of every trace of one session (its owner's, or a reaper's)."""
+    """Queue the removal of every record of one session (its owner's, or a reaper's). Doing it
+    twice does no harm; the per-user counts of its rooms are :func:`depart`'s."""
     batch.delete(keys.session(session_id))
     batch.srem(keys.user_sessions(user_id), session_id)
     batch.hdel(keys.instance_sessions(instance_id), session_id)
+    batch.hdel(keys.instance_rooms(instance_id), session_id)
     for room in rooms:
         batch.zrem(keys.room_presence(room), session_id)
+
+
+def write_rooms(batch: Batch, instance_id: str, session_id: str, rooms: Iterable[str]) -> None:
+    """Queue the session's room list, where a reaper finds it (SPEC §3), after a join or a
+    leave."""
+    rooms = dumps(sorted(rooms))
+    batch.hset(keys.session(session_id), {"rooms": rooms})
+    if rooms != "[]":
+        batch.hset(keys.instance_rooms(instance_id), {session_id: rooms})
+    else:
+        batch.hdel(keys.instance_rooms(instance_id), session_id)
+
+
+def enter(
+    batch: Batch,
+    config: Config,
+    policy: RoomPolicy,
+    room: str,
+    session_id: str,
+    user_id: str,
+    info: Mapping[str, JSONValue] | None,
+) -> Reply[tuple[int, int]]:
+    """Queue a session's arrival in ``room``: its presence entry, and its user's count, which
+    announces ``presence_join`` when it is the user's first session there (and the room
+    wants it). The reply: the user's sessions in the room, and the room's users."""
+    batch.zadd(keys.room_presence(room), {session_id: now_ms()})
+    batch.expire(keys.room_presence(room), config.session.ttl)
+    event = presence_join(room, user_id, session_id, info) if policy.presence_events else None
+    return batch.occupy(room, user_id, 1, ttl=config.session.ttl, event=event)
+
+
+def depart(
+    batch: Batch,
+    config: Config,
+    rules: RoomRules,
+    session_id: str,
+    user_id: str,
+    rooms: Iterable[str],
+) -> None:
+    """Queue a session's departure from ``rooms``: its user's counts, each announcing
+    ``presence_leave`` when it was the user's last session there (and the room wants it).
+    Unlike :func:`remove_session`, not to be done twice."""
+    for room in rooms:
+        event = presence_leave(room, user_id, session_id) if rules(room).presence_events else None
+        batch.occupy(room, user_id, -1, ttl=config.session.ttl, event=event)
 
 
 def session_rooms(raw: str | None) -> list[str]:
@@ -108,7 +163,11 @@ def remove_instance(batch: Batch, instance_id: str, *, leave_to_reaper: bool = F
     if leave_to_reaper:
         batch.delete(keys.instance(instance_id))
         return
-    batch.delete(keys.instance(instance_id), keys.instance_sessions(instance_id))
+    batch.delete(
+        keys.instance(instance_id),
+        keys.instance_sessions(instance_id),
+        keys.instance_rooms(instance_id),
+    )
     batch.srem(keys.INSTANCES, instance_id)
 
 
@@ -173,10 +232,13 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
             if room not in trimmed:
                 trimmed.add(room)
                 batch.zremrangebyscore(keys.room_presence(room), -math.inf, stale)
+                # renew the per-user counts, and set the room's entry of ws:rooms from them
+                batch.occupy(room, "", 0, ttl=ttl, event=None)
             batch.zadd(keys.room_presence(room), entries)
             batch.expire(keys.room_presence(room), ttl)
         await backend.execute(batch)
         repair = Batch()
+        vanished = []
         for session, (renewed, user_id) in zip(chunk, checks, strict=True):
             if hub.sessions.get(session.id) is not session:
                 # It ended while this batch was in flight, and the batch may have written
@@ -196,6 +258,29 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
                     rooms=session.rooms,
                     info=session.info,
                 )
+                vanished.append(session)
+        if vanished:
+            await _count_again(backend, config, vanished, repair)
         if repair:
             logger.info("heartbeat: repairing session records (%d commands)", len(repair))
             await backend.execute(repair)
+
+
+async def _count_again(
+    backend: Backend, config: Config, vanished: list[Session], repair: Batch
+) -> None:
+    """Queue on ``repair`` the per-user room counts of sessions whose records vanished, where
+    their user is missing from the room's count too (Redis lost it with them: a restart, an
+    eviction). A user still counted is left as counted; nobody is announced: for the clients,
+    they never left."""
+    local: Counter[tuple[str, str]] = Counter(
+        (room, session.user_id) for session in vanished for room in session.rooms
+    )
+    lookup = Batch()
+    counted = {pair: lookup.hget(keys.room_users(pair[0]), pair[1]) for pair in local}
+    if not counted:
+        return
+    await backend.execute(lookup)
+    for (room, user), sessions in local.items():
+        if counted[room, user].value is None:
+            repair.occupy(room, user, sessions, ttl=config.session.ttl, event=None)

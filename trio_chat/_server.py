@@ -142,6 +142,11 @@ class Server:
         """Every instance of the deployment, as ``GET /v1/instances`` lists them."""
         return list((await self._ops.instances())["instances"])
 
+    async def rooms(self, limit: int = 100) -> list[dict[str, object]]:
+        """The rooms with a live member on any instance, most users first, as
+        ``GET /v1/rooms`` lists them (SPEC §15)."""
+        return list((await self._ops.rooms(limit))["rooms"])
+
     def listen(self, room: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, object]]]:
         """``async with server.listen(room) as messages: async for message in messages``:
         every ``message`` of the room this instance hands out from now on, from any instance,

@@ -70,6 +70,7 @@ class Session:
         "remote",
         "rooms",
         "send_bucket",
+        "signal_bucket",
         "user_id",
         "ws",
     )
@@ -109,6 +110,8 @@ class Session:
         self.send_bucket = send_bucket
         #: ``limits.frame_*``: spent by every client frame
         self.frame_bucket = frame_bucket
+        #: ``limits.signal_*``: spent by ``signal``; made at the first one
+        self.signal_bucket: TokenBucket | None = None
         self._writer = FrameWriter(ws, queue_size)
         # The connection's nursery while serve() runs: close() starts its task there, and
         # bounds it with its cancel scope.
@@ -136,6 +139,11 @@ class Session:
             self.close(POLICY, "slow consumer")
             return False
         return True
+
+    @property
+    def congested(self) -> bool:
+        """More than half of the outbound queue is taken: signals are dropped (SPEC §15)."""
+        return self._writer.congested
 
     def reply(self, text: str) -> bool:
         """:meth:`deliver` a frame made for this session alone."""

@@ -270,6 +270,11 @@ class FrameWriter:
             self.uncork()  # what was held goes first
         return self._write(frame)
 
+    @property
+    def congested(self) -> bool:
+        """Whether more than half of the queue is taken: what can be dropped should be."""
+        return self._queue is not None and 2 * len(self._queue) > self._limit
+
     def uncork(self) -> None:
         """Write what the cork held, joined into one frame sequence."""
         if self._corked and not self._stopping:

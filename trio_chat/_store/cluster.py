@@ -8,7 +8,9 @@ docs/cluster-notes.md). So this backend routes by itself, over coredis's single-
   one command per key); each master's share goes to a :class:`~trio_chat._store.redis.RedisBackend`
   of that master, which pipelines it with the other batches for that node, and the masters are
   sent their shares at once. No command spans two slots, and the history script touches one key
-  and its same-named channel, so the cluster takes every one of them.
+  and its same-named channel, so the cluster takes every one of them. The presence and
+  read-marker scripts touch one key each; what they would do on other slots (the room index,
+  the event) is a second round trip built from their answers (:mod:`.rooms`).
 - **Redirections.** A command a node answers ``MOVED`` (its slot has another owner: a failover,
   a resharding) is sent again to the node named, and the slot map is read again; ``ASK`` (the
   slot is being migrated) to the node named, after ``ASKING``. Neither ran where it was
@@ -49,6 +51,7 @@ from .redis import (
     unavailable,
     without_password,
 )
+from .rooms import follow_up
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -348,6 +351,12 @@ class ClusterBackend:
         for command, parts in split:
             if parts != [command]:  # one per key: the counts add up
                 command.reply.set(sum(part.reply.value for part in parts))
+        # presence and read markers: the index and the event, on other slots (see .rooms)
+        after = Batch()
+        for command in batch.commands:
+            follow_up(after, command)
+        if after:
+            await self.execute(after)
 
     async def _send(self, shares: dict[str, list[Command]], ran: bool) -> None:
         """Send each master its share, all at once, and wait for every one of them.

@@ -111,6 +111,10 @@ class Batch:
     def hlen(self, key: str) -> Reply[int]:
         return self._add("hlen", key)
 
+    def hrandfield(self, key: str, count: int) -> Reply[dict[str, str]]:
+        """HRANDFIELD WITHVALUES: up to ``count`` distinct fields (all when fewer), any ones."""
+        return self._add("hrandfield", key, count)
+
     # sets
     def sadd(self, key: str, *members: str) -> Reply[int]:
         return self._add("sadd", key, *members)
@@ -141,6 +145,11 @@ class Batch:
     def zcard(self, key: str) -> Reply[int]:
         return self._add("zcard", key)
 
+    def zrevrange(self, key: str, count: int) -> Reply[list[tuple[str, float]]]:
+        """The ``count`` members of highest score, with their scores, highest first (equal
+        scores: the member greater first)."""
+        return self._add("zrevrange", key, count)
+
     # streams
     def append(self, key: str, message: str, *, maxlen: int, ttl: float) -> Reply[str]:
         """Append a room message to its history and publish it, in one step (SPEC §11).
@@ -164,6 +173,33 @@ class Batch:
     def xrevrange(self, key: str, end: str, start: str, count: int) -> Reply[list[StreamEntry]]:
         """XREVRANGE: as :meth:`xrange`, newest first."""
         return self._add("xrevrange", key, end, start, count)
+
+    def count_after(self, key: str, after: str, limit: int) -> Reply[int]:
+        """How many entries of the stream ``key`` follow the id ``after``, counting up to
+        ``limit`` (a script: the entries are not sent)."""
+        return self._add("count_after", key, after, limit)
+
+    # rooms (SPEC §15; see :mod:`.rooms`)
+    def occupy(
+        self, room: str, user: str, delta: int, *, ttl: float, event: str | None
+    ) -> Reply[tuple[int, int]]:
+        """``delta`` sessions of ``user`` enter ``room`` (< 0: leave it; 0: only renew).
+
+        ``HINCRBY ws:room:<room>:users <user> delta``, removing the field when it drops to 0 or
+        below; renew the hash's TTL; set the room's score in ``ws:rooms`` to the hash's length
+        (removing it at 0); and when the call was the user's arrival (none there before) or
+        departure (none left), PUBLISH ``event`` (when given) on ``chat:room:<room>``. The reply is
+        ``(the user's sessions in the room now, the room's users)``.
+        """
+        return self._add("occupy", room, user, delta, ttl, event)
+
+    def mark_read(
+        self, room: str, user: str, message_id: str, *, ttl: float, ordered: bool, event: str | None
+    ) -> Reply[bool]:
+        """Set ``user``'s marker in ``ws:read:<room>`` to ``message_id`` unless it is there
+        already, or (``ordered``: stream ids) is not older; renew the TTL; and when it moved,
+        PUBLISH ``event`` (when given) on ``chat:room:<room>``. The reply: whether it moved."""
+        return self._add("mark_read", room, user, message_id, ttl, ordered, event)
 
     # pub/sub
     def publish(self, channel: str, message: str) -> Reply[int]:

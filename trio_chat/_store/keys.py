@@ -5,6 +5,8 @@ from __future__ import annotations
 import binascii
 
 INSTANCES = "ws:instances"
+#: the operators' room index (SPEC §15): room id -> distinct users present
+ROOMS = "ws:rooms"
 LOGOUT_CHANNEL = "auth:logout"
 CHANGED_CHANNEL = "auth:changed"
 ROOM_CHANNEL_PREFIX = "chat:room:"
@@ -29,12 +31,24 @@ def room_presence(room: str) -> str:
     return f"ws:room:{room}"
 
 
+def room_users(room: str) -> str:
+    return f"ws:room:{room}:users"
+
+
+def read_markers(room: str) -> str:
+    return f"ws:read:{room}"
+
+
 def instance(instance_id: str) -> str:
     return f"ws:instance:{instance_id}"
 
 
 def instance_sessions(instance_id: str) -> str:
     return f"ws:instance:{instance_id}:sessions"
+
+
+def instance_rooms(instance_id: str) -> str:
+    return f"ws:instance:{instance_id}:rooms"
 
 
 def reap_lock(instance_id: str) -> str:

@@ -7,13 +7,16 @@ as the real thing. Keys expire on :func:`trio.current_time`, so trio's ``MockClo
 from __future__ import annotations
 
 import math
+import random
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from . import keys
 from .history import FIELD, StreamId, format_id, parse_id, with_id
+from .rooms import is_transition
 
 if TYPE_CHECKING:
     import builtins
@@ -166,6 +169,21 @@ class _Keyspace:
     def hlen(self, key: str) -> int:
         return len(self._read(key, _Hash) or ())
 
+    def hrandfield(self, key: str, count: int) -> dict[str, str]:
+        fields = self._read(key, _Hash) or _Hash()
+        return {
+            name: fields[name] for name in random.sample(sorted(fields), min(count, len(fields)))
+        }
+
+    def hincrby(self, key: str, field: str, delta: int) -> int:
+        fields = self._container(key, _Hash)
+        try:
+            value = int(fields.get(field, "0")) + delta
+        except ValueError:
+            raise TypeError("ERR hash value is not an integer") from None
+        fields[field] = str(value)
+        return value
+
     # sets
     def sadd(self, key: str, *members: str) -> int:
         container = self._container(key, _Set)
@@ -211,6 +229,11 @@ class _Keyspace:
     def zcard(self, key: str) -> int:
         return len(self._read(key, _SortedSet) or ())
 
+    def zrevrange(self, key: str, count: int) -> list[tuple[str, float]]:
+        scores = self._read(key, _SortedSet) or _SortedSet()
+        ordered = sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)
+        return ordered[:count]
+
     # streams
     def xadd(self, key: str, fields: dict[str, str], maxlen: int) -> str:
         """XADD key MAXLEN maxlen * ...; trims exactly (Redis's ``~`` may keep more)."""
@@ -230,6 +253,9 @@ class _Keyspace:
         low, high = _bound(start, low=True), _bound(end, low=False)
         entries = self._read(key, _Stream) or _Stream()
         return [(format_id(i), dict(f)) for i, f in reversed(entries) if low <= i <= high][:count]
+
+    def count_after(self, key: str, after: str, limit: int) -> int:
+        return len(self.xrange(key, f"({after}", "+", limit))
 
 
 def _bound(text: str, *, low: bool) -> StreamId:
@@ -306,6 +332,10 @@ class MemoryBackend:
                     command.reply.set(self._publish(*command.args))
                 case "append":
                     command.reply.set(self._append(*command.args))
+                case "occupy":
+                    command.reply.set(self._occupy(*command.args))
+                case "mark_read":
+                    command.reply.set(self._mark_read(*command.args))
                 case _:
                     command.reply.set(getattr(self._keyspace, command.name)(*command.args))
 
@@ -315,6 +345,43 @@ class MemoryBackend:
         self._keyspace.expire(key, ttl)
         self._publish(key, with_id(message, entry_id))
         return entry_id
+
+    def _occupy(
+        self, room: str, user: str, delta: int, ttl: float, event: str | None
+    ) -> tuple[int, int]:
+        """The presence script of the Redis backend (:data:`.rooms.OCCUPY_SCRIPT`)."""
+        space, key = self._keyspace, keys.room_users(room)
+        sessions = 0
+        if delta:
+            if (sessions := space.hincrby(key, user, delta)) <= 0:
+                space.hdel(key, user)
+        users = space.hlen(key)
+        if users:
+            space.expire(key, ttl)
+            space.zadd(keys.ROOMS, {room: users})
+        else:
+            space.zrem(keys.ROOMS, room)
+        if event is not None and is_transition(delta, sessions):
+            self._publish(keys.room_channel(room), event)
+        return sessions, users
+
+    def _mark_read(
+        self, room: str, user: str, message_id: str, ttl: float, ordered: bool, event: str | None
+    ) -> bool:
+        """The read-marker script of the Redis backend (:data:`.rooms.MARK_READ_SCRIPT`)."""
+        space, key = self._keyspace, keys.read_markers(room)
+        current = space.hget(key, user)
+        if current == message_id:
+            return False
+        if current is not None and ordered:
+            old, new = parse_id(current), parse_id(message_id)
+            if old is not None and new is not None and new <= old:
+                return False
+        space.hset(key, {user: message_id})
+        space.expire(key, ttl)
+        if event is not None:
+            self._publish(keys.room_channel(room), event)
+        return True
 
     def _publish(self, channel: str, message: str) -> int:
         receivers = [sub for sub in self._subscriptions if channel in sub.channels]

@@ -28,6 +28,16 @@ from coredis.retry import NoRetryPolicy
 from .._errors import BackendUnavailable, ConfigError, first_leaf, single_error
 from .history import APPEND_SCRIPT, APPEND_SHA
 from .keys import hash_slot, is_shard_channel
+from .rooms import (
+    COUNT_AFTER_SCRIPT,
+    COUNT_AFTER_SHA,
+    MARK_READ_SCRIPT,
+    MARK_READ_SHA,
+    OCCUPY_SCRIPT,
+    OCCUPY_SHA,
+    mark_read_args,
+    occupy_args,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -144,6 +154,8 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
             return pipe.hdel(key, fields)
         case "hlen", (key,):
             return pipe.hlen(key)
+        case "hrandfield", (key, count):
+            return pipe.hrandfield(key, count=count, withvalues=True)
         case "sadd", (key, *members):
             return pipe.sadd(key, members)
         case "srem", (key, *members):
@@ -162,6 +174,8 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
             return pipe.zremrangebyscore(key, low, high)
         case "zcard", (key,):
             return pipe.zcard(key)
+        case "zrevrange", (key, count):
+            return pipe.zrevrange(key, 0, count - 1, withscores=True)
         case "publish", (channel, message) if sharded and is_shard_channel(channel):
             sent: Awaitable[int] = pipe.spublish(channel, message)  # (untyped in coredis 6.9)
             return sent
@@ -171,6 +185,17 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
             publish = "SPUBLISH" if sharded else "PUBLISH"
             args = (message, maxlen, _milliseconds(ttl), publish)
             return pipe.evalsha(APPEND_SHA, keys=[key], args=args)
+        case "occupy", (room, user, delta, ttl, event):
+            names, argv = occupy_args(room, user, delta, _milliseconds(ttl), event, sharded=sharded)
+            return pipe.evalsha(OCCUPY_SHA, keys=names, args=argv)
+        case "mark_read", (room, user, message_id, ttl, ordered, event):
+            ms = _milliseconds(ttl)
+            names, argv = mark_read_args(
+                room, user, message_id, ms, ordered, event, sharded=sharded
+            )
+            return pipe.evalsha(MARK_READ_SHA, keys=names, args=argv)
+        case "count_after", (key, after, limit):
+            return pipe.evalsha(COUNT_AFTER_SHA, keys=[key], args=(after, limit))
         case "asking", ():  # the next command is for a slot this node is importing
             asked: Awaitable[bool] = pipe.asking()
             return asked
@@ -186,7 +211,8 @@ async def _pipeline(
 ) -> list[Any]:
     """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with.
 
-    The history script is sent by its SHA only; where Redis does not have it (it restarted
+    Scripts (history, presence, read markers) are sent by their SHA only; where Redis does not
+    have one (it restarted
     empty, or SCRIPT FLUSH), it is loaded and those commands, which did not run, are sent again
     in their order.
     """
@@ -199,7 +225,8 @@ async def _pipeline(
             raise NotConnected(str(exc)) from exc
         raise
     if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
-        await client.script_load(APPEND_SCRIPT)
+        for script in sorted({_SCRIPTS[commands[n].name] for n in missing}):
+            await client.script_load(script)
         again = await _run([commands[n] for n in missing], sharded, client)
         for n, reply in zip(missing, again, strict=True):
             replies[n] = reply
@@ -218,11 +245,28 @@ async def _run(commands: list[Command], sharded: bool, client: coredis.Redis[str
     return replies
 
 
+#: the scripts of the commands that run one, by command name
+_SCRIPTS = {
+    "append": APPEND_SCRIPT,
+    "occupy": OCCUPY_SCRIPT,
+    "mark_read": MARK_READ_SCRIPT,
+    "count_after": COUNT_AFTER_SCRIPT,
+}
+
+
 def _reply(name: str, value: Any) -> Any:
     if name == "ttl":  # PTTL: -2 no such key, -1 no TTL
         return None if value < 0 else value / 1000
     if name == "zrangebyscore":
         return list(value)
+    if name == "zrevrange":
+        return [(member.member, member.score) for member in value]
+    if name == "hrandfield":
+        return dict(value) if value else {}
+    if name == "occupy":
+        return int(value[0]), int(value[1])
+    if name == "mark_read":
+        return bool(value)
     if name in ("xrange", "xrevrange"):
         return [(entry.identifier, dict(entry.field_values)) for entry in value]
     return value

@@ -118,6 +118,7 @@ def create_app(
         Route("/v1/sessions/{session_id}", v1(api.kick), methods=["DELETE"]),
         Route("/v1/rooms/{room}/presence", v1(api.presence), methods=["GET"]),
         Route("/v1/rooms/{room}/history", v1(api.history), methods=["GET"]),
+        Route("/v1/rooms", v1(api.rooms), methods=["GET"]),
         Route("/v1/instances", v1(api.instances), methods=["GET"]),
     ]
     return Starlette(
@@ -362,6 +363,17 @@ class _AdminApi:
 
     async def instances(self, request: Request) -> dict[str, Any]:
         return await self.ops.instances()
+
+    async def rooms(self, request: Request) -> dict[str, Any]:
+        raw_limit = request.query_params.get("limit", str(ops.DEFAULT_ROOMS_PAGE))
+        if (
+            not re.fullmatch(r"[0-9]{1,4}", raw_limit)
+            or not 1 <= int(raw_limit) <= ops.MAX_ROOMS_PAGE
+        ):
+            raise ApiError(
+                400, "bad_request", f"'limit' must be an integer in 1-{ops.MAX_ROOMS_PAGE}"
+            )
+        return await self.ops.rooms(int(raw_limit))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         """The JSON object in the body, read up to a bound: 413 beyond, 400 if not JSON, 422 if
