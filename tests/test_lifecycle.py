@@ -492,10 +492,15 @@ async def test_clean_command_reaps_dead_instances(redis_or_cluster):
     async with open_backend(redis_or_cluster.url, command_timeout=1) as backend:
         batch = Batch()
         batch.sadd("ws:instances", "dead-1")
-        batch.hset("ws:instance:dead-1:sessions", {"sid-a": "alice"})
+        batch.hset("ws:instance:dead-1:sessions", {"sid-a": "alice", "sid-b": "bob"})
+        # sid-b's ws:session has expired: its rooms are known from the instance's map only
+        batch.hset("ws:instance:dead-1:rooms", {"sid-a": '["room"]', "sid-b": '["other","room"]'})
         batch.sadd("ws:user:alice", "sid-a", "sid-live")
         batch.hset("ws:session:sid-a", {"user_id": "alice", "rooms": '["room"]'})
         batch.zadd("ws:room:room", {"sid-a": 1.0})
+        batch.hset("ws:room:room:users", {"alice": "1", "bob": "1", "carol": "1"})
+        batch.hset("ws:room:other:users", {"bob": "1"})
+        batch.zadd("ws:rooms", {"room": 3, "other": 1})
         await backend.execute(batch)
         result = await _clean(redis_or_cluster.url)
         assert result.returncode == 0
@@ -504,9 +509,17 @@ async def test_clean_command_reaps_dead_instances(redis_or_cluster):
         users = batch.smembers("ws:user:alice")
         instances = batch.smembers("ws:instances")
         room = batch.zcard("ws:room:room")
-        left = batch.exists("ws:session:sid-a", "ws:instance:dead-1:sessions")
+        counted = batch.hgetall("ws:room:room:users")
+        index = batch.zrevrange("ws:rooms", 10)
+        left = batch.exists(
+            "ws:session:sid-a",
+            "ws:instance:dead-1:sessions",
+            "ws:instance:dead-1:rooms",
+            "ws:room:other:users",
+        )
         await backend.execute(batch)
         assert (users.value, instances.value, room.value, left.value) == ({"sid-live"}, set(), 0, 0)
+        assert (counted.value, index.value) == ({"carol": "1"}, [("room", 1.0)])
 
 
 async def test_clean_command_reports_unreachable_redis(redis_server):

@@ -411,6 +411,122 @@ async def test_a_stream_is_not_another_type(backend):
         await backend.execute(batch)
 
 
+# --- rooms (SPEC §15)
+
+
+async def test_occupy_counts_sessions_per_user_announces_transitions_and_indexes(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as subscription:
+            await subscription.subscribe("chat:room:r")
+            answers = []
+            for user, delta in [
+                ("alice", 1),  # alice arrives: announced
+                ("alice", 1),  # her second device: not
+                ("bob", 1),
+                ("alice", -1),
+                ("alice", -1),  # her last: announced
+                ("carol", -1),  # never counted: nothing to announce
+                ("", 0),  # only renew and index
+                ("bob", -1),
+            ]:
+                batch = Batch()
+                reply = batch.occupy("r", user, delta, ttl=30, event=f"{user}{delta:+d}")
+                await backend.execute(batch)
+                batch = Batch()  # (a script may run after the rest of its round trip)
+                index = batch.zrevrange("ws:rooms", 10)
+                ttl = batch.ttl("ws:room:r:users")
+                await backend.execute(batch)
+                answers.append((reply.value, index.value, ttl.value is not None))
+            published = await take(subscription, 4)
+    assert answers == [
+        ((1, 1), [("r", 1.0)], True),
+        ((2, 1), [("r", 1.0)], True),
+        ((1, 2), [("r", 2.0)], True),
+        ((1, 2), [("r", 2.0)], True),
+        ((0, 1), [("r", 1.0)], True),
+        ((-1, 1), [("r", 1.0)], True),
+        ((0, 1), [("r", 1.0)], True),
+        ((0, 0), [], False),
+    ]
+    assert [message for _, message in published] == ["alice+1", "bob+1", "alice-1", "bob-1"]
+    assert await read_hash_of(backend, "ws:room:r:users") == {}
+
+
+async def test_occupy_without_an_event_and_several_sessions_at_once(backend):
+    batch = Batch()
+    several = batch.occupy("r", "alice", 3, ttl=30, event=None)
+    await backend.execute(batch)
+    assert several.value == (3, 1)
+    assert await read_hash_of(backend, "ws:room:r:users") == {"alice": "3"}
+
+
+async def test_read_markers_move_forward_only_and_announce_when_they_move(backend):
+    with trio.fail_after(TIME_LIMIT):
+        async with backend.subscription() as subscription:
+            await subscription.subscribe("chat:room:r")
+            moved = []
+            for user, message_id, ordered in [
+                ("alice", "5-0", True),
+                ("alice", "4-9", True),  # back: no
+                ("alice", "5-0", True),  # the same: no
+                ("alice", "5-1", True),
+                ("alice", "10-0", True),  # numbers, not strings: 10 > 5
+                ("bob", "b", False),  # without history: any change
+                ("bob", "a", False),
+                ("bob", "a", False),
+            ]:
+                batch = Batch()
+                reply = batch.mark_read(
+                    "r", user, message_id, ttl=30, ordered=ordered, event=f"{user}:{message_id}"
+                )
+                await backend.execute(batch)
+                moved.append(reply.value)
+            published = await take(subscription, 5)
+            batch = Batch()
+            ttl = batch.ttl("ws:read:r")
+            await backend.execute(batch)
+    assert moved == [True, False, False, True, True, True, True, False]
+    assert [message for _, message in published] == [
+        "alice:5-0",
+        "alice:5-1",
+        "alice:10-0",
+        "bob:b",
+        "bob:a",
+    ]
+    assert await read_hash_of(backend, "ws:read:r") == {"alice": "10-0", "bob": "a"}
+    assert 29 < ttl.value <= 30
+
+
+async def test_count_after_random_fields_and_the_highest_scores(backend):
+    batch = Batch()
+    ids = [append(batch, "s", n) for n in range(5)]
+    batch.hset("h", {f"f{n}": str(n) for n in range(5)})
+    batch.zadd("z", {"a": 1, "b": 3, "c": 2, "d": 3})
+    await backend.execute(batch)
+    batch = Batch()
+    after_first = batch.count_after("s", ids[0].value, 100)
+    capped = batch.count_after("s", "0-0", 3)
+    none = batch.count_after("missing", "0-0", 3)
+    some = batch.hrandfield("h", 3)
+    every = batch.hrandfield("h", 10)
+    nothing = batch.hrandfield("missing", 10)
+    top = batch.zrevrange("z", 3)
+    await backend.execute(batch)
+    assert (after_first.value, capped.value, none.value) == (4, 3, 0)
+    assert len(some.value) == 3
+    assert some.value.items() <= every.value.items()
+    assert every.value == {f"f{n}": str(n) for n in range(5)}
+    assert nothing.value == {}
+    assert top.value == [("d", 3.0), ("b", 3.0), ("c", 2.0)]
+
+
+async def read_hash_of(backend, key):
+    batch = Batch()
+    reply = batch.hgetall(key)
+    await backend.execute(batch)
+    return reply.value
+
+
 async def test_the_script_is_loaded_again_after_redis_restarted_empty(redis_server):
     async with open_redis_backend(redis_server.url, command_timeout=2) as backend:
         batch = Batch()
@@ -428,9 +544,14 @@ async def test_the_script_is_loaded_again_after_redis_restarted_empty(redis_serv
                     await trio.sleep(0.05)  # the pool reconnects
         batch = Batch()
         entries = batch.xrange("s", "-", "+", 10)
+        # the other scripts too, each loaded when first missing
+        counted = batch.occupy("r", "alice", 1, ttl=30, event=None)
+        marked = batch.mark_read("r", "alice", "1-0", ttl=30, ordered=True, event=None)
+        after = batch.count_after("s", "0-0", 10)
         await backend.execute(batch)
     assert first.value != second.value
     assert entries.value == [(second.value, {"m": '{"n":2}'})]
+    assert (counted.value, marked.value, after.value) == ((1, 1), True, 1)
 
 
 # --- opening
