@@ -50,6 +50,7 @@ def test_every_known_series_exists_from_the_start() -> None:
         "trio_chat_sessions",
         "trio_chat_fanout_deliveries_total",
         "trio_chat_slow_consumer_closes_total",
+        "trio_chat_signals_dropped_total",
         "trio_chat_redis_reconnects_total",
         "trio_chat_redis_cluster_map_reads_total",
         "trio_chat_redis_cluster_redirections_total",
