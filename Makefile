@@ -24,7 +24,7 @@ run: $(STAMP)
 	@echo "In another terminal, chat as alice:"
 	@echo "  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat client ws://127.0.0.1:8765/ --user alice"
 	@echo "or mint a token for any client:  TRIO_CHAT_AUTH_JWT_SECRET=$$TRIO_CHAT_AUTH_JWT_SECRET $(BIN)/trio-chat token alice"
-	$(BIN)/trio-chat serve $(ARGS)
+	$(BIN)/trio-chat serve --config config/demo.toml $(ARGS)
 
 # The tests start their own redis-server on a free port; install Debian's when missing.
 redis-server:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from trio_chat._config import Config, RoomOptions
+from trio_chat._config import Config, RoomOptions, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,3 +81,10 @@ def test_readme_package_tree_matches_the_package():
         and "static" not in path.parent.parts
     }
     assert _readme_tree() == actual
+
+
+def test_the_shipped_config_files_load():
+    for name in ("trio-chat.toml", "demo.toml"):
+        load_config(ROOT / "config" / name, env={})
+    demo = load_config(ROOT / "config" / "demo.toml", env={})
+    assert [(t.match, t.presence_events) for t in demo.rooms][-1] == ("*", True)
