@@ -578,3 +578,51 @@ async def test_the_room_list_counts_users_and_survives_a_redis_restart(redis_ser
                 ("alice", 2),
                 ("bob", 1),
             ]
+
+
+class _Member:
+    """What the pump needs of a session: an id, whether its queue is congested, deliver()."""
+
+    def __init__(self, session_id: str, *, congested: bool) -> None:
+        self.id = session_id
+        self.congested = congested
+        self.frames: list[dict[str, Any]] = []
+
+    def deliver(self, frame: bytes, cork: object = None) -> bool:
+        self.frames.append(json.loads(frame[frame.index(b"{") :]))
+        return True
+
+
+async def test_a_congested_member_loses_signals_first_but_not_the_rest():
+    from trio_chat._hub import Hub
+    from trio_chat._rooms import presence_join, read
+    from trio_chat._rooms import signal as room_signal
+    from trio_chat._store.memory import MemoryBackend
+
+    hub = Hub(Config(), MemoryBackend())
+    sender = _Member("s-sender", congested=False)
+    easy = _Member("s-easy", congested=False)
+    busy = _Member("s-busy", congested=True)
+    hub._by_room["r"] = {sender, easy, busy}  # type: ignore[assignment]
+    for payload in (
+        room_signal("r", "alice", "s-sender", {"typing": True}),
+        read("r", "alice", "s-sender", "1-0"),
+        presence_join("r", "bob", "s-other", None),
+    ):
+        hub._dispatch("chat:room:r", payload)
+    hub._cork.flush()
+    kinds = {
+        member.id: [frame["type"] for frame in member.frames] for member in (sender, easy, busy)
+    }
+    assert kinds == {
+        "s-sender": ["presence_join"],  # nothing of its own comes back
+        "s-easy": ["signal", "read", "presence_join"],
+        "s-busy": ["read", "presence_join"],  # the signal was dropped
+    }
+    assert easy.frames[0] == {
+        "type": "signal",
+        "room": "r",
+        "from": "alice",
+        "data": {"typing": True},
+    }
+    assert hub.metrics.registry.get_sample_value("trio_chat_signals_dropped_total") == 1
