@@ -374,3 +374,13 @@ def test_cli_token_without_secret_exits_2() -> None:
     assert result.stderr.splitlines() == [
         "trio-chat: config error: auth.jwt_secret: not set (TRIO_CHAT_AUTH_JWT_SECRET)"
     ]
+
+
+def test_cli_token_carries_the_rooms_and_publish_claims() -> None:
+    env = {"TRIO_CHAT_AUTH_JWT_SECRET": "s" * 32}
+    result = run_cli("token", "bob", "--rooms", "talk-*", "news", "--publish", "talk-*", env=env)
+    assert result.returncode == 0
+    claims = jwt.decode(result.stdout.strip(), "s" * 32, algorithms=["HS256"])
+    assert (claims["rooms"], claims["publish"]) == (["talk-*", "news"], ["talk-*"])
+    silent = run_cli("token", "bob", "--publish", env=env)  # may post nowhere
+    assert jwt.decode(silent.stdout.strip(), "s" * 32, algorithms=["HS256"])["publish"] == []

@@ -544,8 +544,8 @@ def test_a_bad_rooms_table_refuses_to_start_naming_the_key(tmp_path: Path, toml:
         timeout=30,
         env={"TRIO_CHAT_AUTH_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
     )
-    assert result.returncode != 0
-    assert f"config error: {key}:" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"trio-chat: config error: {key}: ")
     assert "Traceback" not in result.stderr
 
 

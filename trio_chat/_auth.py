@@ -224,7 +224,12 @@ class NoSigningKey(ChatError):
 
 
 def mint_token(
-    config: AuthConfig, user: str, *, ttl: float, rooms: Iterable[str] | None = None
+    config: AuthConfig,
+    user: str,
+    *,
+    ttl: float,
+    rooms: Iterable[str] | None = None,
+    publish: Iterable[str] | None = None,
 ) -> str:
     """A JWT for ``user`` that this server accepts, signed with ``auth.jwt_secret`` and the
     first HS* algorithm allowed (for development, tests and the demo page; production
@@ -246,6 +251,8 @@ def mint_token(
         claims["aud"] = config.audience
     if rooms:
         claims["rooms"] = list(rooms)
+    if publish is not None:
+        claims["publish"] = list(publish)
     return jwt.encode(claims, config.jwt_secret, algorithm=algorithm)
 
 

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("user", metavar="USER", help="the token's subject (sub)")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (3600)")
     token.add_argument("--rooms", nargs="+", metavar="PATTERN", help="rooms it may join (fnmatch)")
+    token.add_argument(
+        "--publish", nargs="*", metavar="PATTERN", help="rooms it may send to (fnmatch; none: none)"
+    )
     token.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
 
     for name, (_, _, summary) in _ADMIN_COMMANDS.items():
@@ -259,13 +262,21 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
 
 
 def _token(args: argparse.Namespace) -> int:
-    print(_mint(load_config(args.config).auth, args.user, ttl=args.ttl, rooms=args.rooms))
+    auth = load_config(args.config).auth
+    print(_mint(auth, args.user, ttl=args.ttl, rooms=args.rooms, publish=args.publish))
     return 0
 
 
-def _mint(auth: AuthConfig, user: str, *, ttl: int, rooms: list[str] | None) -> str:
+def _mint(
+    auth: AuthConfig,
+    user: str,
+    *,
+    ttl: int,
+    rooms: list[str] | None,
+    publish: list[str] | None = None,
+) -> str:
     try:
-        return mint_token(auth, user, ttl=ttl, rooms=rooms)
+        return mint_token(auth, user, ttl=ttl, rooms=rooms, publish=publish)
     except NoSigningKey as exc:
         raise ConfigError(f"config error: {exc}") from None
 
