@@ -7,6 +7,16 @@ One connection::
         await chat.send("lobby", {"text": "hi"})
         frame = await chat.receive()   # {"type": "message", ...}
 
+Rooms (SPEC §15): ``presence``, ``receipts`` and the other requests answer with their reply
+frame; ``signal`` and ``read`` have no reply when they succeed, so they return once the frame
+is written, with the ``ref`` it carried: a refusal comes later through :meth:`~ChatClient.receive`
+as an ``error`` frame with that ``ref``. What others do arrives there too, as events::
+
+    await chat.signal("lobby", {"typing": True})   # -> the others: {"type": "signal", ...}
+    await chat.read("lobby", frame["id"])          # -> the others: {"type": "read", ...}
+    who = await chat.presence("lobby")             # {"type": "presence", "users": [...], ...}
+    frame = await chat.receive()   # presence_join, presence_leave, signal, read, error...
+
 A connection that comes back by itself, rejoining its rooms with the last message id it saw
 in each, so that nothing said meanwhile is lost (SPEC §11)::
 
@@ -70,7 +80,9 @@ class ChatClient:
     """One connection; requests are matched to replies by ``ref``.
 
     Frames that arrive while a request waits for its reply are kept, in order, for
-    :meth:`receive`.
+    :meth:`receive`: messages, directs, the room events of SPEC §15 (``presence_join``,
+    ``presence_leave``, ``signal``, ``read``), and the ``error`` frames that refuse a
+    :meth:`signal` or a :meth:`read`.
     """
 
     def __init__(self, ws: WebSocketConnection) -> None:
@@ -120,6 +132,60 @@ class ChatClient:
 
     async def ping(self) -> Frame:
         return await self.request("ping")
+
+    async def presence(self, room: str) -> Frame:
+        """Who is in ``room`` (joined), on every instance: the ``presence`` frame,
+        ``{room, users: [{user, info, sessions}], count}``, with ``truncated: true`` when
+        more users than it lists are there (SPEC §15).
+
+        Raises:
+            ServerError: ``not_in_room``...
+        """
+        return await self.request("presence", room=room)
+
+    async def receipts(self, room: str) -> Frame:
+        """Every user's read marker in ``room`` (joined): the ``receipts`` frame,
+        ``{room, read: {user: message id}}``.
+
+        Raises:
+            ServerError: ``not_in_room``...
+        """
+        return await self.request("receipts", room=room)
+
+    async def signal(self, room: str, data: Any) -> int:
+        """Send ``data`` (JSON of at most 1 KiB: ``{"typing": true}``...) to the room's other
+        sessions, as a ``signal`` event: not stored, not replayed.
+
+        The server answers a signal only to refuse it, so this returns once the frame is
+        written, without waiting: a refusal (``rate_limited``, ``forbidden``, ``not_in_room``,
+        ``too_large``...) arrives later from :meth:`receive`, as an ``error`` frame whose
+        ``ref`` is the one returned here.
+
+        Returns:
+            The frame's ``ref``.
+        """
+        return await self._tell("signal", room=room, data=data)
+
+    async def read(self, room: str, message_id: str) -> int:
+        """Mark ``room`` read up to ``message_id``: the room's other sessions, this user's
+        other devices included, get a ``read`` event if the marker moved forward (a marker
+        that would move back changes nothing and sends nothing).
+
+        No reply when accepted, as :meth:`signal`: a refusal (``bad_request`` for an id
+        newer than the room's last message, ``not_in_room``...) comes from :meth:`receive`
+        as an ``error`` frame with the returned ``ref``. The server takes a session's frames
+        in order, so a later request on this connection (:meth:`receipts`) sees the marker.
+
+        Returns:
+            The frame's ``ref``.
+        """
+        return await self._tell("read", room=room, id=message_id)
+
+    async def _tell(self, kind: str, **fields: Any) -> int:
+        """Send a frame that has no reply on success; its ``ref``."""
+        ref = next(self._refs)
+        await self.send_frame({"type": kind, "ref": ref, **fields})
+        return ref
 
 
 @asynccontextmanager
@@ -204,6 +270,11 @@ class ReconnectingClient:
     ``since``, so the server replays what was missed, its own sends included. The ``joined``
     replies of those rejoins are handed to :meth:`receive` too: ``recovered: false`` there
     means a gap the server could not fill.
+
+    Presence, signals and read markers (SPEC §15) are as on :class:`ChatClient`, and as in
+    the browser client while no connection is up: a :meth:`signal` is dropped, since a typing
+    indicator sent late would say something false; a :meth:`read` is kept (the latest per
+    room) and sent after the rejoins of the next connection.
     """
 
     def __init__(
@@ -228,6 +299,8 @@ class ReconnectingClient:
         self._connected = trio.Event()
         self._replies: dict[int, trio.MemorySendChannel[Frame]] = {}
         self._refs = itertools.count(1)
+        #: read markers asked while disconnected: room -> the latest id, sent on reconnect
+        self._reads: dict[str, str] = {}
         self._inbox, self._frames = trio.open_memory_channel[Frame](inbox_size)
         self._ended: LoggedOut | None = None
 
@@ -261,7 +334,8 @@ class ReconnectingClient:
 
     async def join(self, room: str) -> Frame:
         """Join ``room`` (and rejoin it after every reconnect, from the room's last message
-        when joined if nothing is seen here before)."""
+        when joined if nothing is seen here before); the ``joined`` reply, with this user's
+        read marker there (``read``) and the number of messages after it (``unread``)."""
         reply = await self.request("join", room=room)
         if self.rooms.get(room) is None and "last" in reply:  # (no "last": history is off)
             # An empty room: a rejoin asks for the whole stream, which the server then sends
@@ -272,6 +346,7 @@ class ReconnectingClient:
 
     async def leave(self, room: str) -> Frame:
         self.rooms.pop(room, None)
+        self._reads.pop(room, None)
         return await self.request("leave", room=room)
 
     async def send(self, room: str, data: Any) -> Frame:
@@ -288,9 +363,68 @@ class ReconnectingClient:
     async def ping(self) -> Frame:
         return await self.request("ping")
 
+    async def presence(self, room: str) -> Frame:
+        """The ``presence`` frame of ``room``: see :meth:`ChatClient.presence`."""
+        return await self.request("presence", room=room)
+
+    async def receipts(self, room: str) -> Frame:
+        """The ``receipts`` frame of ``room``: see :meth:`ChatClient.receipts`."""
+        return await self.request("receipts", room=room)
+
+    async def signal(self, room: str, data: Any) -> int | None:
+        """Send a signal if a connection is up (see :meth:`ChatClient.signal`); else drop it.
+
+        Returns:
+            The frame's ``ref``, which a refusal (an ``error`` frame from :meth:`receive`)
+            carries; ``None`` when no connection was up (or it dropped as the frame was
+            written) and the signal is lost.
+
+        Raises:
+            LoggedOut: the session ended for good.
+        """
+        return await self._tell("signal", room=room, data=data)
+
+    async def read(self, room: str, message_id: str) -> int | None:
+        """Move this user's read marker in ``room`` (see :meth:`ChatClient.read`); while no
+        connection is up, keep the latest id asked per room and send it after the rejoins
+        of the next connection (its refusal then comes from :meth:`receive` too). Sending a
+        marker twice is harmless: one that does not move changes nothing.
+
+        Returns:
+            The frame's ``ref``, which a refusal (an ``error`` frame from :meth:`receive`)
+            carries; ``None`` when it waits for the next connection (none was up, or it
+            dropped as the frame was written).
+
+        Raises:
+            LoggedOut: the session ended for good.
+        """
+        ref = await self._tell("read", room=room, id=message_id)
+        if ref is None:
+            kept = self._reads.get(room)
+            new, old = parse_id(message_id), parse_id(kept)
+            if kept is None or new is None or old is None or new > old:
+                self._reads[room] = message_id
+        return ref
+
+    async def _tell(self, kind: str, **fields: Any) -> int | None:
+        """Send a frame that has no reply on success: its ``ref``, or None when no
+        connection is up or it broke as the frame was written."""
+        if self._ended is not None:
+            raise self._ended
+        if self._chat is None:
+            return None
+        ref = next(self._refs)
+        try:
+            await self._chat.send_frame({"type": kind, "ref": ref, **fields})
+        except ConnectionClosed:
+            return None
+        return ref
+
     async def receive(self) -> Frame:
         """The next frame that answers no request: messages (live or replayed), directs,
-        the ``joined`` of a rejoin, ``token_expiring``...
+        the room events (``presence_join``, ``presence_leave``, ``signal``, ``read``), the
+        ``error`` frames refusing a :meth:`signal` or :meth:`read`, the ``joined`` of a
+        rejoin, ``token_expiring``...
 
         Raises:
             LoggedOut: the session ended for good, and every frame before that was read.
@@ -354,6 +488,12 @@ class ReconnectingClient:
             rejoins[ref] = room
             join: Frame = {"type": "join", "ref": ref, "room": room}
             await chat.send_frame(join if since is None else {**join, "since": since})
+        # after the rejoins: the server takes a session's frames in order
+        for room, message_id in list(self._reads.items()):
+            if room in self.rooms:
+                read = {"type": "read", "ref": next(self._refs), "room": room, "id": message_id}
+                await chat.send_frame(read)
+        self._reads.clear()
         self._chat = chat
         self._connected.set()
         self._connected = trio.Event()
