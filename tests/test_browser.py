@@ -20,16 +20,19 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import httpx
 import pytest
 import trio
-from _chat import ADMIN, ADMIN_KEY, SECRET, admin_client, make_config, make_token, start
+from _chat import ADMIN, ADMIN_KEY, SECRET, admin_client, make_config, make_token
 from _redis_server import free_port
 from playwright.sync_api import expect, sync_playwright
 
+from trio_chat import Allow, RoomOptions, serve
 from trio_chat._store.history import parse_id
 from trio_chat.client import open_client
 
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, ConsoleMessage, Locator, Page
     from playwright.sync_api import Error as PageError
 
-    from trio_chat import Server
+    from trio_chat import ConnectEvent, Server
 
 CHROMIUM = os.environ.get("TRIO_CHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,6 +65,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 STATIC = Path(__file__).resolve().parent.parent / "trio_chat" / "_web" / "static"
 #: write the screenshots to docs/ (and make some traffic for the dashboard's chart first)
 SCREENSHOTS = os.environ.get("TRIO_CHAT_SCREENSHOTS") == "1"
+#: every room sends presence_join / presence_leave, as with `make run` (off by default)
+PRESENCE_EVENTS = (RoomOptions(match="*", presence_events=True),)
 
 # In a page: a TrioChat on this page's server with demo tokens for `user`, kept in
 # `window.chat`; what it dispatches is kept in `window.seen` and the token calls counted.
@@ -85,7 +90,8 @@ async ({user, room, badRefresh}) => {
     return (await mint()).token;
   };
   const seen = {message: [], direct: [], state: [], gap: [], logout: [], error: [],
-                refreshed: [], token_expiring: []};
+                refreshed: [], token_expiring: [], presence_join: [], presence_leave: [],
+                signal: [], read: []};
   window.seen = seen;
   const chat = new TrioChat(url, {token});
   for (const name of Object.keys(seen)) {
@@ -256,6 +262,14 @@ def demo_login(page: Page, user: str, room: str | None = "lobby") -> None:
         expect(page.get_by_role("textbox", name="Message")).to_be_focused()
 
 
+def demo_join(page: Page, room: str) -> None:
+    """Join one more room (it opens)."""
+    page.bring_to_front()
+    page.get_by_role("textbox", name="Room", exact=True).fill(room)
+    page.get_by_role("button", name="Join").click()
+    expect(room_tab(page, room)).to_have_attribute("aria-pressed", "true")
+
+
 def demo_send(page: Page, text: str) -> None:
     write(page, text)
     expect(page.get_by_role("textbox", name="Message")).to_have_value("")
@@ -273,13 +287,54 @@ def expect_messages(page: Page, texts: list[str]) -> None:
     expect(messages(page)).to_have_text(texts)
 
 
+def members(page: Page) -> Locator:
+    return page.get_by_role("list", name="Members").get_by_role("listitem")
+
+
+def typing_line(page: Page) -> Locator:
+    return page.get_by_role("status", name="Typing")
+
+
+def room_tab(page: Page, room: str) -> Locator:
+    """The button that opens ``room`` (its name and unread badge)."""
+    return page.get_by_role("navigation", name="Rooms").get_by_role(
+        "button", name=re.compile(rf"^{re.escape(room)}( \d+ new)?$")
+    )
+
+
+def unread_badge(page: Page, room: str) -> Locator:
+    return room_tab(page, room).locator(".unread")
+
+
+def message(page: Page, text: str) -> Locator:
+    return messages(page).filter(has_text=text)
+
+
 # --- servers --------------------------------------------------------------------------------
 
 
+class Names:
+    """A connect hook that gives each user a display name: ``info.name``, what presence shows."""
+
+    async def connect(self, event: ConnectEvent) -> Allow:
+        return Allow(info={"name": event.user.title()})
+
+
 async def start_demo(
-    nursery: trio.Nursery, redis_url: str, instance_id: str, **sections: Any
+    nursery: trio.Nursery,
+    redis_url: str,
+    instance_id: str,
+    *,
+    hooks: object | None = None,
+    rooms: tuple[RoomOptions, ...] = (),
+    **sections: Any,
 ) -> Server:
-    return await start(nursery, make_config(redis_url, instance_id, admin=DEMO, **sections))
+    """An instance with the admin port, the demo page, and presence events in every room (the
+    ``rooms`` tables first)."""
+    config = make_config(redis_url, instance_id, admin=DEMO, **sections)
+    config = attrs.evolve(config, rooms=(*rooms, *PRESENCE_EVENTS))
+    server: Server = await nursery.start(partial(serve, hooks=hooks), config)
+    return server
 
 
 def origin(server: Server) -> str:
@@ -336,9 +391,14 @@ class Instance:
             self.process.wait()
 
 
+#: rooms of the dashboard's picture, beside the lobby
+SIDE_ROOMS = ["support", "random", "releases", "support", "random", "support"]
+
+
 async def traffic(server: Server, seconds: int, done: trio.Event) -> None:
     """Chat on ``server`` for the dashboard's chart: each second a user more and more
-    messages, for ``seconds``, then the same each second until ``done``."""
+    messages, for ``seconds``, then the same each second until ``done``; the users are in the
+    lobby and one more room each, for the list of rooms."""
     async with AsyncExitStack() as stack:
         users = []
         for second in itertools.count():
@@ -346,15 +406,17 @@ async def traffic(server: Server, seconds: int, done: trio.Event) -> None:
                 token = make_token(f"user{second}")
                 users.append(await stack.enter_async_context(open_client(server.url, token)))
                 await users[-1].join("lobby")
+                await users[-1].join(SIDE_ROOMS[second % len(SIDE_ROOMS)])
             for n in range(3 * len(users) + 1):
                 await users[n % len(users)].send("lobby", {"text": f"{second}.{n}"})
             with trio.move_on_after(1):
                 await done.wait()
             if done.is_set():
                 break
-        for user in users:
+        for n, user in enumerate(users):
             # reads what it was sent up to the reply, and nothing more comes: a client with
             # unread frames may not finish its close handshake (trio-websocket 0.12)
+            await user.leave(SIDE_ROOMS[n % len(SIDE_ROOMS)])
             await user.leave("lobby")
 
 
@@ -366,7 +428,7 @@ async def test_pages_and_their_files_are_served_for_a_strict_policy(nursery):
     nothing the policy would block: no inline script, style or handler (the headers
     themselves are tests/test_pages.py's)."""
     with trio.fail_after(TEST_SECONDS):
-        server = await start(nursery, make_config(admin=DEMO))
+        server = await start_demo(nursery, "memory://", "test-1")
         async with httpx.AsyncClient(base_url=origin(server), timeout=5) as http:
             for path in ("/", "/demo/"):
                 page = await http.get(path)
@@ -592,12 +654,14 @@ async def test_token_function_refreshes_on_token_expiring(redis_server, nursery,
         await assert_clean(browser, pages)
 
 
-async def test_demo_page_end_to_end(redis_server, nursery, browser, pages, tmp_path):
+async def test_demo_page_end_to_end(redis_server, nursery, browser, pages):
     """Name, Connect, Join: the room's last 50 messages, then Load earlier until there are no
-    more; a message sent on one page appears on the other; data is text, never markup."""
+    more; a message sent on one page appears on the other; data is text, never markup. In a
+    room where only the server posts, typing is quiet and a message is refused."""
     with trio.fail_after(TEST_SECONDS):
         limits = {"send_rate": 1000.0, "send_burst": 1000}
-        server = await start_demo(nursery, redis_server.url, "inst-1", limits=limits)
+        news = RoomOptions(match="news", client_publish=False)
+        server = await start_demo(nursery, redis_server.url, "inst-1", limits=limits, rooms=(news,))
         async with open_client(server.url, make_token("carol")) as carol:
             await carol.join("lobby")
             for n in range(59):
@@ -631,7 +695,16 @@ async def test_demo_page_end_to_end(redis_server, nursery, browser, pages, tmp_p
             expect(messages(alice)).to_have_count(0)
             alice.get_by_role("button", name="lobby", exact=True).click()
             expect(messages(alice)).to_have_count(62)
-            alice.screenshot(path=screenshot_path(tmp_path, "demo.png"))
+
+            # a read-only room: the typing signal's refusal is no news, a send's is
+            demo_join(alice, "news")
+            alice.get_by_role("textbox", name="Message").press_sequentially("may I?")
+            alice.wait_for_timeout(500)
+            expect(alice.locator("#notice")).to_be_hidden()
+            alice.get_by_role("button", name="Send").click()
+            expect(alice.get_by_role("alert")).to_have_text(
+                "Not sent: forbidden: only the server posts in this room"
+            )
 
         await browser.run(scenario)
         await assert_clean(browser, pages)
@@ -691,6 +764,30 @@ async def test_dashboard_lists_instances_and_logs_a_user_out(
 
         dave = await browser.run(act)
 
+        def rooms_listed(rooms: list[str], users: list[str]) -> None:
+            # GET /v1/rooms, polled every second: most users first
+            table = board.get_by_role("table", name="Rooms")
+            expect(table.locator("tbody td:first-child")).to_have_text(rooms)
+            expect(table.locator("tbody td.num")).to_have_text(users)
+
+        await browser.run(rooms_listed, ["lobby"], ["1"])
+        async with open_client(one.url, make_token("erin")) as erin:
+            await erin.join("side")
+            await erin.join("lobby")
+            await browser.run(rooms_listed, ["lobby", "side"], ["2", "1"])
+            await erin.leave("side")
+            await browser.run(rooms_listed, ["lobby"], ["2"])
+
+            def follow() -> None:
+                # a room's name follows its presence
+                board.get_by_role("table", name="Rooms").get_by_role("button", name="lobby").click()
+                presence = board.get_by_role("table", name="Presence")
+                expect(presence.get_by_role("row").filter(has_text="lobby")).to_contain_text("erin")
+
+            await browser.run(follow)
+            await erin.leave("lobby")
+        await browser.run(rooms_listed, ["lobby"], ["1"])
+
         def chart() -> None:
             # the chart of this instance's /metrics, sampled every second
             board.bring_to_front()
@@ -726,3 +823,223 @@ async def test_dashboard_lists_instances_and_logs_a_user_out(
             # the wrong key
             r"Failed to load resource: the server responded with a status of 401",
         )
+
+
+async def test_client_presence_signals_and_read_markers(redis_server, nursery, browser, pages):
+    """client.js across two instances: presence() lists both users with their hook's info, a
+    second tab of a user makes no presence_join, the last one out makes presence_leave;
+    signal() reaches the other user and the user's other tab; read() moves the marker that
+    receipts() and the other sessions' read events show; a refused signal or read comes as
+    an error event with the ref the call returned."""
+    with trio.fail_after(TEST_SECONDS):
+        one = await start_demo(nursery, redis_server.url, "inst-1", hooks=Names())
+        two = await start_demo(nursery, redis_server.url, "inst-2", hooks=Names())
+
+        def scenario() -> None:
+            alice = pages.open(f"{origin(one)}/demo/")
+            alice.evaluate(CLIENT_SETUP, {"user": "alice", "room": "room"})
+            bob = pages.open(f"{origin(two)}/demo/")
+            bob.evaluate(CLIENT_SETUP, {"user": "bob", "room": "room"})
+            alice.wait_for_function("() => seen.presence_join.length === 1")
+            assert alice.evaluate("seen.presence_join") == [
+                {"type": "presence_join", "room": "room", "user": "bob", "info": {"name": "Bob"}}
+            ]
+            present = bob.evaluate("chat.presence('room')")
+            users = sorted(present["users"], key=lambda u: u["user"])
+            assert users == [
+                {"user": "alice", "info": {"name": "Alice"}, "sessions": 1},
+                {"user": "bob", "info": {"name": "Bob"}, "sessions": 1},
+            ]
+            assert (present["room"], present["count"]) == ("room", 2)
+
+            # alice's second tab, on the other instance: no event, two sessions
+            tab = pages.open(f"{origin(two)}/demo/")
+            tab.evaluate(CLIENT_SETUP, {"user": "alice", "room": "room"})
+            present = bob.evaluate("chat.presence('room')")
+            assert {u["user"]: u["sessions"] for u in present["users"]} == {"alice": 2, "bob": 1}
+
+            ref = bob.evaluate("chat.signal('room', {typing: true})")
+            assert isinstance(ref, int)
+            for page in (alice, tab):
+                page.wait_for_function("() => seen.signal.length === 1")
+                assert page.evaluate("seen.signal") == [
+                    {"type": "signal", "room": "room", "from": "bob", "data": {"typing": True}}
+                ]
+            # the sender's own other tab gets its signal, the sender does not
+            alice.evaluate("chat.signal('room', 'hi me')")
+            tab.wait_for_function("() => seen.signal.length === 2")
+            assert tab.evaluate("seen.signal[1].from") == "alice"
+
+            ack = bob.evaluate("chat.send('room', 'read me')")
+            empty = bob.evaluate("chat.receipts('room')")
+            assert (empty["type"], empty["room"], empty["read"]) == ("receipts", "room", {})
+            alice.wait_for_function("() => seen.message.length === 1")
+            assert isinstance(alice.evaluate(f"chat.read('room', {ack['id']!r})"), int)
+            for page in (bob, tab):  # the others, and alice's other tab
+                page.wait_for_function("() => seen.read.length === 1")
+                assert page.evaluate("seen.read") == [
+                    {"type": "read", "room": "room", "user": "alice", "id": ack["id"]}
+                ]
+            receipts = bob.evaluate("chat.receipts('room')")
+            assert receipts["read"] == {"alice": ack["id"]}
+            # a marker that does not move forward sends nothing (what alice sends after it
+            # comes after it)
+            alice.evaluate(f"chat.read('room', {ack['id']!r}); chat.signal('room', 'after')")
+            bob.wait_for_function("() => seen.signal.some((s) => s.data === 'after')")
+            assert len(bob.evaluate("seen.read")) == 1
+
+            # refusals: the error event carries the call's ref
+            refs = alice.evaluate(
+                """[chat.signal('elsewhere', 1), chat.read('room', '99999999999999-0')]"""
+            )
+            alice.wait_for_function("() => seen.error.length === 2")
+            errors = alice.evaluate("seen.error")
+            assert [(e["ref"], e["code"]) for e in errors] == [
+                (refs[0], "not_in_room"),
+                (refs[1], "bad_request"),
+            ]
+
+            # the last of alice's sessions leaves: presence_leave, once
+            alice.evaluate("chat.leave('room')")
+            bob.wait_for_timeout(300)
+            assert bob.evaluate("seen.presence_leave") == []
+            tab.evaluate("chat.close()")
+            bob.wait_for_function("() => seen.presence_leave.length === 1")
+            assert bob.evaluate("seen.presence_leave") == [
+                {"type": "presence_leave", "room": "room", "user": "alice"}
+            ]
+            assert bob.evaluate("chat.presence('room')")["count"] == 1
+
+        await browser.run(scenario)
+        await assert_clean(browser, pages)
+
+
+async def test_demo_members_typing_and_read_ticks(redis_server, nursery, browser, pages, tmp_path):
+    """Two users on two instances: each sees the other in the member list (the names the
+    connect hook gave), "Bob is typing…" shows, and clears 4 s after the last signal or at
+    once with bob's message; alice's message gets "seen by 1" once bob opens the room where
+    it waits as "1 new", and not before; bob's leaving takes him off alice's list."""
+    with trio.fail_after(TEST_SECONDS):
+        one = await start_demo(nursery, redis_server.url, "inst-1", hooks=Names())
+        two = await start_demo(nursery, redis_server.url, "inst-2", hooks=Names())
+        async with open_client(one.url, make_token("carol")) as carol:
+            await carol.join("lobby")  # and says nothing, reads nothing
+
+            def scenario() -> None:
+                alice = pages.open(f"{origin(one)}/demo/")
+                demo_login(alice, "alice")
+                expect(members(alice)).to_have_text(["Alice @alice (you)", "Carol @carol"])
+                bob = pages.open(f"{origin(two)}/demo/")
+                demo_login(bob, "bob")
+                expect(members(bob)).to_have_text(
+                    ["Bob @bob (you)", "Alice @alice", "Carol @carol"]
+                )
+                expect(members(alice)).to_have_text(
+                    ["Alice @alice (you)", "Bob @bob", "Carol @carol"]
+                )
+                expect(alice.locator("#member-count")).to_have_text("(3)")
+
+                # typing: shown, then gone 4 s after the last signal
+                box = bob.get_by_role("textbox", name="Message")
+                box.press_sequentially("hel")
+                expect(typing_line(alice)).to_have_text("Bob is typing…")
+                expect(typing_line(alice)).to_have_text("", timeout=6_000)
+                # again (2 s after the last signal), and bob's message ends it at once
+                bob.bring_to_front()
+                box.press_sequentially("lo alice")
+                expect(typing_line(alice)).to_have_text("Bob is typing…")
+                bob.get_by_role("button", name="Send").click()
+                expect(message(alice, "bob: hello alice")).to_have_count(1)
+                expect(typing_line(alice)).to_have_text("", timeout=1_000)
+                expect(typing_line(bob)).to_have_text("")  # never one's own
+
+                # bob looks at another room: alice's message waits there unread, unseen
+                demo_join(bob, "side")
+                demo_send(alice, "are you there?")
+                mine = message(alice, "alice: are you there?")
+                expect(unread_badge(bob, "lobby")).to_have_text("1 new")
+                alice.wait_for_timeout(500)
+                expect(mine).not_to_have_attribute("data-seen", re.compile("seen"))
+                bob.bring_to_front()
+                room_tab(bob, "lobby").click()
+                expect(unread_badge(bob, "lobby")).to_have_count(0)
+                expect(mine).to_have_attribute("data-seen", "seen by 1")
+                expect(mine).to_have_class("mine")
+
+                # the picture: members, someone typing, seen messages, an unread room
+                demo_join(alice, "releases")
+                room_tab(alice, "lobby").click()
+                demo_send(alice, "the release notes are ready")
+                bob.bring_to_front()
+                expect(message(alice, "release notes")).to_have_attribute("data-seen", "seen by 1")
+                bob.wait_for_timeout(2000)  # bob's last typing signal is 2 s old
+                bob.get_by_role("textbox", name="Message").press_sequentially("let me")
+                alice.bring_to_front()
+                expect(typing_line(alice)).to_have_text("Bob is typing…")
+                with httpx.Client(base_url=origin(one), timeout=5) as http:
+                    for text in ("v2.4 is out", "changelog: presence, typing, read markers"):
+                        published = http.post(
+                            "/v1/publish",
+                            json={"room": "releases", "data": {"text": text}},
+                            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                        )
+                        assert published.status_code == 200, published.text
+                expect(unread_badge(alice, "releases")).to_have_text("2 new")
+                alice.screenshot(path=screenshot_path(tmp_path, "demo.png"))
+
+                # bob leaves the room: off alice's list, and not typing any more
+                bob.bring_to_front()
+                bob.get_by_role("button", name="Leave lobby").click()
+                expect(members(alice)).to_have_text(["Alice @alice (you)", "Carol @carol"])
+                expect(typing_line(alice)).to_have_text("")
+
+            await browser.run(scenario)
+            await carol.leave("lobby")
+        await assert_clean(browser, pages)
+
+
+async def test_demo_unread_counts_follow_the_user_across_tabs(
+    redis_server, nursery, browser, pages
+):
+    """A second tab of alice joins the rooms she had (remembered by this origin's page), its
+    unread counts from the server (`joined.unread`); when the first tab opens the room, the
+    second tab's count clears (the `read` event of her own user). bob is on another instance."""
+    with trio.fail_after(TEST_SECONDS):
+        one = await start_demo(nursery, redis_server.url, "inst-1")
+        two = await start_demo(nursery, redis_server.url, "inst-2")
+
+        def first_tab() -> Page:
+            tab = pages.open(f"{origin(one)}/demo/")
+            demo_login(tab, "alice", "side")
+            demo_join(tab, "lobby")
+            return tab
+
+        first = await browser.run(first_tab)
+        async with open_client(two.url, make_token("bob")) as bob:
+            await bob.join("side")
+            for n in range(2):
+                await bob.send("side", {"text": f"psst {n}"})
+
+            def second_tab() -> Page:
+                expect(unread_badge(first, "side")).to_have_text("2 new")
+                tab = pages.open(f"{origin(one)}/demo/")
+                demo_login(tab, "alice", None)  # her rooms come back by themselves
+                expect(room_tab(tab, "lobby")).to_have_attribute("aria-pressed", "true")
+                expect(unread_badge(tab, "side")).to_have_text("2 new")
+                return tab
+
+            second = await browser.run(second_tab)
+            await bob.send("side", {"text": "psst 2"})
+
+            def read_on_the_first() -> None:
+                expect(unread_badge(second, "side")).to_have_text("3 new")
+                expect(unread_badge(first, "side")).to_have_text("3 new")
+                first.bring_to_front()
+                room_tab(first, "side").click()
+                expect_messages(first, ["bob: psst 0", "bob: psst 1", "bob: psst 2"])
+                expect(unread_badge(second, "side")).to_have_count(0)
+                expect(room_tab(second, "side")).to_have_text("side")
+
+            await browser.run(read_on_the_first)
+            await bob.leave("side")
+        await assert_clean(browser, pages)

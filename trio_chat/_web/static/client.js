@@ -6,6 +6,8 @@
 //   await chat.connect();
 //   await chat.join("lobby");
 //   const ack = await chat.send("lobby", { text: "hello" }); // ack.id = what the others see
+//   chat.signal("lobby", { typing: true });                  // ephemeral, no reply
+//   chat.read("lobby", ack.id);                              // the user's read marker
 
 /**
  * A frame from the server: a JSON object with a `type` (SPEC §6).
@@ -72,7 +74,15 @@ export class TrioChatError extends Error {
  * - `gap`: `{room, recovered: false, missed}` when a rejoin after a reconnect could not
  *   bring back everything that was missed (the latest messages still come as `message`);
  * - `logout`: `{reason}` just before the server ends the session for good;
- * - `error`: an `error` frame that answers no request of yours (or a failed rejoin/refresh);
+ * - `presence_join`: `{room, user, info}` when a user's first session enters a joined room,
+ *   `presence_leave`: `{room, user}` when their last one leaves it (per user, not per device;
+ *   only in rooms with the `presence_events` option);
+ * - `signal`: `{room, from, data}`, another session's {@link signal} (your other devices'
+ *   too): never stored, never replayed;
+ * - `read`: `{room, user, id}`, a user's read marker moved forward, `user` being yours when
+ *   another of your sessions read the room (clear its badge);
+ * - `error`: an `error` frame that answers no request of yours (or a failed rejoin/refresh):
+ *   the refusal of a {@link signal} or {@link read} carries the `ref` the call returned;
  * - `token_expiring`, `refreshed`: the token's life (a token function is called for you).
  *
  * After any close but 4000 and 4403 (and 4401 when `token` is a plain string) it connects
@@ -95,6 +105,8 @@ export class TrioChat extends EventTarget {
   #pending = new Map();
   /** @type {Map<string, Room>} joined rooms */
   #rooms = new Map();
+  /** @type {Map<string, string>} read markers asked while disconnected, by room: sent on open */
+  #reads = new Map();
   /** @type {Array<{resolve: (welcome: Frame) => void, reject: (error: Error) => void}>} */
   #waiters = [];
   /** bumped by every (re)connect and close: late callbacks of older ones are ignored */
@@ -158,7 +170,8 @@ export class TrioChat extends EventTarget {
   /**
    * Join a room; it is rejoined after every reconnect until {@link leave}.
    * @param {string} room 1-128 chars of `[A-Za-z0-9_.:-]`
-   * @returns {Promise<Frame>} the `joined` frame
+   * @returns {Promise<Frame>} the `joined` frame: `read` is your read marker there (null
+   *   without one), `unread` how many messages the room holds after it (null without history)
    */
   join(room) {
     return this.#request({ type: "join", room });
@@ -170,6 +183,7 @@ export class TrioChat extends EventTarget {
    */
   leave(room) {
     this.#rooms.delete(room);
+    this.#reads.delete(room);
     return this.#request({ type: "leave", room });
   }
 
@@ -208,6 +222,61 @@ export class TrioChat extends EventTarget {
     return this.#request(frame);
   }
 
+  /**
+   * Who is in a joined room, on every instance: one entry per user, not per device.
+   * @param {string} room
+   * @returns {Promise<Frame>} `presence {room, users: [{user, info, sessions}], count}`:
+   *   `info` is what the application's connect hook said of the user (null without one);
+   *   `truncated: true` when `count` is beyond the 1,000 users listed
+   */
+  presence(room) {
+    return this.#request({ type: "presence", room });
+  }
+
+  /**
+   * Tell the other sessions in a joined room something fleeting ("typing"): they get a
+   * `signal {room, from, data}` event, now or never (not stored, not replayed, not queued
+   * while disconnected). The server does not answer; a refusal (`rate_limited` beyond about
+   * 5 a second, `forbidden`, `not_in_room`, `too_large`) comes as an `error` event whose
+   * frame's `ref` is the number returned.
+   * @param {string} room
+   * @param {any} data any JSON value, at most 1 KiB
+   * @returns {number | null} the frame's `ref`, or null when not connected (dropped)
+   */
+  signal(room, data) {
+    return this.#fire({ type: "signal", room, data });
+  }
+
+  /**
+   * Move your read marker in a joined room forward to the message `id` (a marker that is
+   * not newer than yours changes nothing). The room's members and your other sessions get
+   * a `read {room, user, id}` event. The server does not answer; a refusal (`bad_request`
+   * for an id the room does not have, `not_in_room`) comes as an `error` event whose frame's
+   * `ref` is the number returned. While disconnected, the latest marker asked per room is
+   * kept and sent after the rejoin.
+   * @param {string} room
+   * @param {string} id a message id of that room
+   * @returns {number | null} the frame's `ref`, or null when it waits for the connection
+   */
+  read(room, id) {
+    const ref = this.#fire({ type: "read", room, id });
+    if (ref === null && this.#state !== "closed") {
+      const waiting = this.#reads.get(room);
+      if (waiting === undefined || compareIds(id, waiting) > 0) this.#reads.set(room, id);
+    }
+    return ref;
+  }
+
+  /**
+   * Every read marker of a joined room, to show who has seen what: a user has read a
+   * message when their marker is at or after its id ({@link compareIds}).
+   * @param {string} room
+   * @returns {Promise<Frame>} `receipts {room, read: {user: id, ...}}`
+   */
+  receipts(room) {
+    return this.#request({ type: "receipts", room });
+  }
+
   /** @returns {Promise<Frame>} the `pong` */
   ping() {
     return this.#request({ type: "ping" });
@@ -241,6 +310,19 @@ export class TrioChat extends EventTarget {
       this.#pending.set(ref, pending);
       if (this.#state === "open") this.#write(pending);
     });
+  }
+
+  /**
+   * Write a frame that has no reply now, with a fresh ref, if the connection is open.
+   * @param {Frame} frame
+   * @returns {number | null} the ref, null when not written
+   */
+  #fire(frame) {
+    const ws = this.#ws;
+    if (this.#state !== "open" || !ws || ws.readyState !== WebSocket.OPEN) return null;
+    const ref = ++this.#refs;
+    ws.send(JSON.stringify({ ...frame, ref }));
+    return ref;
   }
 
   /** @param {Pending} pending */
@@ -353,6 +435,10 @@ export class TrioChat extends EventTarget {
         return;
       case "direct":
       case "logout":
+      case "presence_join":
+      case "presence_leave":
+      case "signal":
+      case "read":
         this.#emit(frame.type, frame);
         return;
       case "token_expiring":
@@ -383,6 +469,8 @@ export class TrioChat extends EventTarget {
       });
     }
     for (const pending of waiting) this.#write(pending);
+    for (const [room, id] of this.#reads) this.#fire({ type: "read", room, id });
+    this.#reads.clear();
     this.#startWatchdog((Number(welcome.heartbeat) || 20) * 1000);
     this.#setState({ state: "open", welcome });
     for (const waiter of this.#waiters.splice(0)) waiter.resolve(welcome);
@@ -453,6 +541,7 @@ export class TrioChat extends EventTarget {
    */
   #end(why, code = "closed") {
     this.#failSent();
+    this.#reads.clear();
     for (const [ref, pending] of this.#pending) {
       this.#pending.delete(ref);
       pending.reject(new TrioChatError("closed", "the client is closed"));

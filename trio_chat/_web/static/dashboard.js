@@ -3,8 +3,10 @@
 
 const KEY = "trio-chat.admin-key";
 const SAMPLES = 60;
-// every 3 s (`?refresh=<seconds>` to change it, 1 at least)
-const POLL_MS = Math.max(1, Number(new URLSearchParams(location.search).get("refresh")) || 3) * 1000;
+// every 2 s (`?refresh=<seconds>` to change it, 1 at least)
+const POLL_MS = Math.max(1, Number(new URLSearchParams(location.search).get("refresh")) || 2) * 1000;
+/** the rooms listed, the most populated first (`GET /v1/rooms` allows 1000) */
+const ROOMS_LISTED = 100;
 const SVG = "http://www.w3.org/2000/svg";
 const ROOM_ID = /^[A-Za-z0-9_.:-]{1,128}$/;
 
@@ -23,6 +25,7 @@ const ui = {
   sessions: $("sessions"),
   sentRate: $("sent-rate"),
   deliveredRate: $("delivered-rate"),
+  rooms: /** @type {HTMLTableSectionElement} */ ($("rooms").querySelector("tbody")),
   presenceForm: /** @type {HTMLFormElement} */ ($("presence-form")),
   presenceRoom: /** @type {HTMLInputElement} */ ($("presence-room")),
   presence: /** @type {HTMLTableSectionElement} */ ($("presence").querySelector("tbody")),
@@ -129,16 +132,18 @@ function failed(error) {
 
 // --- polling ----------------------------------------------------------------------------
 
-/** One round: instances, followed rooms, metrics; then the next one is scheduled. */
+/** One round: instances, rooms, followed rooms, metrics; then the next one is scheduled. */
 async function refresh() {
   clearTimeout(timer);
   try {
-    const [instances] = await Promise.all([
+    const [instances, rooms] = await Promise.all([
       api("GET", "/v1/instances"),
+      api("GET", `/v1/rooms?limit=${ROOMS_LISTED}`),
       ...[...watched].map(lookUp),
       scrape().catch(() => {}),
     ]);
     showInstances(instances.instances);
+    showRooms(rooms.rooms);
     ui.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
   } finally {
     timer = setTimeout(() => refresh().catch(failed), POLL_MS);
@@ -161,6 +166,38 @@ function showInstances(instances) {
   });
   if (!rows.length) rows.push(row([{ text: "no instance registered", className: "muted" }]));
   ui.instances.replaceChildren(...rows);
+}
+
+/**
+ * The rooms table, updated in place (a row keeps its focus while its room keeps its place).
+ * @param {Array<{room: string, users: number}>} rooms
+ */
+function showRooms(rooms) {
+  /** @type {Map<string, HTMLTableRowElement>} */
+  const shown = new Map();
+  for (const line of ui.rooms.rows) if (line.dataset.room) shown.set(line.dataset.room, line);
+  const lines = rooms.map((entry) => {
+    const line = shown.get(entry.room) ?? roomRow(entry.room);
+    line.cells[1].textContent = String(entry.users);
+    return line;
+  });
+  if (!lines.length) lines.push(row([{ text: "no room has members", className: "muted" }, ""]));
+  const same = lines.length === ui.rooms.rows.length && lines.every((line, i) => ui.rooms.rows[i] === line);
+  if (!same) ui.rooms.replaceChildren(...lines);
+}
+
+/** @param {string} room */
+function roomRow(room) {
+  // the room's name follows its presence below
+  const follow = document.createElement("button");
+  follow.type = "button";
+  follow.className = "link";
+  follow.textContent = room;
+  follow.title = `Follow the presence of ${room}`;
+  follow.addEventListener("click", () => followRoom(room));
+  const line = row([follow, { text: "", className: "num" }]);
+  line.dataset.room = room;
+  return line;
 }
 
 /** @param {string} room */
@@ -191,6 +228,11 @@ ui.presenceForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   const room = ui.presenceRoom.value.trim();
   if (!ROOM_ID.test(room)) return report("A room name is 1-128 letters, digits or _ . : -", true);
+  await followRoom(room);
+});
+
+/** Show the presence of `room` and keep it up to date. @param {string} room */
+async function followRoom(room) {
   try {
     await lookUp(room);
     watched.add(room);
@@ -198,7 +240,7 @@ ui.presenceForm.addEventListener("submit", async (event) => {
   } catch (error) {
     failed(error);
   }
-});
+}
 
 // --- metrics and the chart --------------------------------------------------------------
 

@@ -1,9 +1,17 @@
-// The demo chat page (SPEC §13) on /client.js. Message data is only ever shown with
-// textContent, never parsed as HTML.
+// The demo chat page (SPEC §13, §15) on /client.js: rooms with their members, who is typing,
+// who has read your messages, unread counts that follow the user. Message data is only ever
+// shown with textContent, never parsed as HTML.
 import { TrioChat, compareIds } from "/client.js";
 
 const ROOM_ID = /^[A-Za-z0-9_.:-]{1,128}$/;
+const STREAM_ID = /^\d+-\d+$/;
 const PAGE = 50;
+/** at most one typing signal per room this often (the server allows 5/s) */
+const TYPING_EVERY_MS = 2000;
+/** someone is typing until this long after their last signal (or their message) */
+const TYPING_SHOWN_MS = 4000;
+/** the rooms of a user in this browser, for the next Connect: `{rooms, open}` */
+const REMEMBERED = "trio-chat.demo.rooms:";
 
 /** @param {string} id */
 const $ = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
@@ -22,8 +30,11 @@ const ui = {
   view: $("room-view"),
   earlier: /** @type {HTMLButtonElement} */ ($("earlier")),
   messages: $("messages"),
+  typing: $("typing"),
   compose: /** @type {HTMLFormElement} */ ($("compose")),
   message: /** @type {HTMLInputElement} */ ($("message")),
+  members: $("members"),
+  memberCount: $("member-count"),
 };
 
 /**
@@ -31,8 +42,16 @@ const ui = {
  * @property {HTMLLIElement[]} items the rendered messages, in id order
  * @property {Set<string>} ids
  * @property {boolean} more older messages remain (after the first history page)
- * @property {number} unread
+ * @property {number} unread messages of others not read yet, while the room is not open
  * @property {HTMLLIElement} tab
+ * @property {string | null} myRead this user's read marker (from any of their tabs)
+ * @property {Map<string, string>} receipts the other users' read markers
+ * @property {Map<string, any>} members user → the connect hook's info (null: none)
+ * @property {number} count users in the room (beyond the listed ones when truncated)
+ * @property {Set<any[]>} heard per presence() waiting for its answer, the events meanwhile
+ * @property {Map<string, ReturnType<typeof setTimeout>>} typing users typing, until when
+ * @property {number} typedAt when this tab last said it was typing here
+ * @property {boolean} silent signals are refused here (off, or a read-only room): not sent
  */
 
 /** @type {TrioChat | null} */
@@ -46,6 +65,10 @@ let current = null;
 let loggedOut = "";
 /** @type {number | null} the close code of the connection being replaced */
 let lostWith = null;
+/** display names from the connect hook's `info.name`, by user id */
+const names = new Map();
+/** @type {Map<number, string>} the room of each recent typing signal, by ref */
+const signals = new Map();
 
 // --- connecting -------------------------------------------------------------------------
 
@@ -83,10 +106,12 @@ ui.login.addEventListener("submit", async (event) => {
     me = user;
     loggedOut = "";
     chat = listen(new TrioChat(first.url, { token }));
-    await chat.connect();
+    const welcome = await chat.connect();
+    if (typeof welcome.info?.name === "string") names.set(me, welcome.info.name);
     ui.chat.hidden = false;
     ui.disconnect.hidden = false;
     ui.room.focus();
+    await rejoin();
   } catch (error) {
     chat?.close();
     chat = null;
@@ -107,13 +132,29 @@ function listen(client) {
   client.addEventListener("state", (event) => {
     const detail = /** @type {CustomEvent} */ (event).detail;
     if (client !== chat) return;
+    const back = detail.state === "open" && ui.state.dataset.state === "reconnecting";
     showState(detail);
     if (detail.state === "closed") ended();
+    // joins and leaves, reads and typing went by while away: ask again (after the rejoins)
+    if (back) for (const room of rooms.keys()) catchUp(room);
   });
   client.addEventListener("message", (event) => {
     const frame = /** @type {CustomEvent} */ (event).detail;
     if (client === chat) addMessage(frame.room, frame);
   });
+  /** @param {string} name @param {(frame: any) => void} handle */
+  const on = (name, handle) =>
+    client.addEventListener(name, (event) => {
+      if (client === chat) handle(/** @type {CustomEvent} */ (event).detail);
+    });
+  on("presence_join", (frame) => heard(frame));
+  on("presence_leave", (frame) => heard(frame));
+  on("signal", (frame) => {
+    if (frame.from !== me && frame.data && typeof frame.data === "object") {
+      typing(frame.room, frame.from, frame.data.typing === true);
+    }
+  });
+  on("read", (frame) => readBy(frame.room, frame.user, frame.id));
   client.addEventListener("direct", (event) => {
     const frame = /** @type {CustomEvent} */ (event).detail;
     if (client === chat && current) addMessage(current, { ...frame, direct: true });
@@ -128,6 +169,13 @@ function listen(client) {
   });
   client.addEventListener("error", (event) => {
     const frame = /** @type {CustomEvent} */ (event).detail;
+    const room = signals.get(frame.ref);
+    if (room !== undefined) {
+      // typing is a nicety: a refusal is no news (a room that refuses signals gets no more)
+      const view = rooms.get(room);
+      if (view && frame.code !== "rate_limited") view.silent = true;
+      return;
+    }
     show(ui.notice, `Server error: ${frame.code}${frame.message ? ` (${frame.message})` : ""}`);
   });
   return client;
@@ -171,6 +219,7 @@ function setBusy(busy) {
   ui.rooms.replaceChildren();
   ui.messages.replaceChildren();
   ui.view.hidden = true;
+  ui.typing.textContent = "";
   hide(ui.notice);
   ui.compose.querySelector("button")?.removeAttribute("disabled");
   ui.join.querySelector("button")?.removeAttribute("disabled");
@@ -187,21 +236,64 @@ ui.join.addEventListener("submit", async (event) => {
     return;
   }
   hide(ui.notice);
+  if (await enter(room, true)) ui.message.focus();
+});
+
+/**
+ * Join `room` and show it, opened or as a tab with its unread count.
+ * @param {string} room
+ * @param {boolean} open
+ * @returns {Promise<boolean>} whether it is joined
+ */
+async function enter(room, open) {
+  if (!chat) return false;
+  let joined;
   try {
-    await chat.join(room);
+    joined = await chat.join(room);
   } catch (error) {
     show(ui.notice, `Could not join ${room}: ${describe(error)}`);
-    return;
+    return false;
   }
-  if (!rooms.has(room)) {
-    rooms.set(room, { items: [], ids: new Set(), more: false, unread: 0, tab: makeTab(room) });
-    select(room);
-    await loadHistory(room);
-  } else {
-    select(room);
+  if (rooms.has(room)) {
+    if (open) select(room);
+    return true;
   }
-  ui.message.focus();
-});
+  rooms.set(room, {
+    items: [],
+    ids: new Set(),
+    more: false,
+    unread: open ? 0 : Number(joined.unread) || 0,
+    tab: makeTab(room),
+    myRead: typeof joined.read === "string" ? joined.read : null,
+    receipts: new Map(),
+    members: new Map(),
+    count: 0,
+    heard: new Set(),
+    typing: new Map(),
+    typedAt: 0,
+    silent: false,
+  });
+  remember();
+  if (open) select(room, false);
+  else renderTab(room);
+  await Promise.all([loadHistory(room), catchUp(room)]);
+  return rooms.has(room);
+}
+
+/** Join the rooms this user had in this browser, opening the one that was open. */
+async function rejoin() {
+  const saved = recall();
+  for (const room of saved.rooms) {
+    if (ROOM_ID.test(room) && chat) await enter(room, room === saved.open);
+  }
+  if (!current && rooms.size) select(rooms.keys().next().value);
+  if (current) ui.message.focus();
+}
+
+/** Who is here and who has read what: asked on join and again after a reconnect. */
+async function catchUp(room) {
+  await Promise.all([loadPresence(room), loadReceipts(room)]);
+}
 
 /**
  * @param {string} room
@@ -213,7 +305,10 @@ function makeTab(room) {
   open.type = "button";
   open.className = "secondary";
   open.textContent = room;
-  open.addEventListener("click", () => select(room));
+  open.addEventListener("click", () => {
+    select(room);
+    ui.message.focus();
+  });
   const leave = document.createElement("button");
   leave.type = "button";
   leave.className = "secondary leave";
@@ -225,29 +320,44 @@ function makeTab(room) {
   return tab;
 }
 
-/** @param {string} room */
-function select(room) {
+/**
+ * Open `room`: its messages, members and typists; it counts as read.
+ * @param {string} room
+ * @param {boolean} [refresh] ask who is here again (their events may be off in this room)
+ */
+function select(room, refresh = true) {
   const view = rooms.get(room);
   if (!view) return;
+  const switched = current !== room;
   current = room;
   view.unread = 0;
-  for (const [name, other] of rooms) {
-    const button = /** @type {HTMLButtonElement} */ (other.tab.firstElementChild);
-    button.setAttribute("aria-pressed", String(name === room));
-    button.textContent = name;
-    if (other.unread) {
-      const badge = document.createElement("span");
-      badge.className = "unread";
-      badge.textContent = `${other.unread} new`;
-      button.append(badge);
-    }
-  }
+  for (const name of rooms.keys()) renderTab(name);
   ui.view.hidden = false;
   ui.messages.setAttribute("aria-label", "Messages");
   ui.messages.replaceChildren(...view.items);
   ui.earlier.hidden = !view.more;
   ui.earlier.disabled = !chat;
+  renderMembers(room);
+  renderTyping(room);
   scrollDown(true);
+  markRead(room);
+  if (switched) remember();
+  if (switched && refresh) loadPresence(room);
+}
+
+/** The tab of `room`: pressed when open, else its unread count. @param {string} room */
+function renderTab(room) {
+  const view = rooms.get(room);
+  if (!view) return;
+  const button = /** @type {HTMLButtonElement} */ (view.tab.firstElementChild);
+  button.setAttribute("aria-pressed", String(room === current));
+  button.textContent = room;
+  if (view.unread && room !== current) {
+    const badge = document.createElement("span");
+    badge.className = "unread";
+    badge.textContent = `${view.unread} new`;
+    button.append(" ", badge); // its name reads "lobby 2 new"
+  }
 }
 
 /** @param {string} room */
@@ -256,6 +366,8 @@ async function leaveRoom(room) {
   if (!view) return;
   rooms.delete(room);
   view.tab.remove();
+  for (const timer of view.typing.values()) clearTimeout(timer);
+  remember();
   try {
     await chat?.leave(room);
   } catch {
@@ -267,6 +379,7 @@ async function leaveRoom(room) {
     if (next.done) {
       ui.view.hidden = true;
       ui.messages.replaceChildren();
+      ui.typing.textContent = "";
     } else {
       select(next.value);
     }
@@ -292,10 +405,12 @@ async function loadHistory(room, earlier = false) {
     show(ui.notice, `Could not load the history of ${room}: ${describe(error)}`);
     return;
   }
+  renderTicks(room);
   if (current !== room) return;
   ui.earlier.hidden = !view.more;
   if (earlier) ui.messages.scrollTop += ui.messages.scrollHeight - height;
   else scrollDown(true);
+  markRead(room);
 }
 
 ui.earlier.addEventListener("click", async () => {
@@ -322,6 +437,19 @@ ui.compose.addEventListener("submit", async (event) => {
   }
 });
 
+// "… is typing": a signal when the text changes, at most one per room every 2 s
+ui.message.addEventListener("input", () => {
+  const view = current ? rooms.get(current) : undefined;
+  if (!chat || !current || !view || view.silent || !ui.message.value.trim()) return;
+  const now = Date.now();
+  if (now - view.typedAt < TYPING_EVERY_MS) return;
+  view.typedAt = now;
+  const ref = chat.signal(current, { typing: true });
+  if (ref === null) return;
+  signals.set(ref, current);
+  if (signals.size > 32) signals.delete(signals.keys().next().value);
+});
+
 /**
  * Render a message in its room, in id order, once.
  * @param {string} room
@@ -339,7 +467,8 @@ function addMessage(room, frame, { quiet = false } = {}) {
   const item = document.createElement("li");
   if (frame.id && !frame.direct) item.dataset.id = frame.id;
   if (frame.ts) item.dataset.time = new Date(frame.ts).toLocaleTimeString();
-  if (frame.mine) item.className = "mine";
+  // yours: sent from this tab, or from another one of yours
+  if (frame.mine || (frame.from === me && !frame.direct)) item.className = "mine";
   else if (frame.direct) item.className = "direct";
   else if (frame.from === null || frame.from === undefined) item.className = "system";
   const from = document.createElement("span");
@@ -361,18 +490,264 @@ function addMessage(room, frame, { quiet = false } = {}) {
     }
   }
   view.items.splice(at, 0, item);
+  if (item.className === "mine") renderTicks(room, [item]);
+  // their message ends their typing
+  if (!frame.direct && frame.from && view.typing.has(frame.from)) typing(room, frame.from, false);
   if (room === current) {
     const stick = nearBottom();
     ui.messages.insertBefore(item, ui.messages.children[at] ?? null);
-    if (!quiet) scrollDown(stick || Boolean(frame.mine));
-  } else if (!quiet) {
+    if (!quiet) {
+      scrollDown(stick || Boolean(frame.mine));
+      markRead(room);
+    }
+  } else if (!quiet && item.className !== "mine" && !frame.direct) {
     view.unread += 1;
-    const button = /** @type {HTMLButtonElement} */ (view.tab.firstElementChild);
-    button.textContent = room;
-    const badge = document.createElement("span");
-    badge.className = "unread";
-    badge.textContent = `${view.unread} new`;
-    button.append(badge);
+    renderTab(room);
+  }
+}
+
+// --- read markers -----------------------------------------------------------------------
+
+/** The page is looked at: shown, and its window focused. */
+function attentive() {
+  return document.visibilityState === "visible" && document.hasFocus();
+}
+
+/**
+ * Move this user's read marker to the latest message of `room` if it is open and looked at.
+ * @param {string} room
+ */
+function markRead(room) {
+  const view = rooms.get(room);
+  if (!chat || !view || room !== current || !attentive()) return;
+  const latest = view.items.findLast((item) => item.dataset.id)?.dataset.id;
+  if (!latest || (view.myRead !== null && !after(latest, view.myRead))) return;
+  view.myRead = latest;
+  chat.read(room, latest);
+}
+
+document.addEventListener("visibilitychange", () => current && markRead(current));
+window.addEventListener("focus", () => current && markRead(current));
+
+/**
+ * A read marker moved: someone saw your messages, or you read the room in another tab.
+ * @param {string} room
+ * @param {string} user
+ * @param {string} id
+ */
+function readBy(room, user, id) {
+  const view = rooms.get(room);
+  if (!view || typeof id !== "string") return;
+  if (user === me) {
+    if (view.myRead === null || after(id, view.myRead)) view.myRead = id;
+    // what is left unread after it, of what is shown (the badge only goes down)
+    const left = view.items.filter(
+      (item) => item.dataset.id && item.className !== "mine" && after(item.dataset.id, id),
+    ).length;
+    if (left < view.unread) {
+      view.unread = left;
+      renderTab(room);
+    }
+    return;
+  }
+  const known = view.receipts.get(user);
+  if (known !== undefined && !after(id, known)) return;
+  view.receipts.set(user, id);
+  renderTicks(room);
+}
+
+/** @param {string} room */
+async function loadReceipts(room) {
+  if (!chat || !rooms.has(room)) return;
+  let answer;
+  try {
+    answer = await chat.receipts(room);
+  } catch (error) {
+    if (rooms.has(room)) show(ui.notice, `Could not load who has read ${room}: ${describe(error)}`);
+    return;
+  }
+  for (const [user, id] of Object.entries(answer.read ?? {})) readBy(room, user, String(id));
+}
+
+/**
+ * "seen by N" on your messages (all of them, or those given): N other users' markers are at
+ * or after it.
+ * @param {string} room
+ * @param {HTMLLIElement[]} [items]
+ */
+function renderTicks(room, items) {
+  const view = rooms.get(room);
+  if (!view) return;
+  for (const item of items ?? view.items) {
+    const id = item.dataset.id;
+    if (item.className !== "mine" || !id) continue;
+    let seen = 0;
+    for (const marker of view.receipts.values()) if (marker === id || after(marker, id)) seen += 1;
+    if (seen) item.dataset.seen = `seen by ${seen}`;
+    else delete item.dataset.seen;
+  }
+}
+
+/**
+ * Whether message id `a` comes after `b`: stream ids `<ms>-<seq>` part by part; other ids
+ * (history off) have no order, and only differ.
+ * @param {string} a
+ * @param {string} b
+ */
+function after(a, b) {
+  if (STREAM_ID.test(a) && STREAM_ID.test(b)) return compareIds(a, b) > 0;
+  return a !== b;
+}
+
+// --- members and typing -----------------------------------------------------------------
+
+/** @param {string} room */
+async function loadPresence(room) {
+  const view = rooms.get(room);
+  if (!chat || !view) return;
+  // events that cross the answer are applied again on top of it: it is a moment between the
+  // request and its reply, and replaying an event that it already holds changes nothing
+  /** @type {any[]} */
+  const crossed = [];
+  view.heard.add(crossed);
+  let answer;
+  try {
+    answer = await chat.presence(room);
+  } catch (error) {
+    if (rooms.get(room) === view) show(ui.notice, `Could not load who is in ${room}: ${describe(error)}`);
+    return;
+  } finally {
+    view.heard.delete(crossed);
+  }
+  if (rooms.get(room) !== view) return; // left meanwhile
+  view.members = new Map();
+  for (const entry of answer.users ?? []) {
+    view.members.set(entry.user, entry.info ?? null);
+    learnName(entry.user, entry.info);
+  }
+  view.count = Math.max(Number(answer.count) || 0, view.members.size);
+  for (const frame of crossed) applyPresence(view, frame);
+  if (room === current) renderMembers(room);
+}
+
+/** A `presence_join` or `presence_leave`. @param {any} frame */
+function heard(frame) {
+  const view = rooms.get(frame.room);
+  if (!view) return;
+  for (const crossed of view.heard) crossed.push(frame);
+  applyPresence(view, frame);
+  if (frame.type === "presence_leave") typing(frame.room, frame.user, false);
+  if (frame.room === current) renderMembers(frame.room);
+}
+
+/**
+ * @param {RoomView} view
+ * @param {any} frame
+ */
+function applyPresence(view, frame) {
+  if (frame.type === "presence_join") {
+    if (!view.members.has(frame.user)) view.count += 1;
+    view.members.set(frame.user, frame.info ?? null);
+    learnName(frame.user, frame.info);
+  } else if (frame.type === "presence_leave") {
+    if (view.members.delete(frame.user)) view.count -= 1;
+  }
+}
+
+/**
+ * @param {string} user
+ * @param {any} info
+ */
+function learnName(user, info) {
+  if (info && typeof info.name === "string" && info.name.trim()) names.set(user, info.name.trim());
+}
+
+/** @param {string} user */
+function nameOf(user) {
+  return names.get(user) ?? user;
+}
+
+/** The member list of the open room, by name, you first. @param {string} room */
+function renderMembers(room) {
+  const view = rooms.get(room);
+  if (!view || room !== current) return;
+  const users = [...view.members.keys()].sort((a, b) =>
+    a === me ? -1 : b === me ? 1 : nameOf(a).localeCompare(nameOf(b)),
+  );
+  const items = users.map((user) => {
+    const item = document.createElement("li");
+    item.textContent = nameOf(user);
+    if (nameOf(user) !== user) {
+      const id = document.createElement("span");
+      id.className = "muted";
+      id.textContent = ` @${user}`;
+      item.append(id);
+    }
+    if (user === me) {
+      item.className = "me";
+      item.append(" (you)");
+    }
+    return item;
+  });
+  const unlisted = view.count - view.members.size;
+  if (unlisted > 0) {
+    const more = document.createElement("li");
+    more.className = "muted";
+    more.textContent = `and ${unlisted} more`;
+    items.push(more);
+  }
+  ui.members.replaceChildren(...items);
+  ui.memberCount.textContent = `(${view.count})`;
+}
+
+/**
+ * `user` is typing in `room` (for a while), or not any more.
+ * @param {string} room
+ * @param {string} user
+ * @param {boolean} active
+ */
+function typing(room, user, active) {
+  const view = rooms.get(room);
+  if (!view) return;
+  clearTimeout(view.typing.get(user));
+  if (active) view.typing.set(user, setTimeout(() => typing(room, user, false), TYPING_SHOWN_MS));
+  else view.typing.delete(user);
+  renderTyping(room);
+}
+
+/** @param {string} room */
+function renderTyping(room) {
+  const view = rooms.get(room);
+  if (!view || room !== current) return;
+  const who = [...view.typing.keys()].map(nameOf);
+  let text = "";
+  if (who.length === 1) text = `${who[0]} is typing…`;
+  else if (who.length === 2) text = `${who[0]} and ${who[1]} are typing…`;
+  else if (who.length > 2) text = `${who[0]}, ${who[1]} and ${who.length - 2} more are typing…`;
+  if (ui.typing.textContent !== text) ui.typing.textContent = text;
+}
+
+// --- the rooms of a user, kept in this browser -------------------------------------------
+
+/** @returns {{rooms: string[], open: string | null}} */
+function recall() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(REMEMBERED + me) ?? "null");
+    if (saved && Array.isArray(saved.rooms)) {
+      return { rooms: saved.rooms.filter((r) => typeof r === "string"), open: saved.open ?? null };
+    }
+  } catch {
+    // unreadable or not allowed: start afresh
+  }
+  return { rooms: [], open: null };
+}
+
+function remember() {
+  if (!me) return;
+  try {
+    localStorage.setItem(REMEMBERED + me, JSON.stringify({ rooms: [...rooms.keys()], open: current }));
+  } catch {
+    // storage full or not allowed: the rooms are not remembered
   }
 }
 
