@@ -141,3 +141,18 @@ async def test_a_batch_that_may_have_run_is_looked_for_before_it_is_refused(nurs
         ("error", "unavailable")
     ]
     assert backend.calls > 1  # the stream was read (here: tried) before the refusal
+
+
+async def test_read_markers_waiting_together_keep_only_the_newest_per_room(nursery):
+    from trio_chat._config import HistoryConfig
+    from trio_chat._outbox import OutgoingRead
+
+    session, backend = FakeSession(nursery), FakeBackend()
+    outbox = Outbox(session, backend, Metrics(), RoomRules(Config()))
+    backend.held = trio.Event()
+    await outbox.put(outgoing(1))  # the first batch goes out and is held there
+    await trio.testing.wait_all_tasks_blocked()
+    history = HistoryConfig()
+    for room, message_id in [("a", "5-0"), ("b", "1-0"), ("a", "7-0"), ("a", "6-0")]:
+        await outbox.put(OutgoingRead(room, "u", message_id, history, "event", message_id))
+    assert [(r.room, r.message_id) for r in outbox._waiting] == [("a", "7-0"), ("b", "1-0")]

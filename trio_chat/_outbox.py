@@ -26,7 +26,7 @@ import trio
 from ._errors import BackendUnavailable, ProtocolError
 from ._messages import INTERNAL, UNAVAILABLE, encode, error_frame
 from ._store import keys
-from ._store.history import FIELD, publish
+from ._store.history import FIELD, parse_id, publish
 from ._store.interface import Batch
 
 if TYPE_CHECKING:
@@ -105,7 +105,14 @@ class Outbox:
         self._idle: trio.Event | None = None  # while a sender task runs: set when it ends
 
     async def put(self, outgoing: Pending) -> None:
-        """Queue ``outgoing`` for the next batch, starting the sender task if none runs."""
+        """Queue ``outgoing`` for the next batch, starting the sender task if none runs.
+
+        A read marker of a room that already has one waiting takes its place when it is newer
+        (and is dropped when not): a client that reads each message as it comes sends many,
+        and only the last one of a batch can move the marker.
+        """
+        if isinstance(outgoing, OutgoingRead) and self._supersede(outgoing):
+            return
         while len(self._waiting) >= self.LIMIT and self._idle is not None:
             await self._idle.wait()
         self._waiting.append(outgoing)
@@ -114,6 +121,16 @@ class Outbox:
             if not self._session.start_soon(self._send):
                 self._idle.set()  # the session is closing: nothing more goes out
                 self._idle, self._waiting = None, []
+
+    def _supersede(self, read: OutgoingRead) -> bool:
+        """Merge ``read`` into a waiting marker of its room; False when none waits."""
+        for n, waiting in enumerate(self._waiting):
+            if isinstance(waiting, OutgoingRead) and waiting.room == read.room:
+                new, old = parse_id(read.message_id), parse_id(waiting.message_id)
+                if new is None or old is None or new > old:
+                    self._waiting[n] = read
+                return True
+        return False
 
     async def wait_idle(self) -> None:
         """Wait until everything handed over is published and answered (or failed)."""
