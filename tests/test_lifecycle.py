@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -497,7 +498,8 @@ async def test_clean_command_reaps_dead_instances(redis_or_cluster):
         batch.hset("ws:instance:dead-1:rooms", {"sid-a": '["room"]', "sid-b": '["other","room"]'})
         batch.sadd("ws:user:alice", "sid-a", "sid-live")
         batch.hset("ws:session:sid-a", {"user_id": "alice", "rooms": '["room"]'})
-        batch.zadd("ws:room:room", {"sid-a": 1.0})
+        batch.zadd("ws:room:room", {"sid-a": 1.0, "sid-b": 1.0, "sid-c": 1.0})
+        batch.zadd("ws:room:other", {"sid-b": 1.0})
         batch.hset("ws:room:room:users", {"alice": "1", "bob": "1", "carol": "1"})
         batch.hset("ws:room:other:users", {"bob": "1"})
         batch.zadd("ws:rooms", {"room": 3, "other": 1})
@@ -508,7 +510,7 @@ async def test_clean_command_reaps_dead_instances(redis_or_cluster):
         batch = Batch()
         users = batch.smembers("ws:user:alice")
         instances = batch.smembers("ws:instances")
-        room = batch.zcard("ws:room:room")
+        room = batch.zrangebyscore("ws:room:room", 0, math.inf)
         counted = batch.hgetall("ws:room:room:users")
         index = batch.zrevrange("ws:rooms", 10)
         left = batch.exists(
@@ -518,7 +520,12 @@ async def test_clean_command_reaps_dead_instances(redis_or_cluster):
             "ws:room:other:users",
         )
         await backend.execute(batch)
-        assert (users.value, instances.value, room.value, left.value) == ({"sid-live"}, set(), 0, 0)
+        assert (users.value, instances.value, room.value, left.value) == (
+            {"sid-live"},
+            set(),
+            ["sid-c"],
+            0,
+        )
         assert (counted.value, index.value) == ({"carol": "1"}, [("room", 1.0)])
 
 

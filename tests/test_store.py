@@ -419,45 +419,60 @@ async def test_occupy_counts_sessions_per_user_announces_transitions_and_indexes
         async with backend.subscription() as subscription:
             await subscription.subscribe("chat:room:r")
             answers = []
-            for user, delta in [
-                ("alice", 1),  # alice arrives: announced
-                ("alice", 1),  # her second device: not
-                ("bob", 1),
-                ("alice", -1),
-                ("alice", -1),  # her last: announced
-                ("carol", -1),  # never counted: nothing to announce
-                ("", 0),  # only renew and index
-                ("bob", -1),
+            for session, user, delta in [
+                ("a1", "alice", 1),  # alice arrives: announced
+                ("a2", "alice", 1),  # her second device: not
+                ("a2", "alice", 1),  # the same again: nothing changes
+                ("b1", "bob", 1),
+                ("a1", "alice", -1),
+                ("a1", "alice", -1),  # a cleanup sent twice: nothing more
+                ("a2", "alice", -1),  # her last: announced
+                ("c1", "carol", -1),  # never there: nothing to announce
+                ("b1", "bob", -1),
             ]:
                 batch = Batch()
-                reply = batch.occupy("r", user, delta, ttl=30, event=f"{user}{delta:+d}")
+                event = f"{user}{delta:+d}"
+                reply = batch.occupy("r", session, user, delta, ttl=30, event=event)
                 await backend.execute(batch)
                 batch = Batch()  # (a script may run after the rest of its round trip)
                 index = batch.zrevrange("ws:rooms", 10)
                 ttl = batch.ttl("ws:room:r:users")
+                members = batch.zrangebyscore("ws:room:r", 0, math.inf)
                 await backend.execute(batch)
-                answers.append((reply.value, index.value, ttl.value is not None))
+                answers.append((reply.value, index.value, ttl.value is not None, members.value))
             published = await take(subscription, 4)
     assert answers == [
-        ((1, 1), [("r", 1.0)], True),
-        ((2, 1), [("r", 1.0)], True),
-        ((1, 2), [("r", 2.0)], True),
-        ((1, 2), [("r", 2.0)], True),
-        ((0, 1), [("r", 1.0)], True),
-        ((-1, 1), [("r", 1.0)], True),
-        ((0, 1), [("r", 1.0)], True),
-        ((0, 0), [], False),
+        ((True, 1, 1), [("r", 1.0)], True, ["a1"]),
+        ((True, 2, 1), [("r", 1.0)], True, ["a1", "a2"]),
+        ((False, 2, 1), [("r", 1.0)], True, ["a1", "a2"]),
+        ((True, 1, 2), [("r", 2.0)], True, ["a1", "a2", "b1"]),
+        ((True, 1, 2), [("r", 2.0)], True, ["a2", "b1"]),
+        ((False, 1, 2), [("r", 2.0)], True, ["a2", "b1"]),
+        ((True, 0, 1), [("r", 1.0)], True, ["b1"]),
+        ((False, 0, 1), [("r", 1.0)], True, ["b1"]),
+        ((True, 0, 0), [], False, []),
     ]
     assert [message for _, message in published] == ["alice+1", "bob+1", "alice-1", "bob-1"]
     assert await read_hash_of(backend, "ws:room:r:users") == {}
 
 
-async def test_occupy_without_an_event_and_several_sessions_at_once(backend):
+async def test_renewing_a_room_counts_again_only_the_sessions_redis_lost(backend):
     batch = Batch()
-    several = batch.occupy("r", "alice", 3, ttl=30, event=None)
+    batch.occupy("r", "a1", "alice", 1, ttl=30, event=None)
     await backend.execute(batch)
-    assert several.value == (3, 1)
-    assert await read_hash_of(backend, "ws:room:r:users") == {"alice": "3"}
+    batch = Batch()
+    batch.delete("ws:room:r", "ws:room:r:users", "ws:rooms")  # as after a restart of Redis
+    await backend.execute(batch)
+    for _ in range(2):  # the second renewal finds every one counted
+        batch = Batch()
+        users = batch.renew_room("r", {"a1": "alice", "a2": "alice", "b1": "bob"}, ttl=30)
+        await backend.execute(batch)
+        assert users.value == 2
+        assert await read_hash_of(backend, "ws:room:r:users") == {"alice": "2", "bob": "1"}
+    batch = Batch()
+    index = batch.zrevrange("ws:rooms", 10)
+    await backend.execute(batch)
+    assert index.value == [("r", 2.0)]
 
 
 async def test_read_markers_move_forward_only_and_announce_when_they_move(backend):
@@ -545,13 +560,15 @@ async def test_the_script_is_loaded_again_after_redis_restarted_empty(redis_serv
         batch = Batch()
         entries = batch.xrange("s", "-", "+", 10)
         # the other scripts too, each loaded when first missing
-        counted = batch.occupy("r", "alice", 1, ttl=30, event=None)
+        counted = batch.occupy("r", "s1", "alice", 1, ttl=30, event=None)
+        renewed = batch.renew_room("r", {"s2": "bob"}, ttl=30)
         marked = batch.mark_read("r", "alice", "1-0", ttl=30, ordered=True, event=None)
         after = batch.count_after("s", "0-0", 10)
         await backend.execute(batch)
     assert first.value != second.value
     assert entries.value == [(second.value, {"m": '{"n":2}'})]
-    assert (counted.value, marked.value, after.value) == ((1, 1), True, 1)
+    assert (counted.value, marked.value, after.value) == ((True, 1, 1), True, 1)
+    assert renewed.value == 2
 
 
 # --- opening

@@ -419,7 +419,7 @@ class ConnectionHandler:
             emptied = self.hub.discard(session)
         batch = Batch()
         depart(batch, self.config, self.hub.rooms, session_id, user_id, sorted(rooms))
-        remove_session(batch, self.hub.instance_id, session_id, user_id, rooms)
+        remove_session(batch, self.hub.instance_id, session_id, user_id)
         try:
             await self.backend.execute(batch)
         except BackendUnavailable as exc:
@@ -650,10 +650,11 @@ class ConnectionHandler:
         except BackendUnavailable as exc:
             if new:
                 await self.hub.leave(session, room)
-                if exc.sent:  # the user may have been counted in: count them out
+                if exc.sent:  # it may have entered: leave (done twice, nothing more)
                     undo = Batch()
                     depart(undo, self.config, self.hub.rooms, session.id, session.user_id, [room])
                     self.hub.retry_cleanup(undo)
+                    self.hub.stale_room_lists.add(session)
             else:
                 self.hub.release(session, room, None)  # joined as before, without a replay
             raise
@@ -727,19 +728,18 @@ class ConnectionHandler:
                 session.read_only.discard(room)
             await self.hub.leave(session, room)
             batch = Batch()
-            batch.zrem(keys.room_presence(room), session.id)
             write_rooms(batch, self.hub.instance_id, session.id, session.rooms)
             depart(batch, self.config, self.hub.rooms, session.id, session.user_id, [room])
             try:
                 await self.backend.execute(batch)
             except BackendUnavailable as exc:
-                # Left locally all the same: the heartbeat retries the departure (a count is
-                # only ever added to, so a rejoin meanwhile is counted right).
+                # Left locally all the same: the heartbeat departs again (done twice, a
+                # departure does nothing more) and writes the session's room list afresh.
                 logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
                 retry = Batch()
-                retry.zrem(keys.room_presence(room), session.id)
                 depart(retry, self.config, self.hub.rooms, session.id, session.user_id, [room])
                 self.hub.retry_cleanup(retry)
+                self.hub.stale_room_lists.add(session)
         session.reply(encode("left", message.ref, room=message.room))
 
     async def _send(self, session: Session, message: Send) -> Outgoing:

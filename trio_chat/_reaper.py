@@ -112,9 +112,9 @@ async def reap(backend: Backend, instance_id: str, config: Config) -> int:
         for session_id, user_id in items[start : start + _CHUNK]:
             rooms = set(session_rooms(listed.value.get(session_id)))
             rooms.update(session_rooms(recorded[session_id].value))
-            # the counts first: a reaper that dies after them leaves the records to the next
+            # (both may be done again by the next reaper if this one dies half-way)
             depart(cleanup, config, rules, session_id, user_id, sorted(rooms))
-            remove_session(cleanup, instance_id, session_id, user_id, rooms)
+            remove_session(cleanup, instance_id, session_id, user_id)
         await backend.execute(cleanup)
     # Forget the instance last: if this dies half-way, the id is still there to reap again.
     cleanup = Batch()

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from ._hub import Hub
     from ._messages import JSONValue
     from ._rooms import RoomPolicy, RoomRules
-    from ._session import Session
     from ._store.interface import Reply
 
 logger = logging.getLogger(__name__)
@@ -45,9 +43,9 @@ def write_session(
     rooms: Iterable[str],
     info: Mapping[str, JSONValue] | None = None,
 ) -> None:
-    """Queue the full records of one session: its hash, its user's set, its instance's maps,
-    its presence in ``rooms``. ``info`` is what the connect hook said of it (SPEC §14), kept
-    for presence. (Not the per-user counts: :func:`enter` and :func:`depart` change those.)"""
+    """Queue the full records of one session: its hash, its user's set, its instance's maps.
+    ``info`` is what the connect hook said of it (SPEC §14), kept for presence. (Not its
+    presence in ``rooms``: :func:`enter` and the heartbeat write that, and count its user.)"""
     ttl = config.session.ttl
     instance_id = config.server.instance_id
     now = now_ms()
@@ -70,22 +68,15 @@ def write_session(
     batch.hset(keys.instance_sessions(instance_id), {session_id: identity.user_id})
     if rooms:
         batch.hset(keys.instance_rooms(instance_id), {session_id: fields["rooms"]})
-    for room in rooms:
-        batch.zadd(keys.room_presence(room), {session_id: now})
-        batch.expire(keys.room_presence(room), ttl)
 
 
-def remove_session(
-    batch: Batch, instance_id: str, session_id: str, user_id: str, rooms: Iterable[str]
-) -> None:
-    """Queue the removal of every record of one session (its owner's, or a reaper's). Doing it
-    twice does no harm; the per-user counts of its rooms are :func:`depart`'s."""
+def remove_session(batch: Batch, instance_id: str, session_id: str, user_id: str) -> None:
+    """Queue the removal of every record of one session (its owner's, or a reaper's), but its
+    presence in its rooms (:func:`depart`). Doing it twice does no harm."""
     batch.delete(keys.session(session_id))
     batch.srem(keys.user_sessions(user_id), session_id)
     batch.hdel(keys.instance_sessions(instance_id), session_id)
     batch.hdel(keys.instance_rooms(instance_id), session_id)
-    for room in rooms:
-        batch.zrem(keys.room_presence(room), session_id)
 
 
 def write_rooms(batch: Batch, instance_id: str, session_id: str, rooms: Iterable[str]) -> None:
@@ -107,14 +98,12 @@ def enter(
     session_id: str,
     user_id: str,
     info: Mapping[str, JSONValue] | None,
-) -> Reply[tuple[int, int]]:
-    """Queue a session's arrival in ``room``: its presence entry, and its user's count, which
-    announces ``presence_join`` when it is the user's first session there (and the room
-    wants it). The reply: the user's sessions in the room, and the room's users."""
-    batch.zadd(keys.room_presence(room), {session_id: now_ms()})
-    batch.expire(keys.room_presence(room), config.session.ttl)
+) -> Reply[tuple[bool, int, int]]:
+    """Queue a session's arrival in ``room``: its presence, and its user's count there, which
+    announces ``presence_join`` when it is the user's first session there (and the room wants
+    it). The reply: see :meth:`Batch.occupy`."""
     event = presence_join(room, user_id, session_id, info) if policy.presence_events else None
-    return batch.occupy(room, user_id, 1, ttl=config.session.ttl, event=event)
+    return batch.occupy(room, session_id, user_id, 1, ttl=config.session.ttl, event=event)
 
 
 def depart(
@@ -125,12 +114,12 @@ def depart(
     user_id: str,
     rooms: Iterable[str],
 ) -> None:
-    """Queue a session's departure from ``rooms``: its user's counts, each announcing
-    ``presence_leave`` when it was the user's last session there (and the room wants it).
-    Unlike :func:`remove_session`, not to be done twice."""
+    """Queue a session's departure from ``rooms``: its presence, and its user's counts, each
+    announcing ``presence_leave`` when it was the user's last session there (and the room
+    wants it). Doing it twice does no harm: the second finds the session gone."""
     for room in rooms:
         event = presence_leave(room, user_id, session_id) if rules(room).presence_events else None
-        batch.occupy(room, user_id, -1, ttl=config.session.ttl, event=event)
+        batch.occupy(room, session_id, user_id, -1, ttl=config.session.ttl, event=event)
 
 
 def session_rooms(raw: str | None) -> list[str]:
@@ -206,10 +195,6 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
         write_instance(batch, config, port)
         await backend.execute(batch)
 
-    # Presence entries older than the session TTL are stale (their owner died): each room's
-    # are trimmed once a round, with the first batch that renews an entry of it.
-    stale = now_ms() - ttl * 1000
-    trimmed: set[str] = set()
     sessions = list(hub.sessions.values())
     for start in range(0, len(sessions), batch_size):
         # Only sessions still here: one that ended while an earlier batch ran is gone.
@@ -218,35 +203,35 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
         batch = Batch()
         checks = []
         users: set[str] = set()
-        rooms: dict[str, dict[str, float]] = defaultdict(dict)
+        rooms: dict[str, dict[str, str]] = defaultdict(dict)
+        renewed_rooms = [frozenset(session.rooms) for session in chunk]
         for session in chunk:
             key = keys.session(session.id)
             checks.append((batch.expire(key, ttl), batch.hget(key, "user_id")))
             batch.hset(key, {"last_seen": str(now)})
             users.add(session.user_id)
             for room in session.rooms:
-                rooms[room][session.id] = now
+                rooms[room][session.id] = session.user_id
         for user in users:  # one renewal per key, however many of its sessions are here
             batch.expire(keys.user_sessions(user), ttl)
-        for room, entries in rooms.items():
-            if room not in trimmed:
-                trimmed.add(room)
-                batch.zremrangebyscore(keys.room_presence(room), -math.inf, stale)
-                # renew the per-user counts, and set the room's entry of ws:rooms from them
-                batch.occupy(room, "", 0, ttl=ttl, event=None)
-            batch.zadd(keys.room_presence(room), entries)
-            batch.expire(keys.room_presence(room), ttl)
+        for room, members in rooms.items():
+            # their presence, and their users counted again where Redis lost them
+            batch.renew_room(room, members, ttl=ttl)
         await backend.execute(batch)
         repair = Batch()
-        vanished = []
-        for session, (renewed, user_id) in zip(chunk, checks, strict=True):
+        for session, (renewed, user_id), renewed_in in zip(
+            chunk, checks, renewed_rooms, strict=True
+        ):
             if hub.sessions.get(session.id) is not session:
                 # It ended while this batch was in flight, and the batch may have written
                 # some of its keys again after its own cleanup: remove them once more.
-                remove_session(
-                    repair, config.server.instance_id, session.id, session.user_id, session.rooms
-                )
-            elif not renewed.value or user_id.value is None:
+                remove_session(repair, config.server.instance_id, session.id, session.user_id)
+                depart(repair, config, hub.rooms, session.id, session.user_id, renewed_in)
+                continue
+            if left := renewed_in - session.rooms:
+                # left while this batch was in flight, which may have put it back: again
+                depart(repair, config, hub.rooms, session.id, session.user_id, left)
+            if not renewed.value or user_id.value is None:
                 # Vanished, or only a field written since then (a join's HSET): write it all.
                 write_session(
                     repair,
@@ -258,29 +243,18 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
                     rooms=session.rooms,
                     info=session.info,
                 )
-                vanished.append(session)
-        if vanished:
-            await _count_again(backend, config, vanished, repair)
         if repair:
             logger.info("heartbeat: repairing session records (%d commands)", len(repair))
             await backend.execute(repair)
-
-
-async def _count_again(
-    backend: Backend, config: Config, vanished: list[Session], repair: Batch
-) -> None:
-    """Queue on ``repair`` the per-user room counts of sessions whose records vanished, where
-    their user is missing from the room's count too (Redis lost it with them: a restart, an
-    eviction). A user still counted is left as counted; nobody is announced: for the clients,
-    they never left."""
-    local: Counter[tuple[str, str]] = Counter(
-        (room, session.user_id) for session in vanished for room in session.rooms
-    )
-    lookup = Batch()
-    counted = {pair: lookup.hget(keys.room_users(pair[0]), pair[1]) for pair in local}
-    if not counted:
-        return
-    await backend.execute(lookup)
-    for (room, user), sessions in local.items():
-        if counted[room, user].value is None:
-            repair.occupy(room, user, sessions, ttl=config.session.ttl, event=None)
+    if hub.stale_room_lists:
+        stale, hub.stale_room_lists = hub.stale_room_lists, set()
+        lists = Batch()
+        for session in stale:
+            if hub.sessions.get(session.id) is session:
+                write_rooms(lists, config.server.instance_id, session.id, session.rooms)
+        try:
+            if lists:
+                await backend.execute(lists)
+        except BackendUnavailable:
+            hub.stale_room_lists |= stale
+            raise

@@ -42,6 +42,7 @@ import trio
 from coredis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 
 from .._errors import BackendUnavailable, ConfigError, single_error
+from .._messages import now_ms
 from . import keys
 from .interface import Batch, Command, Reply
 from .redis import (
@@ -51,7 +52,7 @@ from .redis import (
     unavailable,
     without_password,
 )
-from .rooms import follow_up
+from .rooms import is_transition
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -299,7 +300,9 @@ class ClusterBackend:
     # --- batches --------------------------------------------------------------------------------
 
     async def execute(self, batch: Batch) -> None:
-        """Run ``batch``: each master its share, all at once; see the module docs.
+        """Run ``batch``: each master its share, all at once; see the module docs. Presence
+        commands take their steps after the rest (:func:`_presence_steps`), and a read marker
+        that moved is announced in a round trip of its own.
 
         A command on a key of the wrong type raises coredis's ``WrongTypeError`` once every
         share has run, as on a single Redis.
@@ -308,9 +311,25 @@ class ClusterBackend:
             BackendUnavailable: a master could not be reached or did not answer in time, the
                 cluster is down for a slot, or a command was redirected too often.
         """
-        if not batch.commands:
-            return
-        split = [(command, _per_key(command)) for command in batch.commands]
+        plain = [c for c in batch.commands if c.name not in _PRESENCE]
+        if plain:
+            await self._execute(plain)
+        if len(plain) < len(batch.commands):
+            await _presence_steps(self, [c for c in batch.commands if c.name in _PRESENCE])
+        announce = Batch()
+        for command in plain:
+            match command.name, command.args:
+                case "mark_read", (room, _, _, _, _, event) if command.reply.value and event:
+                    announce.publish(keys.room_channel(room), event)
+        if announce:
+            await self._execute(announce.commands)
+
+    async def run(self, commands: list[Command]) -> None:
+        """Run ``commands`` as one batch (a step of :func:`_presence_steps`)."""
+        await self._execute(commands)
+
+    async def _execute(self, commands: list[Command]) -> None:
+        split = [(command, _per_key(command)) for command in commands]
         sent = [part for _, parts in split for part in parts]
         slot_map = await self._current_map()
         pending: list[tuple[Command, str | None]] = [(part, None) for part in sent]
@@ -351,12 +370,6 @@ class ClusterBackend:
         for command, parts in split:
             if parts != [command]:  # one per key: the counts add up
                 command.reply.set(sum(part.reply.value for part in parts))
-        # presence and read markers: the index and the event, on other slots (see .rooms)
-        after = Batch()
-        for command in batch.commands:
-            follow_up(after, command)
-        if after:
-            await self.execute(after)
 
     async def _send(self, shares: dict[str, list[Command]], ran: bool) -> None:
         """Send each master its share, all at once, and wait for every one of them.
@@ -457,6 +470,73 @@ class ClusterBackend:
                     "slots_ok": int(info.get("cluster_slots_ok", 0)),
                 }
         return {"state": "unreachable"}
+
+
+#: the commands a cluster runs in steps
+_PRESENCE = frozenset({"occupy", "renew_room"})
+
+
+async def _presence_steps(cluster: ClusterBackend, commands: list[Command]) -> None:
+    """``occupy`` and ``renew_room`` on a cluster, whose keys sit on different slots: the same
+    steps as the scripts of :mod:`.rooms`, one round trip each (a failure between two loses
+    that change of a count): the sessions' memberships, then the users' counts of each room,
+    then ``ws:rooms`` (by increments at each arrival and departure, which commute where two
+    instances' absolute writes could cross) and the announcements."""
+    now = now_ms()
+    members = Batch()
+    # (command, room, TTL, +1 or -1, each user's membership changes)
+    changes: list[tuple[Command, str, float, int, list[tuple[str, Reply[int]]]]] = []
+    for command in commands:
+        match command.name, command.args:
+            case "occupy", (room, session, user, delta, ttl, _):
+                presence = keys.room_presence(room)
+                if delta > 0:
+                    changed = members.zadd(presence, {session: now})
+                    members.expire(presence, ttl)
+                else:
+                    changed = members.zrem(presence, session)
+                changes.append((command, room, ttl, delta, [(user, changed)]))
+            case "renew_room", (room, local, ttl):
+                presence = keys.room_presence(room)
+                added = [(user, members.zadd(presence, {s: now})) for s, user in local.items()]
+                members.expire(presence, ttl)
+                changes.append((command, room, ttl, 1, added))
+    await cluster.run(members.commands)
+
+    counting = Batch()
+    counts = []
+    for command, room, ttl, sign, memberships in changes:
+        deltas: dict[str, int] = {}
+        for user, changed in memberships:
+            deltas[user] = deltas.get(user, 0) + sign * changed.value
+        reply: Reply[list[int]] = Reply()
+        counting.commands.append(
+            Command("count", (keys.room_users(room), ttl, list(deltas.items())), reply)
+        )
+        counts.append((command, deltas, reply))
+    await cluster.run(counting.commands)
+
+    after = Batch()
+    for command, deltas, reply in counts:
+        *sessions, users = reply.value
+        room = command.args[0]
+        arrived = departed = 0
+        for delta, n in zip(deltas.values(), sessions, strict=True):
+            if delta and is_transition(delta, n):
+                arrived, departed = arrived + (delta > 0), departed + (delta < 0)
+                if command.name == "occupy" and (event := command.args[5]) is not None:
+                    after.publish(keys.room_channel(room), event)
+        if arrived - departed:
+            after.zincrby(keys.ROOMS, room, arrived - departed)
+        if departed:
+            after.zremrangebyscore(keys.ROOMS, -math.inf, 0)
+        if command.name == "occupy":
+            [delta] = deltas.values()
+            command.reply.set((bool(delta), sessions[0], users))
+        else:
+            command.reply.set(users)
+    if after:
+        await cluster.run(after.commands)
 
 
 def _routing_name(command: Command) -> str:

@@ -139,6 +139,9 @@ class Batch:
         """Members with ``min <= score <= max``, lowest score first."""
         return self._add("zrangebyscore", key, min, max)
 
+    def zincrby(self, key: str, member: str, amount: float) -> Reply[float]:
+        return self._add("zincrby", key, member, amount)
+
     def zremrangebyscore(self, key: str, min: float, max: float) -> Reply[int]:
         return self._add("zremrangebyscore", key, min, max)
 
@@ -181,17 +184,26 @@ class Batch:
 
     # rooms (SPEC §15; see :mod:`.rooms`)
     def occupy(
-        self, room: str, user: str, delta: int, *, ttl: float, event: str | None
-    ) -> Reply[tuple[int, int]]:
-        """``delta`` sessions of ``user`` enter ``room`` (< 0: leave it; 0: only renew).
+        self, room: str, session: str, user: str, delta: int, *, ttl: float, event: str | None
+    ) -> Reply[tuple[bool, int, int]]:
+        """``session`` of ``user`` enters ``room`` (``delta`` 1) or leaves it (-1).
 
-        ``HINCRBY ws:room:<room>:users <user> delta``, removing the field when it drops to 0 or
-        below; renew the hash's TTL; set the room's score in ``ws:rooms`` to the hash's length
-        (removing it at 0); and when the call was the user's arrival (none there before) or
-        departure (none left), PUBLISH ``event`` (when given) on ``chat:room:<room>``. The reply is
-        ``(the user's sessions in the room now, the room's users)``.
+        Its membership in ``ws:room:<room>`` changes (``ZADD`` with the time now, or ``ZREM``),
+        and only if it did, the user's count in ``ws:room:<room>:users`` (a count that drops to
+        0 is removed); both keys' TTLs are renewed, the room's score in ``ws:rooms`` is its
+        number of users (at 0 it is removed), and when the change was the user's arrival (no
+        session there before) or departure (none left), ``event`` (when given) is PUBLISHed on
+        ``chat:room:<room>``. Done twice, the second does nothing. The reply: whether the
+        membership changed, the user's sessions in the room, the room's users.
         """
-        return self._add("occupy", room, user, delta, ttl, event)
+        return self._add("occupy", room, session, user, delta, ttl, event)
+
+    def renew_room(self, room: str, members: Mapping[str, str], *, ttl: float) -> Reply[int]:
+        """The heartbeat of ``room``'s local ``members`` (session id -> user id): each one's
+        score in ``ws:room:<room>`` is the time now, and those that were not members (lost by
+        Redis) are counted in again without an event; TTLs and ``ws:rooms`` as
+        :meth:`occupy`. The reply is the room's users."""
+        return self._add("renew_room", room, dict(members), ttl)
 
     def mark_read(
         self, room: str, user: str, message_id: str, *, ttl: float, ordered: bool, event: str | None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from .._messages import now_ms
 from . import keys
 from .history import FIELD, StreamId, format_id, parse_id, with_id
 from .rooms import is_transition
@@ -218,6 +219,11 @@ class _Keyspace:
         ordered = sorted(scores.items(), key=lambda item: (item[1], item[0]))
         return [member for member, score in ordered if low <= score <= high]
 
+    def zincrby(self, key: str, member: str, amount: float) -> float:
+        container = self._container(key, _SortedSet)
+        container[member] = score = container.get(member, 0.0) + amount
+        return score
+
     def zremrangebyscore(self, key: str, low: float, high: float) -> int:
         container = self._container(key, _SortedSet)
         doomed = [member for member, score in container.items() if low <= score <= high]
@@ -334,6 +340,8 @@ class MemoryBackend:
                     command.reply.set(self._append(*command.args))
                 case "occupy":
                     command.reply.set(self._occupy(*command.args))
+                case "renew_room":
+                    command.reply.set(self._renew_room(*command.args))
                 case "mark_read":
                     command.reply.set(self._mark_read(*command.args))
                 case _:
@@ -347,23 +355,44 @@ class MemoryBackend:
         return entry_id
 
     def _occupy(
-        self, room: str, user: str, delta: int, ttl: float, event: str | None
-    ) -> tuple[int, int]:
+        self, room: str, session: str, user: str, delta: int, ttl: float, event: str | None
+    ) -> tuple[bool, int, int]:
         """The presence script of the Redis backend (:data:`.rooms.OCCUPY_SCRIPT`)."""
-        space, key = self._keyspace, keys.room_users(room)
-        sessions = 0
-        if delta:
-            if (sessions := space.hincrby(key, user, delta)) <= 0:
-                space.hdel(key, user)
-        users = space.hlen(key)
+        space, members, counts = self._keyspace, keys.room_presence(room), keys.room_users(room)
+        if delta > 0:
+            changed = bool(space.zadd(members, {session: now_ms()}))
+            space.expire(members, ttl)
+        else:
+            changed = bool(space.zrem(members, session))
+        sessions = int(space.hget(counts, user) or 0)
+        if changed:
+            if (sessions := space.hincrby(counts, user, delta)) <= 0:
+                space.hdel(counts, user)
+        users = self._index(room, ttl)
+        if changed and event is not None and is_transition(delta, sessions):
+            self._publish(keys.room_channel(room), event)
+        return changed, sessions, users
+
+    def _renew_room(self, room: str, members: Mapping[str, str], ttl: float) -> int:
+        """The heartbeat script of the Redis backend (:data:`.rooms.RENEW_SCRIPT`)."""
+        space, presence, counts = self._keyspace, keys.room_presence(room), keys.room_users(room)
+        now = now_ms()
+        for session, user in members.items():
+            if space.zadd(presence, {session: now}):
+                space.hincrby(counts, user, 1)
+        space.expire(presence, ttl)
+        return self._index(room, ttl)
+
+    def _index(self, room: str, ttl: float) -> int:
+        """Renew the room's users hash and set its entry of ``ws:rooms``; its users."""
+        space, counts = self._keyspace, keys.room_users(room)
+        users = space.hlen(counts)
         if users:
-            space.expire(key, ttl)
+            space.expire(counts, ttl)
             space.zadd(keys.ROOMS, {room: users})
         else:
             space.zrem(keys.ROOMS, room)
-        if event is not None and is_transition(delta, sessions):
-            self._publish(keys.room_channel(room), event)
-        return sessions, users
+        return users
 
     def _mark_read(
         self, room: str, user: str, message_id: str, ttl: float, ordered: bool, event: str | None

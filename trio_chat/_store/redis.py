@@ -26,17 +26,19 @@ from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
 from .._errors import BackendUnavailable, ConfigError, first_leaf, single_error
+from .._messages import now_ms
+from . import keys
 from .history import APPEND_SCRIPT, APPEND_SHA
 from .keys import hash_slot, is_shard_channel
 from .rooms import (
-    COUNT_AFTER_SCRIPT,
     COUNT_AFTER_SHA,
-    MARK_READ_SCRIPT,
+    COUNT_SHA,
     MARK_READ_SHA,
-    OCCUPY_SCRIPT,
     OCCUPY_SHA,
-    mark_read_args,
-    occupy_args,
+    RENEW_SHA,
+    SCRIPTS,
+    occupy_call,
+    renew_call,
 )
 
 if TYPE_CHECKING:
@@ -132,10 +134,10 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
             )
         case (("delete" | "exists"), ()):
             return None
-        case "delete", keys:
-            return pipe.delete(keys)
-        case "exists", keys:
-            return pipe.exists(keys)
+        case "delete", deleted:
+            return pipe.delete(deleted)
+        case "exists", probed:
+            return pipe.exists(probed)
         case "expire", (key, seconds):
             return pipe.pexpire(key, _milliseconds(seconds))
         case "ttl", (key,):
@@ -185,15 +187,28 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
             publish = "SPUBLISH" if sharded else "PUBLISH"
             args = (message, maxlen, _milliseconds(ttl), publish)
             return pipe.evalsha(APPEND_SHA, keys=[key], args=args)
-        case "occupy", (room, user, delta, ttl, event):
-            names, argv = occupy_args(room, user, delta, _milliseconds(ttl), event, sharded=sharded)
-            return pipe.evalsha(OCCUPY_SHA, keys=names, args=argv)
-        case "mark_read", (room, user, message_id, ttl, ordered, event):
-            ms = _milliseconds(ttl)
-            names, argv = mark_read_args(
-                room, user, message_id, ms, ordered, event, sharded=sharded
+        case "occupy", (room, session, user, delta, ttl, event):
+            # (a cluster takes this in steps: see .cluster.ClusterBackend)
+            names, argv = occupy_call(
+                room, session, user, delta, now_ms(), _milliseconds(ttl), event
             )
-            return pipe.evalsha(MARK_READ_SHA, keys=names, args=argv)
+            return pipe.evalsha(OCCUPY_SHA, keys=names, args=argv)
+        case "renew_room", (room, members, ttl):
+            names, argv = renew_call(room, members, now_ms(), _milliseconds(ttl))
+            return pipe.evalsha(RENEW_SHA, keys=names, args=argv)
+        case "count", (key, ttl, changes):  # a cluster's step: see .rooms.COUNT_SCRIPT
+            counted: list[str | int] = [_milliseconds(ttl)]
+            for user, delta in changes:
+                counted += [user, delta]
+            return pipe.evalsha(COUNT_SHA, keys=[key], args=counted)
+        case "zincrby", (key, member, amount):
+            return pipe.zincrby(key, member, amount)
+        case "mark_read", (room, user, message_id, ttl, ordered, event):
+            channel = "" if sharded else keys.room_channel(room)  # a cluster publishes after
+            published = "" if sharded or event is None else event
+            order = "1" if ordered else "0"
+            marked = [user, message_id, _milliseconds(ttl), channel, published, "PUBLISH", order]
+            return pipe.evalsha(MARK_READ_SHA, keys=[keys.read_markers(room)], args=marked)
         case "count_after", (key, after, limit):
             return pipe.evalsha(COUNT_AFTER_SHA, keys=[key], args=(after, limit))
         case "asking", ():  # the next command is for a slot this node is importing
@@ -225,7 +240,7 @@ async def _pipeline(
             raise NotConnected(str(exc)) from exc
         raise
     if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
-        for script in sorted({_SCRIPTS[commands[n].name] for n in missing}):
+        for script in sorted({_SCRIPTS[_script_of(commands[n])] for n in missing}):
             await client.script_load(script)
         again = await _run([commands[n] for n in missing], sharded, client)
         for n, reply in zip(missing, again, strict=True):
@@ -245,13 +260,21 @@ async def _run(commands: list[Command], sharded: bool, client: coredis.Redis[str
     return replies
 
 
-#: the scripts of the commands that run one, by command name
-_SCRIPTS = {
-    "append": APPEND_SCRIPT,
-    "occupy": OCCUPY_SCRIPT,
-    "mark_read": MARK_READ_SCRIPT,
-    "count_after": COUNT_AFTER_SCRIPT,
+#: every script, by its SHA
+_SCRIPTS = {APPEND_SHA: APPEND_SCRIPT, **SCRIPTS}
+#: the SHA of the script each scripted command runs
+_SCRIPTED = {
+    "append": APPEND_SHA,
+    "occupy": OCCUPY_SHA,
+    "renew_room": RENEW_SHA,
+    "count": COUNT_SHA,
+    "mark_read": MARK_READ_SHA,
+    "count_after": COUNT_AFTER_SHA,
 }
+
+
+def _script_of(command: Command) -> str:
+    return _SCRIPTED[command.name]
 
 
 def _reply(name: str, value: Any) -> Any:
@@ -264,7 +287,11 @@ def _reply(name: str, value: Any) -> Any:
     if name == "hrandfield":
         return dict(value) if value else {}
     if name == "occupy":
-        return int(value[0]), int(value[1])
+        return bool(value[0]), int(value[1]), int(value[2])
+    if name == "count":
+        return [int(n) for n in value]
+    if name == "zincrby":
+        return float(value)
     if name == "mark_read":
         return bool(value)
     if name in ("xrange", "xrevrange"):

@@ -1,54 +1,108 @@
-"""Room presence per user and read markers in Redis (SPEC §15): the scripts, and what a Redis
-Cluster does after them.
+"""Room presence per user and read markers in Redis (SPEC §15): the scripts, and the steps a
+Redis Cluster takes instead.
 
-No I/O here. Two steps must each make exactly one event however many instances race:
+No I/O here. Presence is counted per session, so that every step can be done twice:
 
-- **occupy**: a session enters or leaves a room. ``HINCRBY ws:room:<room>:users <user> ±1``
-  answers the user's sessions there; 1 after +1 is the user's arrival, 0 after -1 their
-  departure, and only the caller that got that answer publishes ``presence_join`` /
-  ``presence_leave``. A count that drops to 0 is removed (atomically with the decrement, so a
-  concurrent arrival's +1 is never lost), and ``ws:rooms`` is set to the hash's length.
-- **mark_read**: a read marker moves only forward; only a call that moved it publishes ``read``.
+- **occupy** (a session enters or leaves a room): ``ZADD`` / ``ZREM`` of the session in
+  ``ws:room:<room>`` says whether its membership changed; only then does
+  ``HINCRBY ws:room:<room>:users <user> ±1`` count it. The answer of that ``HINCRBY`` decides
+  the one caller that announces: 1 after +1 is the user's arrival (``presence_join``), 0 after
+  -1 their departure (``presence_leave``, and the count is removed). A cleanup sent again after
+  a failure, a reaper that reaps a session its owner removed, a stale room list: none of them
+  counts anybody twice, because the session is no longer a member the second time.
+- **renew** (the heartbeat, for a room's local sessions): ``ZADD`` of each, and the sessions
+  that were not members (Redis restarted empty, or evicted them) are counted in again, without
+  an announcement (for the clients they never left).
+- **mark_read**: a read marker moves only forward; only a call that moved it announces ``read``.
 
-On one Redis each is one script, which also publishes and updates ``ws:rooms``, so events leave
-in the order of the changes. On a Redis Cluster the index and the room's channel hash to other
-slots than the script's key: the script runs alone, and the cluster backend queues the index
-update and the publication from its answer (:func:`follow_up`) in a second round trip.
+``ws:rooms`` is set from the length of the users hash by every one of them.
+
+On one Redis each is one script over the three keys (they may be in one script), which also
+publishes, so events leave in the order of the changes. On a Redis Cluster the keys and the
+channel hash to different slots: the cluster backend takes the same steps one round trip each
+(:class:`ClusterSteps`), and keeps ``ws:rooms`` with increments at each arrival and departure,
+which commute where two instances' absolute writes would cross. A failure between two steps
+there loses that one change of a count.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import keys
 
 if TYPE_CHECKING:
-    from .interface import Batch, Command
+    from collections.abc import Mapping
 
-#: KEYS[1]: ``ws:room:<room>:users``; KEYS[2]: ``ws:rooms`` (when ARGV[8] is 1). ARGV: user,
-#: delta (sessions entering; < 0 leaving; 0: only renew and index), TTL ms, room, channel,
-#: event ('': none), the publishing command, whether to index. Returns {the user's sessions
-#: after it, the room's users}.
+#: KEYS: ``ws:room:<room>``, ``ws:room:<room>:users``, ``ws:rooms``. ARGV: session, user,
+#: delta (1 enters, -1 leaves), now (ms), TTL (ms), room, channel, event ('': none),
+#: the publishing command. Returns {1 if the session's membership changed else 0, the user's
+#: sessions in the room after it, the room's users}.
 OCCUPY_SCRIPT = """\
-local n = 0
-local delta = tonumber(ARGV[2])
-if delta ~= 0 then
-  n = redis.call('HINCRBY', KEYS[1], ARGV[1], delta)
-  if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local delta = tonumber(ARGV[3])
+local changed
+if delta > 0 then
+  changed = redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+else
+  changed = redis.call('ZREM', KEYS[1], ARGV[1])
 end
-local users = redis.call('HLEN', KEYS[1])
-if users > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-if ARGV[8] == '1' then
-  if users > 0 then redis.call('ZADD', KEYS[2], users, ARGV[4])
-  else redis.call('ZREM', KEYS[2], ARGV[4]) end
+local n = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+if changed == 1 then
+  n = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
+  if n <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
 end
-if ARGV[6] ~= '' and ((delta > 0 and n == delta) or (delta < 0 and n == 0)) then
-  redis.call(ARGV[7], ARGV[5], ARGV[6])
+local users = redis.call('HLEN', KEYS[2])
+if users > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('ZADD', KEYS[3], users, ARGV[6])
+else
+  redis.call('ZREM', KEYS[3], ARGV[6])
 end
-return {n, users}
+if changed == 1 and ARGV[8] ~= '' and ((delta > 0 and n == 1) or (delta < 0 and n == 0)) then
+  redis.call(ARGV[9], ARGV[7], ARGV[8])
+end
+return {changed, n, users}
 """
 OCCUPY_SHA = hashlib.sha1(OCCUPY_SCRIPT.encode()).hexdigest()
+
+#: KEYS: as :data:`OCCUPY_SCRIPT`. ARGV: now (ms), TTL (ms), room, then session and user of
+#: each local member. Returns the room's users.
+RENEW_SCRIPT = """\
+for i = 4, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local users = redis.call('HLEN', KEYS[2])
+if users > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], users, ARGV[3])
+else
+  redis.call('ZREM', KEYS[3], ARGV[3])
+end
+return users
+"""
+RENEW_SHA = hashlib.sha1(RENEW_SCRIPT.encode()).hexdigest()
+
+#: A cluster's second step of occupy and renew. KEYS[1]: ``ws:room:<room>:users``. ARGV: TTL
+#: (ms), then user and delta of each change. Returns {each user's sessions after it...,
+#: the room's users}.
+COUNT_SCRIPT = """\
+local counts = {}
+for i = 2, #ARGV, 2 do
+  local n = redis.call('HINCRBY', KEYS[1], ARGV[i], tonumber(ARGV[i + 1]))
+  if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[i]) end
+  counts[#counts + 1] = n
+end
+local users = redis.call('HLEN', KEYS[1])
+if users > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+counts[#counts + 1] = users
+return counts
+"""
+COUNT_SHA = hashlib.sha1(COUNT_SCRIPT.encode()).hexdigest()
 
 #: KEYS[1]: ``ws:read:<room>``. ARGV: user, message id, TTL ms, channel, event ('': none), the
 #: publishing command, ordered ('1': ids are stream ids and the marker only moves forward).
@@ -78,53 +132,44 @@ return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
 """
 COUNT_AFTER_SHA = hashlib.sha1(COUNT_AFTER_SCRIPT.encode()).hexdigest()
 
-
-def occupy_args(
-    room: str, user: str, delta: int, ttl_ms: int, event: str | None, *, sharded: bool
-) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of :data:`OCCUPY_SCRIPT`; ``sharded``: a cluster node's share, which
-    neither indexes nor publishes (:func:`follow_up` does)."""
-    if sharded:
-        return [keys.room_users(room)], [user, delta, ttl_ms, room, "", "", "PUBLISH", "0"]
-    args = [user, delta, ttl_ms, room, keys.room_channel(room), event or "", "PUBLISH", "1"]
-    return [keys.room_users(room), keys.ROOMS], args
+#: every script, by its SHA: loaded again where Redis answers NOSCRIPT
+SCRIPTS = {
+    OCCUPY_SHA: OCCUPY_SCRIPT,
+    RENEW_SHA: RENEW_SCRIPT,
+    COUNT_SHA: COUNT_SCRIPT,
+    MARK_READ_SHA: MARK_READ_SCRIPT,
+    COUNT_AFTER_SHA: COUNT_AFTER_SCRIPT,
+}
 
 
-def mark_read_args(
+def occupy_call(
     room: str,
+    session: str,
     user: str,
-    message_id: str,
+    delta: int,
+    now_ms: int,
     ttl_ms: int,
-    ordered: bool,
     event: str | None,
-    *,
-    sharded: bool,
-) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of :data:`MARK_READ_SCRIPT` (``sharded``: see :func:`occupy_args`)."""
-    channel = "" if sharded else keys.room_channel(room)
-    published = "" if sharded or event is None else event
-    args = [user, message_id, ttl_ms, channel, published, "PUBLISH", "1" if ordered else "0"]
-    return [keys.read_markers(room)], args
+    publish: str = "PUBLISH",
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of :data:`OCCUPY_SCRIPT`."""
+    names = [keys.room_presence(room), keys.room_users(room), keys.ROOMS]
+    channel = keys.room_channel(room)
+    return names, [session, user, delta, now_ms, ttl_ms, room, channel, event or "", publish]
+
+
+def renew_call(
+    room: str, members: Mapping[str, str], now_ms: int, ttl_ms: int
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of :data:`RENEW_SCRIPT`."""
+    names = [keys.room_presence(room), keys.room_users(room), keys.ROOMS]
+    args: list[str | int] = [now_ms, ttl_ms, room]
+    for session, user in members.items():
+        args += [session, user]
+    return names, args
 
 
 def is_transition(delta: int, sessions: int) -> bool:
-    """Whether an occupy call that left the user ``sessions`` sessions in the room was the
-    user's arrival (there were none before) or departure (there are none left)."""
+    """Whether a change of ``delta`` sessions that left the user ``sessions`` sessions in the
+    room was the user's arrival (none there before) or departure (none left)."""
     return (delta > 0 and sessions == delta) or (delta < 0 and sessions == 0)
-
-
-def follow_up(batch: Batch, command: Command) -> None:
-    """On a Redis Cluster, what the script of ``command`` (run, its reply set) could not do:
-    update ``ws:rooms`` and publish the event on the room's shard channel."""
-    match command.name, command.args:
-        case "occupy", (room, _, delta, _, event):
-            sessions, users = command.reply.value
-            if users > 0:
-                batch.zadd(keys.ROOMS, {room: users})
-            else:
-                batch.zrem(keys.ROOMS, room)
-            if event is not None and is_transition(delta, sessions):
-                batch.publish(keys.room_channel(room), event)
-        case "mark_read", (room, _, _, _, _, event):
-            if command.reply.value and event is not None:
-                batch.publish(keys.room_channel(room), event)
