@@ -3,7 +3,7 @@ then prove that nothing acknowledged was lost, nothing came twice and no record 
 
     python bench/soak.py --minutes N [--instances 3] [--clients 300] [--rooms 30] [--rate R]
                          [--cluster | --netem] [--hooks] [--seed S] [--fault-interval SECONDS]
-                         [--keep]
+                         [--visit-every SECONDS] [--read-every SECONDS] [--keep]
     make soak ARGS="--minutes 30"
     python bench/soak.py --cluster --minutes 5     # on a Redis Cluster, 3 masters + 3 replicas
 
@@ -20,6 +20,16 @@ two live instances picked at random, and rejoin every room with ``since`` = the 
 they received there (before any, the ``last`` their first ``joined`` named); they refresh their
 short-lived tokens (``--token-ttl``) on ``token_expiring``, and each closes normally and comes
 back about once every ``--churn`` seconds, as phones change networks.
+
+The rooms of SPEC §15 too: the instances run with ``[[rooms]] match = "*" presence_events =
+true`` (``<workdir>/trio-chat.toml``), so every member gets ``presence_join`` and
+``presence_leave``. Besides its own rooms, each client visits another room about once every
+``--visit-every`` seconds (join without ``since``, stay 1-10 s, leave; one visit at a time, not
+resumed after a reconnect): presence churn, a two-device user's second device included. Its
+sends may go there too; a visitor is never owed a message, so its deliveries there count only
+for ``duplicates``. And about once every ``--read-every`` seconds a client marks a message read:
+``read {room, id}`` with the newest id it received in a joined room, or, a quarter of the time,
+one of the last eight (which must not move the marker back).
 
 Faults, on a schedule drawn from ``--seed`` (one every ``--fault-interval`` seconds, about: 15
 by default, less in runs under 3 minutes; the kinds dealt from a shuffled deck, so every kind
@@ -76,19 +86,38 @@ whose membership began before the sender wrote the ``send`` frame, but the sendi
   ``unreplicated_samples``), and its deliveries that never came (and no ``recovered: false``
   explains) in ``lost_unreplicated`` (``lost_unreplicated_by_fault``), not in ``lost``;
 - ``duplicates``: a (client, message id) received more than once, whether expected or not;
+- ``read_events_foreign``: a ``read {room, user, id}`` event whose id no client of that user sent
+  in a ``read`` there; ``read_backwards`` (one Redis): one whose id is not above the last that
+  connection saw for that user and room, unless a fault that may lose Redis data (``redis_restart``)
+  ran in between (``read_backwards_by_fault``). On a cluster the event is published in a second
+  round trip after the script, so two instances' events may cross: ``read_events_reordered``,
+  reported only;
+- ``presence_mismatches``: after the drain, every client connected and idle, each room's
+  ``ws:room:<room>:users`` must count each user's joined sessions there, ``ws:rooms`` each room's
+  users (and no other room), and each live instance's ``ws:instance:<id>:rooms`` its sessions'
+  rooms (a dead instance's: reaped); given 20 s to agree (``presence_settle_s``; samples in
+  ``presence_mismatch_samples``);
+- ``room_keys_left``: once every client closed, every instance stopped and ``trio-chat clean``
+  ran, before any TTL could hide it: any ``ws:room:<room>:users``, member of ``ws:rooms`` or
+  ``ws:instance:<id>:rooms`` left; ``bad_read_markers``: a marker in ``ws:read:<room>`` that is
+  not the id of a message of that room that its user's clients sent in a ``read``, or a markers
+  hash without a TTL (the markers stay until ``history.ttl``, and are not leaked keys);
 - after the run: every client closes, every instance is stopped with SIGTERM (each must exit 0),
   then one ``session.ttl`` and one ``trio-chat clean`` later no ``ws:*`` key may be left on
   the one Redis, or on any master of the cluster (``masters_checked``) (``leaked_keys``; the
   reaper's own ``ws:reap:<id>`` locks, which expire in 30 s, are counted apart as
-  ``reap_locks``), and no instance log may hold a traceback;
+  ``reap_locks``, and the read markers ``ws:read:<room>`` that have a TTL as
+  ``read_marker_keys``), and no instance log may hold a traceback;
 - ``unexpected_exits``: an instance, redis-server or cluster node (restarted then) that exited
   when nothing signalled it, or not with 0 after SIGTERM (an instance that cannot reach Redis
   while starting exits 1, as documented; that is retried and counted as ``start_failures``).
 
 Output: a progress line every 10 s, then, as the last line of stdout, one JSON object. Exit
-status 0 only when ``lost``, ``duplicates``, ``leaked_keys``, ``unexpected_exits`` and
-``tracebacks`` are all 0 (``lost_unreplicated`` may not be: it is reported, charged to its
-failover); 1 otherwise; 2 for bad usage (``--cluster`` with ``--netem`` included).
+status 0 only when ``lost``, ``duplicates``, ``leaked_keys``, ``presence_mismatches``,
+``room_keys_left``, ``bad_read_markers``, ``read_backwards``, ``read_events_foreign``,
+``unexpected_exits`` and ``tracebacks`` are all 0 (``lost_unreplicated`` may not be: it is
+reported, charged to its failover); 1 otherwise; 2 for bad usage (``--cluster`` with ``--netem``
+included).
 """
 
 from __future__ import annotations
@@ -153,6 +182,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--churn", type=float, default=120.0, help="seconds between a client's normal reconnects"
+    )
+    parser.add_argument(
+        "--visit-every",
+        type=float,
+        default=30.0,
+        help="seconds between a client's visits to another room (join, 1-10 s, leave); 0: none",
+    )
+    parser.add_argument(
+        "--read-every",
+        type=float,
+        default=10.0,
+        help="seconds between a client's read markers; 0: none",
     )
     parser.add_argument("--token-ttl", type=int, default=45, help="seconds a client token lives")
     parser.add_argument("--drain-timeout", type=float, default=30.0)

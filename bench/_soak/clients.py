@@ -1,5 +1,7 @@
 """The soak's WebSocket clients: users (a fifth with two devices), their connections, and
-each client's loop of connect, rejoin with ``since``, send, refresh and reconnect."""
+each client's loop of connect, rejoin with ``since``, send, refresh and reconnect; besides,
+visits to other rooms (join, stay, leave: presence churn) and read markers, and the check of the
+``presence_*`` and ``read`` events they get (SPEC §15)."""
 
 from __future__ import annotations
 
@@ -53,6 +55,17 @@ class Connection:
         self.last: dict[str, int] = {}
         self.open_gaps: dict[str, Gap] = {}
         self.session = str(chat.welcome.get("session_id"))
+        self.instance = str(chat.welcome.get("instance"))
+        #: rooms visited (joined for a while, then left: not the client's own rooms), and
+        #: those of them whose ``leave`` is on its way
+        self.visiting: set[str] = set()
+        self.leaving: set[str] = set()
+        #: ref -> (room, id) of the last reads sent (no answer but an error names them)
+        self.reads: dict[int, tuple[str, int]] = {}
+        #: (room, user) -> present, per the presence events this connection got
+        self.presence: dict[tuple[str, str], bool] = {}
+        #: (room, user) -> (the last id of a ``read`` event, when it came (unix s))
+        self.read_seen: dict[tuple[str, str], tuple[int, float]] = {}
 
 
 class Client:
@@ -61,6 +74,10 @@ class Client:
         self.index = index
         self.user = user
         self.rooms = rooms
+        #: the rooms it may visit: every other one
+        self.visit_rooms = [r for r in soak.room_names if r not in rooms]
+        #: per room, the last ids received (what a ``read`` names)
+        self.received: dict[str, deque[int]] = {}
         #: per room, the highest id received (before any: the ``last`` of the first
         #: ``joined``, or a floor just under its time): what a rejoin sends as ``since``
         self.since: dict[str, int | None] = dict.fromkeys(rooms)
@@ -142,6 +159,12 @@ class Client:
                 conn.pending[frame["ref"]] = ("send", room, n, now_ms())
                 self.soak.ledger.sends[(self.index, n)] = "sent"
                 self.soak.counts["sent"] += 1
+            elif what[0] == "read":  # answered only when refused
+                _, room, message_id = what
+                conn.reads[frame["ref"]] = what[1:]
+                if len(conn.reads) > 256:
+                    del conn.reads[next(iter(conn.reads))]
+                self.soak.ledger.read_sent(self.user.name, room, message_id)
             elif what[0] != "none":
                 conn.pending[frame["ref"]] = what
             try:
@@ -180,13 +203,53 @@ class Client:
 
     def try_send(self, rng: random.Random) -> bool:
         conn = self.conn
-        if conn is None or not conn.joined:
+        rooms = None if conn is None else conn.joined - conn.leaving
+        if conn is None or not rooms:
             return False
-        room = rng.choice(sorted(conn.joined))
+        room = rng.choice(sorted(rooms))
         n = next(self.seq)
         frame = {"type": "send", "room": room, "data": {"c": self.index, "n": n}}
         self.soak.ledger.sends[(self.index, n)] = "queued"
         return self._queue(conn, frame, ("send", room, n))
+
+    def try_read(self, rng: random.Random) -> bool:
+        """Mark a message read: in a joined room, the newest id received there, or (a quarter
+        of the time) one of the last few, which must not move the marker back."""
+        conn = self.conn
+        if conn is None:
+            return False
+        rooms = sorted(r for r in conn.joined - conn.leaving if self.received.get(r))
+        if not rooms:
+            return False
+        room = rng.choice(rooms)
+        ids = self.received[room]
+        message_id = max(ids) if rng.random() < 0.75 else rng.choice(list(ids))
+        frame = {"type": "read", "room": room, "id": format_id(message_id)}
+        return self._queue(conn, frame, ("read", room, message_id))
+
+    def try_visit(self, rng: random.Random, stay: float) -> bool:
+        """Join a room not its own, stay ``stay`` seconds (less if the traffic ends), leave."""
+        conn = self.conn
+        if conn is None or conn.visiting or not self.visit_rooms or self.soak.ending.is_set():
+            return False
+        room = rng.choice(self.visit_rooms)
+        try:
+            conn.nursery.start_soon(self._visit, conn, room, stay)
+        except RuntimeError:  # the connection is ending
+            return False
+        conn.visiting.add(room)
+        return True
+
+    async def _visit(self, conn: Connection, room: str, stay: float) -> None:
+        if not self._queue(conn, {"type": "join", "room": room}, ("visit", room)):
+            return
+        self.soak.counts["visits"] += 1
+        self.note(f"visit {room}")
+        with trio.move_on_after(stay):
+            await self.soak.ending.wait()
+        conn.leaving.add(room)
+        if self._queue(conn, {"type": "leave", "room": room}, ("leave", room)):
+            self.note(f"leave {room}")
 
     def reset(self) -> bool:
         """Drop the socket with a TCP RST (no close handshake), as a dead network would."""
@@ -257,10 +320,25 @@ class Client:
                 conn.last[room] = message_id
             if room not in conn.joined:
                 ledger.counts["stray_messages"] += 1
-            since = self.since.get(room)
-            if since is None or message_id > since:
-                self.since[room] = message_id
+            if room in self.since:  # a room of its own (not a visit)
+                since = self.since[room]
+                if since is None or message_id > since:
+                    self.since[room] = message_id
+            received = self.received.get(room)
+            if received is None:
+                received = self.received[room] = deque(maxlen=8)
+            received.append(message_id)
             ledger.deliver(self.index, room, message_id, frame.get("data"), via)
+            return
+        if kind in ("presence_join", "presence_leave"):
+            ledger.counts[kind] += 1
+            key, present = (str(frame.get("room")), str(frame.get("user"))), kind == "presence_join"
+            if conn.presence.get(key) is present:  # twice the same way (Redis lost a count?)
+                ledger.counts["presence_repeats"] += 1
+            conn.presence[key] = present
+            return
+        if kind == "read" and "ref" not in frame:
+            self._read_event(conn, frame)
             return
         what = conn.pending.pop(frame.get("ref", -1), None)
         if kind == "ack" and what is not None and what[0] == "send":
@@ -293,14 +371,29 @@ class Client:
                         f"rejoin {room} since {format_id(since_sent or 0)}: "
                         f"recovered false ({label})"
                     )
+        elif kind == "joined" and what is not None and what[0] == "visit":
+            conn.joined.add(what[1])
+            soak.counts["visits_joined"] += 1
+            self.note(f"visit {what[1]}: joined")
+        elif kind == "left" and what is not None and what[0] == "leave":
+            self.note(f"leave {what[1]}: left")
+            conn.joined.discard(what[1])
+            conn.visiting.discard(what[1])
+            conn.leaving.discard(what[1])
+        elif kind == "error" and frame.get("ref") in conn.reads:
+            ledger.read_errors[str(frame.get("code"))] += 1
         elif kind == "error":
             code = str(frame.get("code"))
-            if what is not None and what[0] == "send":
+            if what is not None and what[0] == "visit":
+                ledger.counts[f"visit_error_{code}"] += 1
+                self.note(f"visit {what[1]}: error {code}")
+            elif what is not None and what[0] == "send":
                 ledger.sends[(self.index, what[2])] = f"error {code}"
                 ledger.errors_at[(self.index, what[2])] = (what[3], now_ms(), conn.slot.instance_id)
                 ledger.send_errors[code] += 1
             elif what is not None and what[0] == "join":
                 ledger.counts[f"join_error_{code}"] += 1
+                self.note(f"join {what[1]}: error {code}")
                 conn.nursery.start_soon(self._join_later, conn, what[1])
             elif what is not None and what[0] == "refresh":
                 ledger.counts[f"refresh_error_{code}"] += 1
@@ -315,3 +408,45 @@ class Client:
         elif kind == "logout":
             self.note(f"logout {frame.get('reason')}")
             soak.counts[f"logout_{frame.get('reason')}"] += 1
+
+    def _read_event(self, conn: Connection, frame: dict[str, Any]) -> None:
+        """A ``read {room, user, id}``: the id must be one that user's clients sent in a read
+        there, and above the last this connection saw for that user and room (a marker only
+        moves forward), but after a fault that may have lost the markers (Redis restarted
+        empty); on a cluster the event follows the script in a second round trip, so two
+        instances' events may come in the other order (counted apart)."""
+        soak, ledger = self.soak, self.soak.ledger
+        room, user = str(frame.get("room")), str(frame.get("user"))
+        ledger.counts["read_events"] += 1
+        try:
+            message_id = parse_id(str(frame.get("id")))
+        except ValueError:
+            message_id = -1
+        if message_id not in ledger.reads_sent.get((user, room), ()):
+            ledger.counts["read_events_foreign"] += 1
+            if len(ledger.samples["read_foreign"]) < 20:
+                ledger.samples["read_foreign"].append({"client": self.index, **frame})
+        key, now = (room, user), time.time()
+        before = conn.read_seen.get(key)
+        conn.read_seen[key] = (message_id, now)
+        if before is None or message_id > before[0]:
+            return
+        excuse = soak.data_loss_between(before[1] - 2.0, now)
+        if excuse is not None:
+            ledger.read_backwards_by_fault[excuse] += 1
+        elif soak.cluster is not None:
+            ledger.counts["read_events_reordered"] += 1
+        else:
+            ledger.counts["read_backwards"] += 1
+            if len(ledger.samples["read_backwards"]) < 20:
+                ledger.samples["read_backwards"].append(
+                    {
+                        "client": self.index,
+                        "instance": conn.instance,
+                        "room": room,
+                        "user": user,
+                        "id": format_id(message_id),
+                        "after": format_id(before[0]),
+                        "t": round(soak.clock(), 2),
+                    }
+                )

@@ -61,6 +61,11 @@ FAILOVER_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 30.0
 #: acked messages this long before a failover began are checked against the promoted replica
 UNREPLICATED_LOOKBACK_MS = 10_000
+#: the faults that may lose what Redis held (read markers among it): Redis restarted empty, a
+#: shard lost, a failover (asynchronous replication)
+DATA_LOSS_FAULTS = frozenset(
+    {"redis_restart", "shard_loss", "master_kill", "master_stall", "master_pause"}
+)
 
 
 class Faults:
@@ -102,6 +107,15 @@ class Faults:
             if latest <= fault["unix"] <= unix:
                 label, latest = f"{fault['kind']}#{fault['n']}", fault["unix"]
         return label
+
+    def data_loss_between(self, lo: float, hi: float) -> str | None:
+        """The label of a fault that may have lost Redis data and ran at some time between the
+        unix times ``lo`` and ``hi`` (or None)."""
+        for fault in self.faults:
+            if fault["kind"] in DATA_LOSS_FAULTS:
+                if fault["unix"] <= hi and fault.get("end_unix", math.inf) >= lo:
+                    return f"{fault['kind']}#{fault['n']}"
+        return None
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the traffic ends (faults heal then)."""
@@ -146,6 +160,7 @@ class Faults:
             fault["target"] = f"failed: {type(exc).__name__}: {exc}"
             print(f"[soak] fault {kind} failed: {traceback.format_exc()}", file=sys.stderr)
         fault["done"] = round(self.clock(), 1)
+        fault["end_unix"] = time.time()
 
     async def _instance_target(self) -> Slot | None:
         with trio.move_on_after(10):

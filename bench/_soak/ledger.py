@@ -1,5 +1,6 @@
 """The ledger: what was sent, acknowledged and delivered, the gaps the server owned up to,
-the failovers' replication checks, and the audit of the invariant at the end."""
+the failovers' replication checks, the read markers sent, and the audit of the invariant at the
+end."""
 
 from __future__ import annotations
 
@@ -66,7 +67,19 @@ class Ledger:
         self.errors_at: dict[tuple[int, int], tuple[float, float, str]] = {}
         self.counts: Counter[str] = Counter()
         self.send_errors: Counter[str] = Counter()
-        self.samples: dict[str, list[Any]] = {"duplicates": [], "order": [], "strays": []}
+        self.samples: dict[str, list[Any]] = {
+            "duplicates": [],
+            "order": [],
+            "strays": [],
+            "read_backwards": [],
+            "read_foreign": [],
+        }
+        #: (user, room) -> every message id that user's clients sent in a ``read`` there
+        self.reads_sent: dict[tuple[str, str], set[int]] = {}
+        self.read_errors: Counter[str] = Counter()
+        #: ``read`` events whose id was not above the last one the connection saw for that user
+        #: and room, after a fault that may have lost the marker (Redis restarted empty)
+        self.read_backwards_by_fault: Counter[str] = Counter()
 
     def _message(self, room: str, message_id: int) -> Message:
         key = (room, message_id)
@@ -109,6 +122,10 @@ class Ledger:
                 message.origin = (int(data["c"]), int(data["n"]))
         if message.origin is not None and message.origin[0] == client:
             self.counts["own_replayed"] += 1
+
+    def read_sent(self, user: str, room: str, message_id: int) -> None:
+        self.reads_sent.setdefault((user, room), set()).add(message_id)
+        self.counts["reads"] += 1
 
     def add_gap(self, client: int, room: str, gap: Gap) -> None:
         self.gaps.setdefault((client, room), []).append(gap)

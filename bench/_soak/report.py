@@ -38,6 +38,8 @@ def build_report(
     audit = soak.ledger.audit(keep_lost=50)
     tracebacks, traceback_samples = scan_logs(soak.workdir)
     leaks = result.get("leaks", {})
+    presence = result.get("presence", {})
+    rooms_end = result.get("rooms_end", {})
     lost_samples = []
     for room, message_id, index in audit.pop("lost_list"):
         client = soak.clients[index]
@@ -69,6 +71,14 @@ def build_report(
         "lost_unreplicated": audit["lost_unreplicated"],
         "lost_unreplicated_by_fault": audit["lost_unreplicated_by_fault"],
         "leaked_keys": leaks.get("leaked", -1),
+        # SPEC §15: the presence keys against the clients' rooms at the end (still connected);
+        # the users hashes, ws:rooms members and instances' room lists left once all are gone;
+        # read markers that name no message their user read; read events that went backwards
+        "presence_mismatches": presence.get("mismatches", -1),
+        "room_keys_left": rooms_end.get("left", -1),
+        "bad_read_markers": rooms_end.get("bad_read_markers", -1),
+        "read_backwards": ledger.counts["read_backwards"],
+        "read_events_foreign": ledger.counts["read_events_foreign"],
         "faults": len(soak.faults),
         "faults_by_kind": dict(kinds),
         "unexpected_exits": len(soak.unexpected),
@@ -105,6 +115,20 @@ def build_report(
         "id_collisions": ledger.counts["id_collisions"],
         "payload_mismatches": ledger.counts["payload_mismatches"],
         "connects": counts["connects"],
+        "visits": counts["visits"],
+        "visits_joined": counts["visits_joined"],
+        "presence_joins": ledger.counts["presence_join"],
+        "presence_leaves": ledger.counts["presence_leave"],
+        "presence_repeats": ledger.counts["presence_repeats"],
+        "presence_mismatches_first": presence.get("mismatches_first"),
+        "presence_settle_s": presence.get("settle_s"),
+        "reads": ledger.counts["reads"],
+        "read_errors": dict(ledger.read_errors),
+        "read_events": ledger.counts["read_events"],
+        "read_backwards_by_fault": dict(ledger.read_backwards_by_fault),
+        "read_events_reordered": ledger.counts["read_events_reordered"],
+        "read_markers_checked": rooms_end.get("read_markers"),
+        "read_marker_keys": leaks.get("read_marker_keys"),
         "refreshes": counts["refreshes"],
         "resets": counts["resets"],
         "churn_closes": counts["churn_closes"],
@@ -116,20 +140,36 @@ def build_report(
             k: v
             for k, v in sorted((counts + ledger.counts).items())
             if k.startswith(
-                ("refused_", "logout_", "join_error_", "refresh_error_", "error_", "client_error_")
+                (
+                    "refused_",
+                    "logout_",
+                    "join_error_",
+                    "visit_error_",
+                    "refresh_error_",
+                    "error_",
+                    "client_error_",
+                )
             )
         },
         "reap_locks": leaks.get("reap_locks"),
         "masters_checked": leaks.get("masters_checked"),
         "unreplicated_samples": audit["unreplicated_samples"],
         "leaked_keys_sample": leaks.get("leaked_keys_sample", []),
+        "presence_mismatch_samples": presence.get("samples", []),
+        "room_keys_left_sample": rooms_end.get("left_sample", []),
+        "bad_read_marker_samples": rooms_end.get("bad_read_marker_samples", []),
+        "read_backwards_samples": ledger.samples["read_backwards"][:5],
+        "read_foreign_samples": ledger.samples["read_foreign"][:5],
+        "clean_at_stop": result.get("clean_at_stop"),
         "clean": result.get("clean"),
         "unexpected_exit_details": soak.unexpected,
         "traceback_samples": traceback_samples,
         "duplicate_samples": ledger.samples["duplicates"][:5],
         "order_samples": ledger.samples["order"][:5],
         "lost_samples": lost_samples[:10],
-        "fault_log": [{k: v for k, v in f.items() if k != "unix"} for f in soak.faults],
+        "fault_log": [
+            {k: v for k, v in f.items() if k not in ("unix", "end_unix")} for f in soak.faults
+        ],
         "error": error,
         "workdir": str(soak.workdir),
     }
@@ -138,6 +178,11 @@ def build_report(
         and report["lost"] == 0
         and report["duplicates"] == 0
         and report["leaked_keys"] == 0
+        and report["presence_mismatches"] == 0
+        and report["room_keys_left"] == 0
+        and report["bad_read_markers"] == 0
+        and report["read_backwards"] == 0
+        and report["read_events_foreign"] == 0
         and report["unexpected_exits"] == 0
         and report["tracebacks"] == 0
     )

@@ -1,6 +1,7 @@
 """The Soak: its population of users and clients, the instances and Redis (or the cluster)
-it starts and watches, the traffic and progress lines, and the run from set-up to the leak
-check. Its faults are in _soak.faults."""
+it starts and watches, the traffic (sends, room visits, read markers) and progress lines, and
+the run from set-up to the leak check. Its faults are in _soak.faults; the checks of the
+rooms' keys (SPEC §15) in _soak.rooms."""
 
 from __future__ import annotations
 
@@ -37,10 +38,21 @@ from .common import (
 from .faults import Faults
 from .ledger import Ledger
 from .netem import Net
+from .rooms import ReplyError, bad_read_markers, presence_mismatches, room_keys_left, snapshot
 
 if TYPE_CHECKING:
     import argparse
     from pathlib import Path
+
+#: the instances' configuration file: presence events in every room (``[[rooms]]`` is TOML only)
+ROOMS_CONFIG = """\
+[[rooms]]
+match = "*"
+presence_events = true
+"""
+#: at the end, how long the presence keys may take to agree with the clients (a dead instance
+#: is reaped within about 3 x session.instance_ttl)
+PRESENCE_SETTLE = 20.0
 
 
 class Slot:
@@ -105,6 +117,8 @@ class Soak(Faults):
         self.rss_end: list[int | None] = []
         self.users: dict[str, User] = {}
         self.clients: list[Client] = []
+        self.config_file = workdir / "trio-chat.toml"
+        self.config_file.write_text(ROOMS_CONFIG)
         self._build_population()
 
     # --- set-up ----------------------------------------------------------------------------
@@ -210,6 +224,7 @@ class Soak(Faults):
             argv = [sys.executable, "-m", "trio_chat", "serve", "--port", str(slot.port)]
             argv += ["--admin-port", str(slot.admin_port), "--redis-url", self.redis_url]
             argv += ["--instance-id", slot.instance_id, "--log-format", "json"]
+            argv += ["--config", str(self.config_file)]
             child = slot.child = Child(
                 slot.instance_id,
                 argv,
@@ -372,6 +387,28 @@ class Soak(Faults):
                     self.counts["churn_closes"] += 1
                     nursery.start_soon(client.reconnect)
 
+    async def visits(self) -> None:
+        """Presence churn: a client joins a room not its own, stays 1-10 s and leaves; each
+        client about once every ``--visit-every`` seconds (one visit at a time)."""
+        if self.args.visit_every <= 0:
+            return
+        rng = random.Random(self.args.seed + 4)
+        while not self.ending.is_set():
+            await self.pause(rng.expovariate(len(self.clients) / self.args.visit_every))
+            if not self.ending.is_set():
+                rng.choice(self.clients).try_visit(rng, rng.uniform(1.0, 10.0))
+
+    async def reads(self) -> None:
+        """Read markers: each client about once every ``--read-every`` seconds marks a message
+        it received read (SPEC §15)."""
+        if self.args.read_every <= 0:
+            return
+        rng = random.Random(self.args.seed + 5)
+        while not self.ending.is_set():
+            await self.pause(rng.expovariate(len(self.clients) / self.args.read_every))
+            if not self.ending.is_set():
+                rng.choice(self.clients).try_read(rng)
+
     def progress(self, phase: str) -> None:
         counts, ledger = self.counts, self.ledger
         connected = sum(c.conn is not None for c in self.clients)
@@ -384,7 +421,8 @@ class Soak(Faults):
             f"send_errors={sum(ledger.send_errors.values())} unknown={counts['send_unknown']} "
             f"deliveries={deliveries} dup={ledger.counts['duplicates']} "
             f"connected={connected}/{len(self.clients)} instances_up={up}/{len(self.slots)} "
-            f"connects={counts['connects']} faults={len(self.faults)}"
+            f"connects={counts['connects']} visits={counts['visits']} "
+            f"reads={ledger.counts['reads']} faults={len(self.faults)}"
         )
         if last is not None:
             line += f" last={last['kind']}@{last['t']}s"
@@ -435,6 +473,8 @@ class Soak(Faults):
                 async with trio.open_nursery() as faults:
                     faults.start_soon(self.sender)
                     faults.start_soon(self.churn)
+                    faults.start_soon(self.visits)
+                    faults.start_soon(self.reads)
                     faults.start_soon(self.fault_schedule, faults)
                     await trio.sleep(self.duration)
                     self.ending.set()  # the sender stops; running faults heal and return
@@ -442,6 +482,7 @@ class Soak(Faults):
                 await self.heal()
                 result["drain_s"] = await self.drain()
                 result["clients_ready_at_end"] = sum(c.ready for c in self.clients)
+                result["presence"] = await self.presence_check()
                 self.rss_end = [s.child.rss_kib() if s.child else None for s in self.slots]
                 phase[0] = "stop"
                 async with trio.open_nursery() as closing:
@@ -450,6 +491,8 @@ class Soak(Faults):
                 clients.cancel_scope.cancel()
             await self.stop_instances()
             phase[0] = "leak check"
+            result["clean_at_stop"] = await self.clean()
+            result["rooms_end"] = await self.rooms_end()
             await trio.sleep(SESSION_TTL + 0.5)
             result["clean"] = await self.clean()
             result["leaks"] = await self.leaks()
@@ -532,8 +575,65 @@ class Soak(Faults):
             for slot in self.slots:
                 nursery.start_soon(stop, slot)
 
+    async def redis_nodes(self) -> list[tuple[str, int]]:
+        """The one Redis, or every master of the cluster."""
+        if self.cluster is not None:
+            masters = await trio.to_thread.run_sync(self.cluster.masters)
+            return [("127.0.0.1", port) for port in masters]
+        return [(self.redis_host, self.redis_port)]
+
+    async def presence_check(self) -> dict[str, Any]:
+        """With every client connected and idle: the presence keys agree with the clients'
+        rooms (_soak.rooms.presence_mismatches); given up to ``PRESENCE_SETTLE`` seconds (a
+        session of a dead instance counts until it is reaped)."""
+        began = trio.current_time()
+        mismatches: list[dict[str, Any]] = []
+        first: int | None = None
+        with trio.move_on_after(PRESENCE_SETTLE):
+            while True:
+                try:
+                    found = await trio.to_thread.run_sync(snapshot, await self.redis_nodes())
+                    mismatches = presence_mismatches(found, self.clients)
+                except (OSError, ReplyError, ValueError) as exc:
+                    mismatches = [{"error": f"{type(exc).__name__}: {exc}"}]
+                if first is None:
+                    first = len(mismatches)
+                if not mismatches:
+                    break
+                await trio.sleep(0.5)
+        # counts above the clients' first (a count that outlives its session leaks), then below
+        mismatches.sort(key=lambda m: (m.get("redis") or 0) <= (m.get("clients") or 0))
+        for sample in mismatches[:5]:  # what the user's clients did lately (its trail)
+            if "user" in sample and sample["user"] in self.users:
+                sample["trails"] = {
+                    c.index: list(c.trail)[-15:] for c in self.users[sample["user"]].clients
+                }
+        return {
+            "mismatches": len(mismatches),
+            "mismatches_first": first,
+            "settle_s": round(trio.current_time() - began, 1),
+            "samples": mismatches[:10],
+        }
+
+    async def rooms_end(self) -> dict[str, Any]:
+        """Every client gone, every instance stopped (and dead ones reaped): no users hash, no
+        member of ``ws:rooms``, no instance's room list; and every read marker left names a
+        message of its room that its user read."""
+        with trio.fail_after(30):
+            found = await trio.to_thread.run_sync(snapshot, await self.redis_nodes())
+        left = room_keys_left(found)
+        checked, bad = bad_read_markers(found, self.ledger)
+        return {
+            "left": len(left),
+            "left_sample": left[:20],
+            "read_markers": checked,
+            "bad_read_markers": len(bad),
+            "bad_read_marker_samples": bad[:10],
+        }
+
     async def clean(self) -> str:
         argv = [sys.executable, "-m", "trio_chat", "clean", "--redis-url", self.redis_url]
+        argv += ["--config", str(self.config_file)]
         with trio.fail_after(30):
             done = await trio.run_process(
                 argv, env=self.instance_env(), capture_stdout=True, capture_stderr=True, check=False
@@ -541,14 +641,13 @@ class Soak(Faults):
         return (done.stdout + done.stderr).decode().strip()
 
     async def leaks(self) -> dict[str, Any]:
-        """The ``ws:*`` keys left: on the one Redis, or on every master of the cluster."""
-        if self.cluster is not None:
-            masters = await trio.to_thread.run_sync(self.cluster.masters)
-            nodes = [("127.0.0.1", port) for port in masters]
-        else:
-            nodes = [(self.redis_host, self.redis_port)]
+        """The ``ws:*`` keys left: on the one Redis, or on every master of the cluster. The
+        read markers (``ws:read:<room>``) stay until their TTL (``history.ttl``): one with a TTL
+        is not a leak (_soak.rooms checks what it holds)."""
+        nodes = await self.redis_nodes()
         locks: list[str] = []
         leaked: list[str] = []
+        read_markers = 0
         details: list[str] = []
         with trio.fail_after(30):
             for host, port in nodes:
@@ -558,6 +657,11 @@ class Soak(Faults):
                 )
                 mine: list[str] = []
                 for name in sorted(keys.stdout.decode().split()):
+                    if name.startswith("ws:read:"):
+                        ttl = await trio.run_process([*cli, "ttl", name], capture_stdout=True)
+                        if int(ttl.stdout.decode().strip() or -1) > 0:
+                            read_markers += 1
+                            continue
                     (locks if name.startswith("ws:reap:") else mine).append(name)
                 leaked += mine
                 for name in mine[: max(0, 20 - len(details))]:
@@ -572,5 +676,6 @@ class Soak(Faults):
             "leaked": len(leaked),
             "leaked_keys_sample": details,
             "reap_locks": len(locks),
+            "read_marker_keys": read_markers,
             "masters_checked": [port for _, port in nodes] if self.cluster is not None else None,
         }
