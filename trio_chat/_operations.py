@@ -483,20 +483,12 @@ async def room_users(
     lookup = Batch()
     counts = lookup.hrandfield(keys.room_users(room), MAX_PRESENCE_USERS)
     total = lookup.hlen(keys.room_users(room))
-    since = now_ms() - config.session.ttl * 1000
-    members = lookup.zrangebyscore(keys.room_presence(room), since, math.inf)
     await backend.execute(lookup)
-    batch = Batch()
-    owners = {
-        sid: (batch.hget(keys.session(sid), "user_id"), batch.hget(keys.session(sid), "info"))
-        for sid in members.value
-    }
-    if owners:
-        await backend.execute(batch)
     infos: dict[str, dict[str, object]] = {}
-    for user, info in owners.values():
-        if user.value in counts.value and (parsed := _json_object(info.value)) is not None:
-            infos.setdefault(user.value, parsed)
+    for session in await room_presence(backend, config, room):
+        user, info = session["user_id"], session["info"]
+        if isinstance(user, str) and user in counts.value and isinstance(info, dict):
+            infos.setdefault(user, info)
     users: list[dict[str, object]] = [
         {"user": user, "info": infos.get(user), "sessions": _int(sessions) or 0}
         for user, sessions in sorted(counts.value.items())
