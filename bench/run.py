@@ -64,6 +64,7 @@ from _run.settings import (
     SECRET,
     SOURCE_NOTE,
     SYSTEMS,
+    TRIO_CONFIG,
     TRIO_ENV,
     TRIO_LAYOUT,
     TRIO_LAYOUTS,
@@ -159,6 +160,12 @@ def main() -> int:
         "--member-rate", default="1", help="B: msg/s per member; a list runs B once per rate (1)"
     )
     parser.add_argument("--room-duration", type=float, help="B: seconds of sending (10)")
+    parser.add_argument(
+        "--rooms-traffic",
+        action="store_true",
+        help="B (trio-chat only): each member also sends a `signal` before each message and a "
+        "`read` for each message it receives (SPEC §15)",
+    )
     parser.add_argument("--connections", type=int, help="C: idle connections (5000)")
     parser.add_argument("--concurrency", type=int, default=200, help="opens in flight (200)")
     parser.add_argument(
@@ -254,6 +261,13 @@ def main() -> int:
         "one `serve --workers 2` (the Socket.IO peers always run two instances)",
     )
     parser.add_argument(
+        "--trio-config",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file for the trio-chat instances (`serve --config FILE`), e.g. "
+        "bench/peers/presence_events.toml ([[rooms]] options are set in a file only)",
+    )
+    parser.add_argument(
         "--history-size",
         type=int,
         metavar="N",
@@ -270,6 +284,10 @@ def main() -> int:
         if args.history_size < 0:
             parser.error("--history-size must be >= 0")
         HISTORY_SIZE[0] = args.history_size
+    if args.trio_config is not None:
+        if not args.trio_config.is_file():
+            parser.error(f"--trio-config: no file {args.trio_config}")
+        TRIO_CONFIG[0] = args.trio_config.resolve()  # the instances run in another directory
 
     for item in args.trio_env:
         key, sep, value = item.partition("=")
@@ -293,6 +311,8 @@ def main() -> int:
     for name in systems:
         if name not in SYSTEMS:
             parser.error(f"unknown system {name}")
+    if args.rooms_traffic and systems != ["trio"]:
+        parser.error("--rooms-traffic: trio-chat only (--systems trio)")
     for path in (TRIO_PYTHON, LOADGEN / "node_modules"):
         if not path.exists():
             parser.error(f"{path} is missing: run `make bench` (it installs everything)")

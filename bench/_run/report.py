@@ -144,6 +144,8 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         any_b = cast("dict[str, Any]", first(results, key))
         rate = any_b["member_rate"]
         label = f"B {any_b['rooms']} rooms × {any_b['members']}, {rate}/s each"  # noqa: RUF001
+        if any_b.get("rooms_traffic"):
+            label += ", + a signal per send and a read per delivery"
         row(label, "delivered msg/s", key, lambda r: r.get("delivered_per_s"), "↑")
         row(label, "p50 ms", key, lambda r: r.get("p50_ms"), "↓")
         row(label, "p99 ms", key, lambda r: r.get("p99_ms"), "↓")

@@ -41,6 +41,9 @@ HISTORY_SIZE: list[int | None] = [None]
 #: peers/trio_python_hooks.py) or "http" (hooks.url, one peers/hooks_allow.py per instance)
 HOOK_VARIANTS = ("none", "python", "http")
 TRIO_HOOKS: list[str] = ["none"]
+#: --trio-config: a TOML file the trio-chat instances get with ``--config`` (the ``[[rooms]]``
+#: options are set in a file only, e.g. peers/presence_events.toml); None: no file
+TRIO_CONFIG: list[Path | None] = [None]
 HOOKS_SECRET = "bench-hooks-secret"
 #: --redis: what the instances of a pass run on: one redis-server, or a Redis Cluster
 #: (tests/_redis_cluster.py: 3 masters, 1 replica each)

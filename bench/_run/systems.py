@@ -29,6 +29,7 @@ from .settings import (
     ROOT,
     SECRET,
     SYSTEMS,
+    TRIO_CONFIG,
     TRIO_ENV,
     TRIO_HOOKS,
     TRIO_LAYOUT,
@@ -72,6 +73,8 @@ def trio_chat_server(
         "TRIO_CHAT_LIMITS_SEND_BURST": "100000",
         "TRIO_CHAT_LIMITS_FRAME_RATE": "100000",
         "TRIO_CHAT_LIMITS_FRAME_BURST": "100000",
+        "TRIO_CHAT_LIMITS_SIGNAL_RATE": "100000",
+        "TRIO_CHAT_LIMITS_SIGNAL_BURST": "100000",
         "TRIO_CHAT_LIMITS_MAX_SESSIONS_PER_USER": "100000",
         "TRIO_CHAT_LIMITS_MAX_CONNECTIONS": "100000",
         **({} if HISTORY_SIZE[0] is None else {"TRIO_CHAT_HISTORY_SIZE": str(HISTORY_SIZE[0])}),
@@ -85,6 +88,8 @@ def trio_chat_server(
     command += ["--port", str(port), "--redis-url", redis_url, "--instance-id", name]
     if workers > 1:
         command += ["--workers", str(workers)]
+    if TRIO_CONFIG[0] is not None:
+        command += ["--config", str(TRIO_CONFIG[0])]
     # one log for the supervisor and its workers (they inherit its stdout and stderr)
     log = workdir / f"{name}.log"
     ids = [f"{name}-w{n}" for n in range(workers)] if workers > 1 else [name]
@@ -191,7 +196,8 @@ def system_label(system: str) -> str:
         return SYSTEMS[system]
     history = "" if HISTORY_SIZE[0] is None else f", history {HISTORY_SIZE[0]}"
     hooks = "" if TRIO_HOOKS[0] == "none" else f", {TRIO_HOOKS[0]} send hook"
-    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history}{hooks}{LABEL_REDIS[0]})"
+    config = "" if TRIO_CONFIG[0] is None else f", --config {TRIO_CONFIG[0].name}"
+    return f"{SYSTEMS[system]} ({TRIO_LAYOUT[0]}{history}{hooks}{config}{LABEL_REDIS[0]})"
 
 
 def connections_by_instance(workdir: Path) -> dict[str, int]:

@@ -231,6 +231,7 @@ def plan(
                 "member-rate": member_rate,
                 "duration": room_duration,
                 "drain": args.drain,
+                **({"rooms-traffic": "both"} if args.rooms_traffic else {}),
             },
         )
     n_rates = len(rates.split(","))

@@ -9,7 +9,11 @@
 //           each of --rates msg/s for --duration s, then up to --drain s to let deliveries in.
 //           Fresh connections (and a fresh room) per rate step.
 //   rooms   --rooms rooms x --members members, each member sends --member-rate msg/s for
-//           --duration s (staggered evenly); every message goes to the other members.
+//           --duration s (staggered evenly); every message goes to the other members. With
+//           --rooms-traffic both (trio only, SPEC §15) each member also sends a `signal`
+//           (typing) half its interval before each message, and a `read` (the message's id)
+//           for each message it receives; the other members' `signal` and `read` frames are
+//           counted. `signals` or `reads`: only that half.
 //   idle    --connections clients, opened --concurrency at a time, each joins its own room;
 //           server RSS before/after from /proc/<pid>/status.
 //   connect --connections clients, --concurrency at a time, each opened and then joined to a
@@ -43,6 +47,8 @@ function parseArgs(argv) {
     rooms: 500,
     members: 4,
     memberRate: 1,
+    roomsTraffic: "", // "", signals, reads or both
+    idleSample: 0, // rooms: seconds of the servers' idle CPU read just before the window
     connections: 5000,
     concurrency: 200,
     settle: 2,
@@ -214,11 +220,15 @@ class Timeline {
 class Stats {
   constructor() {
     this.acks = 0;
+    this.events = {}; // room events that are not messages (signal, read, presence_*)
     this.errors = {};
     this.closes = {};
   }
   error(code) {
     this.errors[code] = (this.errors[code] || 0) + 1;
+  }
+  event(type) {
+    this.events[type] = (this.events[type] || 0) + 1;
   }
   close(code) {
     this.closes[code] = (this.closes[code] || 0) + 1;
@@ -229,6 +239,8 @@ class TrioClient {
   constructor(url, token, stats, timeoutMs) {
     this.stats = stats;
     this.onMessage = null;
+    this.onSignal = null;
+    this.onRead = null;
     this.refs = 0;
     this.pending = new Map();
     this.closing = false;
@@ -256,10 +268,22 @@ class TrioClient {
         const frame = JSON.parse(raw.toString());
         switch (frame.type) {
           case "message":
-            if (this.onMessage) this.onMessage(frame.data);
+            if (this.onMessage) this.onMessage(frame.data, frame);
             break;
           case "ack":
             this.stats.acks++;
+            break;
+          case "signal":
+            this.stats.event(frame.type);
+            if (this.onSignal) this.onSignal(frame);
+            break;
+          case "read":
+            this.stats.event(frame.type);
+            if (this.onRead) this.onRead(frame);
+            break;
+          case "presence_join":
+          case "presence_leave":
+            this.stats.event(frame.type);
             break;
           case "welcome":
             clearTimeout(timer);
@@ -303,6 +327,17 @@ class TrioClient {
   send(room, data) {
     if (this.ws.readyState === WebSocket.OPEN) {
       this.ws.send(JSON.stringify({ type: "send", room, data }));
+    }
+  }
+  // SPEC §15: neither has a reply on success (an `error` frame if refused)
+  signal(room, data) {
+    if (this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: "signal", room, data }));
+    }
+  }
+  read(room, id) {
+    if (this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: "read", room, id }));
     }
   }
   close() {
@@ -614,7 +649,14 @@ async function rooms(args) {
   const stats = new Stats();
   const n = args.rooms * args.members;
   const roomOf = (i) => `room-${Math.floor(i / args.members)}`;
-  log(`rooms ${args.system}: ${args.rooms} rooms x ${args.members} members`);
+  if (!["", "signals", "reads", "both"].includes(args.roomsTraffic)) {
+    throw new Error(`--rooms-traffic: signals, reads or both, not ${args.roomsTraffic}`);
+  }
+  if (args.roomsTraffic && args.system !== "trio") {
+    throw new Error("--rooms-traffic: trio-chat only (signal and read frames)");
+  }
+  log(`rooms ${args.system}: ${args.rooms} rooms x ${args.members} members` +
+    (args.roomsTraffic ? `, rooms traffic: ${args.roomsTraffic}` : ""));
   const started = performance.now();
   const opened = await openClients(args, n, (i) => `m-${i}`, (i) => args.urls[i % 2], stats,
     roomOf);
@@ -637,11 +679,13 @@ async function rooms(args) {
     rooms: args.rooms,
     members: args.members,
     member_rate: args.memberRate,
+    rooms_traffic: args.roomsTraffic || null,
     duration_s: args.duration,
     connected,
     open_s: round(openSeconds, 2),
     ...result,
     errors: stats.errors,
+    events: stats.events,
     closes_after_drain: stats.closes,
     connect_failures: opened.failures,
     disturbed_attempts: disturbedAttempts,
@@ -655,12 +699,22 @@ async function roomsAttempt(args, attempt, clients, roomOf, stats) {
   const latency = new Samples(expected);
   const timeline = new Timeline(args.duration);
   const acks0 = stats.acks;
+  const signals = args.roomsTraffic === "signals" || args.roomsTraffic === "both";
+  const reads = args.roomsTraffic === "reads" || args.roomsTraffic === "both";
+  const traffic = signals || reads;
+  const signalLatency = new Samples(signals ? expected : 0);
+  // --rooms-traffic: counted from the start of the measured window (reads carry no attempt)
+  let signalsSent = 0;
+  let signalsReceived = 0;
+  let readsSent = 0;
+  let readsReceived = 0;
+  let lastRead = 0;
   let received = 0;
   let stale = 0;
   let lastArrival = 0;
-  for (const client of clients) {
+  for (const [i, client] of clients.entries()) {
     if (!client) continue;
-    client.onMessage = (data) => {
+    client.onMessage = (data, frame) => {
       const now = performance.now();
       if (!data || data.a !== attempt) {
         stale++;
@@ -670,25 +724,78 @@ async function roomsAttempt(args, attempt, clients, roomOf, stats) {
       lastArrival = now;
       latency.add(now - data.t);
       timeline.add(data.t, now - data.t);
+      if (reads) {
+        client.read(roomOf(i), frame.id); // read as soon as it is shown
+        readsSent++;
+      }
+    };
+    client.onSignal = (frame) => {
+      if (!frame.data || frame.data.a !== attempt) return;
+      signalsReceived++;
+      signalLatency.add(performance.now() - frame.data.t);
+    };
+    client.onRead = () => {
+      readsReceived++;
+      lastRead = performance.now();
     };
   }
   const quiet = await waitQuiet(args);
+  let idle = null;
+  if (args.idleSample > 0) {
+    const idleWindow = new CpuWindow(args.pids, args.redisPid);
+    await sleep(args.idleSample * 1000);
+    idle = idleWindow.finish();
+  }
   log(`  SENDING ${total} messages over ${args.duration} s`);
   const cpu = new CpuWindow(args.pids, args.redisPid);
   timeline.start = performance.now();
+  readsReceived = 0;
   // Global index m -> member m % n, so each member sends every 1/memberRate s, staggered.
+  // With signals, the same slot also has member (m + n/2) % n signal (typing): each member
+  // signals half its interval before each of its messages (the first half-interval's
+  // signals precede the members' second messages, and the last half-interval's come after
+  // their last: as many signals as messages, in the same window as plain B's).
+  const lead = Math.floor(n / 2);
   const sending = await publisherLoop(total, n * args.memberRate, (m) => {
     const client = clients[m % n];
     if (client) client.send(roomOf(m % n), { a: attempt, n: m, t: performance.now() });
+    const typist = signals ? clients[(m + lead) % n] : null;
+    if (typist) {
+      typist.signal(roomOf((m + lead) % n), { a: attempt, typing: true, t: performance.now() });
+      signalsSent++;
+    }
   });
-  await waitFor(() => received >= expected, args.drain * 1000);
+  // The signals and read markers of the window are part of its work: wait for them too. A
+  // read waiting in the server's outbox behind another of its room is merged into it (only
+  // the newest moves the marker), so fewer than reads_expected may come: those are done
+  // once none has come for 300 ms.
+  const done = () => received >= expected &&
+    (!traffic || (signalsReceived >= signalsSent * (args.members - 1) &&
+      (readsReceived >= readsSent * (args.members - 1) ||
+        performance.now() - lastRead > 300)));
+  await waitFor(done, args.drain * 1000);
   const window = cpu.finish();
+  const trafficAtDrain = traffic
+    ? {
+      signals_sent: signalsSent,
+      signals_expected: signalsSent * (args.members - 1),
+      signals_received: signalsReceived,
+      signal_latency: signalLatency.summary(),
+      reads_sent: readsSent,
+      reads_expected: readsSent * (args.members - 1),
+      reads_received: readsReceived,
+    }
+    : {};
   const receivedAtDrain = received;
   const latencyAtDrain = latency.summary();
   const lastArrivalAtDrain = lastArrival;
   const closesAtDrain = { ...stats.closes };
-  await waitFor(() => received >= expected, args.late * 1000);
+  await waitFor(done, args.late * 1000);
   await waitFor(() => stats.acks - acks0 >= total, 1000);
+  if (traffic) {
+    trafficAtDrain.signals_received_after_late = signalsReceived;
+    trafficAtDrain.reads_received_after_late = readsReceived;
+  }
   const sendSeconds = (sending.last - sending.start) / 1000;
   const step = {
     sent: total,
@@ -708,6 +815,10 @@ async function roomsAttempt(args, attempt, clients, roomOf, stats) {
     ),
     ...latencyAtDrain,
     ...window,
+    ...trafficAtDrain,
+    // the servers connected and joined, before anything is sent (heartbeats, timers)
+    idle_server_cpu: idle ? idle.server_cpu : null,
+    idle_other_cpu: idle ? idle.other_cpu : null,
     closes: closesAtDrain,
     quiet,
     timeline_by_send_second: timeline.summary(),
@@ -716,6 +827,10 @@ async function roomsAttempt(args, attempt, clients, roomOf, stats) {
     `  delivered ${step.received}/${step.expected} p50 ${step.p50_ms} p99 ${step.p99_ms} ` +
       `max ${step.max_ms} ms, servers ${step.server_cpu} other ${step.other_cpu} cores`,
   );
+  if (traffic) {
+    log(`  signals ${step.signals_received}/${step.signals_expected}, reads ` +
+      `${step.reads_received}/${step.reads_expected}`);
+  }
   return step;
 }
 
@@ -810,6 +925,7 @@ async function connect(args) {
     quiet,
     ...window,
     errors: stats.errors,
+    events: stats.events,
     closes: stats.closes,
     connect_failures: opened.failures,
   };
