@@ -632,3 +632,44 @@ async def test_a_congested_member_loses_signals_first_but_not_the_rest():
         "data": {"typing": True},
     }
     assert hub.metrics.registry.get_sample_value("trio_chat_signals_dropped_total") == 1
+
+
+async def test_a_leave_redis_missed_is_settled_unless_the_session_came_back(redis_server, nursery):
+    # A leave while Redis is paused is answered (the client left), and the heartbeat makes
+    # Redis agree later, but not for a session that has joined the room again meanwhile:
+    # it must not be announced gone, nor counted twice.
+    config = with_rooms(make_config(redis_server.url, session={"ttl": 1.5}), EVENTS)
+    server = await start(nursery, config)
+    with trio.fail_after(TIME_LIMIT):
+        async with (
+            open_client(server.url, make_token("carol")) as carol,
+            open_client(server.url, make_token("alice")) as alice,
+            open_client(server.url, make_token("bob")) as bob,
+        ):
+            for chat in (carol, alice, bob):
+                await chat.join("room")
+            redis_server.pause()
+            try:
+                assert (await alice.leave("room"))["type"] == "left"
+                assert (await bob.leave("room"))["type"] == "left"
+            finally:
+                redis_server.resume()
+            await alice.join("room")  # alice comes back; bob does not
+            await trio.sleep(1.5)  # heartbeats settle what the leaves left undone
+            presence = await carol.request("presence", room="room")  # (after every event)
+            events = [
+                (frame["type"], frame["user"])
+                for frame in carol._pending
+                if frame["type"].startswith("presence_")
+            ]
+            async with open_backend(redis_server.url, command_timeout=1) as backend:
+                counted = await read_hash(backend, "ws:room:room:users")
+    assert sorted((u["user"], u["sessions"]) for u in presence["users"]) == [
+        ("alice", 1),
+        ("carol", 1),
+    ]
+    assert events.count(("presence_leave", "bob")) == 1
+    # alice was never announced gone for good: her last event, if any, is a join
+    mine = [kind for kind, user in events if user == "alice"]
+    assert mine in (["presence_join"], ["presence_join", "presence_leave", "presence_join"], [])
+    assert counted == {"alice": "1", "carol": "1"}

@@ -650,11 +650,8 @@ class ConnectionHandler:
         except BackendUnavailable as exc:
             if new:
                 await self.hub.leave(session, room)
-                if exc.sent:  # it may have entered: leave (done twice, nothing more)
-                    undo = Batch()
-                    depart(undo, self.config, self.hub.rooms, session.id, session.user_id, [room])
-                    self.hub.retry_cleanup(undo)
-                    self.hub.stale_room_lists.add(session)
+                if exc.sent:  # it may have entered: the heartbeat sees to it
+                    self.hub.unsettled.add((session, room))
             else:
                 self.hub.release(session, room, None)  # joined as before, without a replay
             raise
@@ -733,13 +730,10 @@ class ConnectionHandler:
             try:
                 await self.backend.execute(batch)
             except BackendUnavailable as exc:
-                # Left locally all the same: the heartbeat departs again (done twice, a
-                # departure does nothing more) and writes the session's room list afresh.
+                # Left locally all the same: the heartbeat departs again (unless it has
+                # joined again by then) and writes the session's room list afresh.
                 logger.warning("session %s: presence not updated on leave: %s", session.id, exc)
-                retry = Batch()
-                depart(retry, self.config, self.hub.rooms, session.id, session.user_id, [room])
-                self.hub.retry_cleanup(retry)
-                self.hub.stale_room_lists.add(session)
+                self.hub.unsettled.add((session, room))
         session.reply(encode("left", message.ref, room=message.room))
 
     async def _send(self, session: Session, message: Send) -> Outgoing:

@@ -94,9 +94,9 @@ class Hub:
         self._auth_generation = 0
         # Cleanups Redis refused (it was down); the heartbeat sends them again (SPEC §8).
         self._failed_cleanups: list[Batch] = []
-        #: sessions whose room list in Redis may be wrong (a join or leave that failed half
-        #: way): the heartbeat writes theirs again
-        self.stale_room_lists: set[Session] = set()
+        #: a session and a room it is not in, of a join or leave that failed half way: Redis
+        #: may still count it there; the heartbeat settles it (registry.settle)
+        self.unsettled: set[tuple[Session, str]] = set()
         self._subscription: Subscription | None = None
         self._subscribed: set[str] = set()
         # Serializes SUBSCRIBE/UNSUBSCRIBE so a join never sees a half-made subscription.

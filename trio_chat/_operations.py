@@ -438,9 +438,12 @@ async def room_history(
     return messages, len(newest.value) > limit
 
 
-async def room_presence(backend: Backend, config: Config, room: str) -> list[dict[str, object]]:
+async def room_presence(
+    backend: Backend, config: Config, room: str, *, limit: int | None = None
+) -> list[dict[str, object]]:
     """The sessions present in ``room``: a heartbeat within ``session.ttl`` and a live record,
-    with the ``info`` the connect hook gave each (None without one).
+    with the ``info`` the connect hook gave each (None without one); the records of at most
+    ``limit`` sessions are read, when given.
 
     Raises:
         BackendUnavailable: the store could not be reached.
@@ -452,7 +455,7 @@ async def room_presence(backend: Backend, config: Config, room: str) -> list[dic
     batch = Batch()
     found = {
         sid: (batch.hget(keys.session(sid), "user_id"), batch.hget(keys.session(sid), "info"))
-        for sid in members.value
+        for sid in members.value[:limit]
     }
     if found:
         await backend.execute(batch)
@@ -485,7 +488,9 @@ async def room_users(
     total = lookup.hlen(keys.room_users(room))
     await backend.execute(lookup)
     infos: dict[str, dict[str, object]] = {}
-    for session in await room_presence(backend, config, room):
+    # (the records of at most twice as many sessions as users listed: a big room's presence
+    # costs a bounded number of commands; users beyond them get no info)
+    for session in await room_presence(backend, config, room, limit=2 * MAX_PRESENCE_USERS):
         user, info = session["user_id"], session["info"]
         if isinstance(user, str) and user in counts.value and isinstance(info, dict):
             infos.setdefault(user, info)

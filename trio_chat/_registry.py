@@ -246,15 +246,30 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
         if repair:
             logger.info("heartbeat: repairing session records (%d commands)", len(repair))
             await backend.execute(repair)
-    if hub.stale_room_lists:
-        stale, hub.stale_room_lists = hub.stale_room_lists, set()
-        lists = Batch()
-        for session in stale:
-            if hub.sessions.get(session.id) is session:
-                write_rooms(lists, config.server.instance_id, session.id, session.rooms)
-        try:
-            if lists:
-                await backend.execute(lists)
-        except BackendUnavailable:
-            hub.stale_room_lists |= stale
-            raise
+    await settle(hub, backend)
+
+
+async def settle(hub: Hub, backend: Backend) -> None:
+    """Make Redis agree with the sessions whose join or leave failed half way
+    (:attr:`Hub.unsettled`): a session that is not in the room now (or is gone) departs from
+    it, which does nothing where it was not counted, and a live one's room list is written
+    again. One that has joined the room again meanwhile stays: its join counted it.
+
+    Raises:
+        BackendUnavailable: the store could not be reached; they are kept for the next round.
+    """
+    if not hub.unsettled:
+        return
+    pending, hub.unsettled = hub.unsettled, set()
+    config, batch = hub.config, Batch()
+    for session, room in pending:
+        live = hub.sessions.get(session.id) is session
+        if not (live and room in session.rooms):
+            depart(batch, config, hub.rooms, session.id, session.user_id, [room])
+        if live:
+            write_rooms(batch, config.server.instance_id, session.id, session.rooms)
+    try:
+        await backend.execute(batch)
+    except BackendUnavailable:
+        hub.unsettled |= pending
+        raise

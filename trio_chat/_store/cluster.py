@@ -492,9 +492,9 @@ async def _presence_steps(cluster: ClusterBackend, commands: list[Command]) -> N
                 presence = keys.room_presence(room)
                 if delta > 0:
                     changed = members.zadd(presence, {session: now})
-                    members.expire(presence, ttl)
                 else:
                     changed = members.zrem(presence, session)
+                members.expire(presence, ttl)
                 changes.append((command, room, ttl, delta, [(user, changed)]))
             case "renew_room", (room, local, ttl):
                 presence = keys.room_presence(room)
@@ -526,10 +526,14 @@ async def _presence_steps(cluster: ClusterBackend, commands: list[Command]) -> N
                 arrived, departed = arrived + (delta > 0), departed + (delta < 0)
                 if command.name == "occupy" and (event := command.args[5]) is not None:
                     after.publish(keys.room_channel(room), event)
-        if arrived - departed:
+        if not users:  # (also where the counts expired, or a reaper came late)
+            after.zrem(keys.ROOMS, room)
+        elif command.name == "renew_room":  # the heartbeat's: repairs a lost index
+            after.zadd(keys.ROOMS, {room: users})
+        elif arrived - departed:
             after.zincrby(keys.ROOMS, room, arrived - departed)
-        if departed:
-            after.zremrangebyscore(keys.ROOMS, -math.inf, 0)
+            if departed:
+                after.zremrangebyscore(keys.ROOMS, -math.inf, 0)
         if command.name == "occupy":
             [delta] = deltas.values()
             command.reply.set((bool(delta), sessions[0], users))

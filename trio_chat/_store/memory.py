@@ -361,9 +361,9 @@ class MemoryBackend:
         space, members, counts = self._keyspace, keys.room_presence(room), keys.room_users(room)
         if delta > 0:
             changed = bool(space.zadd(members, {session: now_ms()}))
-            space.expire(members, ttl)
         else:
             changed = bool(space.zrem(members, session))
+        space.expire(members, ttl)  # with the counts: neither outlives the other
         sessions = int(space.hget(counts, user) or 0)
         if changed:
             if (sessions := space.hincrby(counts, user, delta)) <= 0:

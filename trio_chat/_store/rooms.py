@@ -44,10 +44,10 @@ local delta = tonumber(ARGV[3])
 local changed
 if delta > 0 then
   changed = redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
 else
   changed = redis.call('ZREM', KEYS[1], ARGV[1])
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local n = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
 if changed == 1 then
   n = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
