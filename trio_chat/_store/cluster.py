@@ -301,8 +301,8 @@ class ClusterBackend:
 
     async def execute(self, batch: Batch) -> None:
         """Run ``batch``: each master its share, all at once; see the module docs. Presence
-        commands take their steps after the rest (:func:`_presence_steps`), and a read marker
-        that moved is announced in a round trip of its own.
+        commands take their steps (:func:`_presence_steps`), the first with the rest of the
+        batch, and a read marker that moved is announced in a round trip of its own.
 
         A command on a key of the wrong type raises coredis's ``WrongTypeError`` once every
         share has run, as on a single Redis.
@@ -312,10 +312,11 @@ class ClusterBackend:
                 cluster is down for a slot, or a command was redirected too often.
         """
         plain = [c for c in batch.commands if c.name not in _PRESENCE]
-        if plain:
-            await self._execute(plain)
         if len(plain) < len(batch.commands):
-            await _presence_steps(self, [c for c in batch.commands if c.name in _PRESENCE])
+            presence = [c for c in batch.commands if c.name in _PRESENCE]
+            await _presence_steps(self, presence, plain)
+        elif plain:
+            await self._execute(plain)
         announce = Batch()
         for command in plain:
             match command.name, command.args:
@@ -476,12 +477,16 @@ class ClusterBackend:
 _PRESENCE = frozenset({"occupy", "renew_room"})
 
 
-async def _presence_steps(cluster: ClusterBackend, commands: list[Command]) -> None:
+async def _presence_steps(
+    cluster: ClusterBackend, commands: list[Command], first: list[Command]
+) -> None:
     """``occupy`` and ``renew_room`` on a cluster, whose keys sit on different slots: the same
     steps as the scripts of :mod:`.rooms`, one round trip each (a failure between two loses
-    that change of a count): the sessions' memberships, then the users' counts of each room,
-    then ``ws:rooms`` (by increments at each arrival and departure, which commute where two
-    instances' absolute writes could cross) and the announcements."""
+    that change of a count): the sessions' memberships (with the batch's other commands,
+    ``first``, so that they keep the batch's place among the others sent to each master),
+    then the users' counts of each room, then ``ws:rooms`` (by increments at each arrival and
+    departure, which commute where two instances' absolute writes could cross) and the
+    announcements."""
     now = now_ms()
     members = Batch()
     # (command, room, TTL, +1 or -1, each user's membership changes)
@@ -501,7 +506,7 @@ async def _presence_steps(cluster: ClusterBackend, commands: list[Command]) -> N
                 added = [(user, members.zadd(presence, {s: now})) for s, user in local.items()]
                 members.expire(presence, ttl)
                 changes.append((command, room, ttl, 1, added))
-    await cluster.run(members.commands)
+    await cluster.run([*first, *members.commands])
 
     counting = Batch()
     counts = []
