@@ -1,7 +1,8 @@
 """A session's room messages on their way to Redis: several per round trip, in order.
 
 Signals and read markers (SPEC §15) take the same way, so that they keep their order with the
-messages (the typing signal before the message typed), and cost no round trip of their own.
+messages (the typing signal before the message typed) and share a batch with whatever waits
+with them (alone, each is a round trip: bench/README "Rooms").
 
 The read loop does not wait for a ``send``'s PUBLISH before it reads the next frame: it hands
 the payload to the session's :class:`Outbox` and goes on. A task of the session, started only
