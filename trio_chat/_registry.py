@@ -173,16 +173,19 @@ async def heartbeat(hub: Hub, port: int) -> None:
     while not hub.draining:
         try:
             await hub.flush_cleanups()
-            await renew(hub, hub.backend, port)
+            await renew(hub, hub.backend, port, spread=interval / 2)
         except BackendUnavailable as exc:
             logger.warning("heartbeat: redis unreachable: %s", exc)
         await trio.sleep(interval)
 
 
-async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100) -> None:
+async def renew(
+    hub: Hub, backend: Backend, port: int, *, batch_size: int = 100, spread: float = 0.0
+) -> None:
     """One heartbeat round: the instance's records, then every local session's, ``batch_size``
-    sessions per round trip. Small batches keep each pipeline's CPU (coredis spends 15-25 µs
-    per command, building and reading) from stalling every socket of the instance at once."""
+    sessions per round trip, the round trips spaced over ``spread`` seconds. Small batches,
+    spread out, keep each pipeline's CPU (coredis spends 15-25 µs per command, building and
+    reading) from stalling every socket of the instance at once, every round."""
     config = hub.config
     ttl = config.session.ttl
     instance = Batch()
@@ -196,7 +199,10 @@ async def renew(hub: Hub, backend: Backend, port: int, *, batch_size: int = 100)
         await backend.execute(batch)
 
     sessions = list(hub.sessions.values())
-    for start in range(0, len(sessions), batch_size):
+    starts = range(0, len(sessions), batch_size)
+    for start in starts:
+        if start:
+            await trio.sleep(spread / len(starts))
         # Only sessions still here: one that ended while an earlier batch ran is gone.
         chunk = [s for s in sessions[start : start + batch_size] if hub.sessions.get(s.id) is s]
         now = now_ms()
