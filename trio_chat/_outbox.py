@@ -150,34 +150,33 @@ class Outbox:
 
     async def _publish(self, taken: list[Pending]) -> None:
         batch = Batch()
-        ids: list[Reply[str] | None] = []
+        sends: list[tuple[Outgoing, Reply[str]]] = []  # what is acknowledged: the sends
         for pending in taken:
             match pending:
                 case Outgoing(room, message):
-                    ids.append(publish(batch, self._rules(room).history, room, message))
+                    sends.append(
+                        (pending, publish(batch, self._rules(room).history, room, message))
+                    )
                 case OutgoingSignal(room, event):
                     batch.publish(keys.room_channel(room), event)
-                    ids.append(None)
                 case OutgoingRead(room, user, message_id, history, event):
                     ordered = bool(history.size)
                     batch.mark_read(
                         room, user, message_id, ttl=history.ttl, ordered=ordered, event=event
                     )
-                    ids.append(None)
-        sends = [pending for pending in taken if isinstance(pending, Outgoing)]
         try:
             with self._metrics.publishing():
                 await self._backend.execute(batch)
         except BackendUnavailable as exc:
             logger.warning("session %s: %d frame(s) failed: %s", self._session.id, len(taken), exc)
             # what was never sent cannot have been appended: refuse it at once
-            appended = await self._settle(sends) if exc.sent else [None] * len(sends)
-            settled = dict(zip(map(id, sends), appended, strict=True))
+            outgoing = [send for send, _ in sends]
+            found = iter(await self._settle(outgoing) if exc.sent else [None] * len(outgoing))
             for pending in taken:
-                if (entry_id := settled.get(id(pending))) is not None:
-                    assert isinstance(pending, Outgoing)
+                # a signal or a marker is not looked for: it was ephemeral, or is not
+                if isinstance(pending, Outgoing) and (entry_id := next(found)) is not None:
                     self._session.reply(encode("ack", pending.ref, id=entry_id, ts=pending.ts))
-                else:  # a signal or a marker is not looked for: it was ephemeral, or is not
+                else:
                     refusal = ProtocolError(
                         UNAVAILABLE, "store unreachable; not delivered", pending.ref
                     )
@@ -189,9 +188,8 @@ class Outbox:
                     error_frame(ProtocolError(INTERNAL, "internal error", pending.ref))
                 )
         else:
-            for pending, entry in zip(taken, ids, strict=True):
-                if isinstance(pending, Outgoing) and entry is not None:
-                    self._session.reply(encode("ack", pending.ref, id=entry.value, ts=pending.ts))
+            for send, entry in sends:
+                self._session.reply(encode("ack", send.ref, id=entry.value, ts=send.ts))
 
     async def _settle(self, taken: list[Outgoing]) -> list[str | None]:
         """Find which of ``taken`` Redis appended after all: the entry id of each, or None.

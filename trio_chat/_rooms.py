@@ -79,11 +79,6 @@ class RoomRules:
                 )
         return self.default
 
-    @property
-    def configured(self) -> bool:
-        """Whether any room differs from the defaults (a ``[[rooms]]`` table exists)."""
-        return bool(self._tables)
-
 
 def presence_join(
     room: str, user: str, session: str | None, info: Mapping[str, JSONValue] | None
