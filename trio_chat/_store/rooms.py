@@ -35,11 +35,24 @@ from . import keys
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+#: the end of both: renew the counts' TTL and set the room's score in ws:rooms from them
+_INDEX = """\
+local users = redis.call('HLEN', KEYS[2])
+if users > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('ZADD', KEYS[3], users, room)
+else
+  redis.call('ZREM', KEYS[3], room)
+end
+"""
+
 #: KEYS: ``ws:room:<room>``, ``ws:room:<room>:users``, ``ws:rooms``. ARGV: session, user,
 #: delta (1 enters, -1 leaves), now (ms), TTL (ms), room, channel, event ('': none),
 #: the publishing command. Returns {1 if the session's membership changed else 0, the user's
 #: sessions in the room after it, the room's users}.
-OCCUPY_SCRIPT = """\
+OCCUPY_SCRIPT = (
+    """\
+local ttl, room = ARGV[5], ARGV[6]
 local delta = tonumber(ARGV[3])
 local changed
 if delta > 0 then
@@ -47,44 +60,38 @@ if delta > 0 then
 else
   changed = redis.call('ZREM', KEYS[1], ARGV[1])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ttl)
 local n = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
 if changed == 1 then
   n = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
   if n <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
 end
-local users = redis.call('HLEN', KEYS[2])
-if users > 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  redis.call('ZADD', KEYS[3], users, ARGV[6])
-else
-  redis.call('ZREM', KEYS[3], ARGV[6])
-end
+"""
+    + _INDEX
+    + """\
 if changed == 1 and ARGV[8] ~= '' and ((delta > 0 and n == 1) or (delta < 0 and n == 0)) then
   redis.call(ARGV[9], ARGV[7], ARGV[8])
 end
 return {changed, n, users}
 """
+)
 OCCUPY_SHA = hashlib.sha1(OCCUPY_SCRIPT.encode()).hexdigest()
 
 #: KEYS: as :data:`OCCUPY_SCRIPT`. ARGV: now (ms), TTL (ms), room, then session and user of
 #: each local member. Returns the room's users.
-RENEW_SCRIPT = """\
+RENEW_SCRIPT = (
+    """\
+local ttl, room = ARGV[2], ARGV[3]
 for i = 4, #ARGV, 2 do
   if redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1)
   end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local users = redis.call('HLEN', KEYS[2])
-if users > 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZADD', KEYS[3], users, ARGV[3])
-else
-  redis.call('ZREM', KEYS[3], ARGV[3])
-end
-return users
+redis.call('PEXPIRE', KEYS[1], ttl)
 """
+    + _INDEX
+    + "return users\n"
+)
 RENEW_SHA = hashlib.sha1(RENEW_SCRIPT.encode()).hexdigest()
 
 #: A cluster's second step of occupy and renew. KEYS[1]: ``ws:room:<room>:users``. ARGV: TTL
