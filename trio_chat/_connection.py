@@ -706,8 +706,7 @@ class ConnectionHandler:
             raise ProtocolError(ROOM_FULL, f"room {room!r} has {limit} members already", ref)
 
     async def _history(self, session: Session, message: History) -> None:
-        if message.room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        _check_joined(session, message.room, message.ref)
         try:
             history = self.hub.rooms(message.room).history
             messages, more = await room_history(
@@ -755,8 +754,7 @@ class ConnectionHandler:
     def _check_publish(self, session: Session, room: str, ref: object) -> None:
         """What a ``send`` or a ``signal`` to ``room`` needs: to be joined, and allowed to
         speak there by the room, the token and the join hook (SPEC §14, §15)."""
-        if room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {room!r} first", ref)
+        _check_joined(session, room, ref)
         if not self.hub.rooms(room).client_publish:
             raise ProtocolError(FORBIDDEN, "only the server posts in this room", ref)
         if not session.identity.may_publish(room):
@@ -788,8 +786,7 @@ class ConnectionHandler:
     async def _read(self, session: Session, message: Read) -> OutgoingRead:
         """Check a ``read``; the outbox moves the marker (and announces it if it moved)."""
         room, message_id = message.room, message.id
-        if room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {room!r} first", message.ref)
+        _check_joined(session, room, message.ref)
         history = self.hub.rooms(room).history
         if history.size:
             if (read := parse_id(message_id)) is None:
@@ -808,16 +805,14 @@ class ConnectionHandler:
         return OutgoingRead(room, session.user_id, message_id, history, event, message.ref)
 
     async def _receipts(self, session: Session, message: Receipts) -> None:
-        if message.room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        _check_joined(session, message.room, message.ref)
         batch = Batch()
         markers = batch.hgetall(keys.read_markers(message.room))
         await self.backend.execute(batch)
         session.reply(encode("receipts", message.ref, room=message.room, read=markers.value))
 
     async def _presence(self, session: Session, message: Presence) -> None:
-        if message.room not in session.rooms:
-            raise ProtocolError(NOT_IN_ROOM, f"join {message.room!r} first", message.ref)
+        _check_joined(session, message.room, message.ref)
         users, count = await room_users(self.backend, self.config, message.room)
         fields: dict[str, JSONValue] = {"room": message.room, "users": users, "count": count}
         if count > len(users):
@@ -961,6 +956,12 @@ def disconnect_reason(close: CloseRequest | None) -> str:
             return "slow"
         case _:
             return "policy"
+
+
+def _check_joined(session: Session, room: str, ref: object) -> None:
+    """``not_in_room`` unless the session has joined ``room``."""
+    if room not in session.rooms:
+        raise ProtocolError(NOT_IN_ROOM, f"join {room!r} first", ref)
 
 
 def _spend(bucket: TokenBucket, ref: object) -> None:
