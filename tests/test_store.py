@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 
 import pytest
 import trio
 from coredis.exceptions import WrongTypeError
 
-import trio_chat._store.redis
 from trio_chat._errors import BackendUnavailable, ConfigError
 from trio_chat._store.backends import open_backend
 from trio_chat._store.interface import Batch
@@ -654,13 +654,13 @@ async def test_execute_gives_up_on_a_paused_redis_within_the_timeout(redis_serve
 
 async def test_concurrent_batches_share_round_trips(redis_server, monkeypatch):
     pipelines = []
-    pipeline = trio_chat._store.redis._pipeline
+    pipeline = RedisBackend._pipeline
 
-    async def counted(commands, sharded, client):
+    async def counted(self, commands):
         pipelines.append(len(commands))
-        return await pipeline(commands, sharded, client)
+        return await pipeline(self, commands)
 
-    monkeypatch.setattr(trio_chat._store.redis, "_pipeline", counted)
+    monkeypatch.setattr(RedisBackend, "_pipeline", counted)
     with trio.fail_after(TIME_LIMIT):
         async with open_backend(redis_server.url, command_timeout=1) as backend:
             async with trio.open_nursery() as nursery:
@@ -681,11 +681,11 @@ async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
     # Redis answers within the timeout, but slower than half of it: a batch queued behind a
     # pipeline that is out waits for it, and then its own round trip, and succeeds. (It must
     # never be reported as failed after it ran.)
-    pipeline = trio_chat._store.redis._pipeline
+    pipeline = RedisBackend._pipeline
 
-    async def slow(commands, sharded, client):
+    async def slow(self, commands):
         await trio.sleep(0.2)
-        return await pipeline(commands, sharded, client)
+        return await pipeline(self, commands)
 
     results = {}
 
@@ -699,12 +699,12 @@ async def test_a_batch_queued_behind_a_slow_pipeline_is_not_reported_failed(
 
     with trio.fail_after(TIME_LIMIT):
         async with open_backend(redis_server.url, command_timeout=0.3) as backend:
-            monkeypatch.setattr(trio_chat._store.redis, "_pipeline", slow)
+            monkeypatch.setattr(RedisBackend, "_pipeline", slow)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, 1)
                 await trio.sleep(0.01)
                 nursery.start_soon(one, 2)
-            monkeypatch.setattr(trio_chat._store.redis, "_pipeline", pipeline)
+            monkeypatch.setattr(RedisBackend, "_pipeline", pipeline)
             assert results == {1: "ok", 2: "ok"}
             assert [await read(backend, key) for key in ("k1", "k2")] == ["v1", "v2"]
 
@@ -744,25 +744,52 @@ async def test_batches_queued_behind_a_paused_redis_fail_within_the_timeout(redi
             assert await read(backend) == "kept"
 
 
-async def test_recovers_from_what_coredis_pool_loses(redis_server, monkeypatch):
-    # coredis's pool never gets back a connection that died in use or was cancelled halfway:
-    # with room for one connection, a single such loss would block it for good
-    new_client = RedisBackend._new_client
-    monkeypatch.setattr(
-        RedisBackend,
-        "_new_client",
-        lambda self, **options: new_client(self, **{"max_connections": 1, **options}),
-    )
+async def test_a_round_trip_given_up_by_its_caller_leaves_the_backend_usable(redis_server):
+    # the caller gives up halfway; the round trip runs to its timeout, its connection is never
+    # used again (its reply may still come), and the next batch connects afresh
     with trio.fail_after(TIME_LIMIT):
         async with open_backend(redis_server.url, command_timeout=0.3) as backend:
             await write(backend, "kept")
             for _ in range(3):
                 redis_server.pause()
-                with trio.move_on_after(0.1):  # the caller gives up; the batch runs to its timeout
+                with trio.move_on_after(0.1):
                     with pytest.raises(BackendUnavailable):
                         await read(backend)
                 redis_server.resume()
                 assert await read(backend) == "kept"
+
+
+def redis_command(redis_server, command):
+    """``command`` (inline syntax) on a connection of its own; Redis's answer."""
+    with socket.create_connection(("127.0.0.1", redis_server.port), timeout=2) as raw:
+        raw.sendall(command.encode() + b"\r\n")
+        return raw.recv(256)
+
+
+async def test_a_connection_redis_closed_while_idle_is_replaced_before_use(redis_server):
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(redis_server.url, command_timeout=1) as backend:
+            await write(backend, "kept")
+            # Redis closes the backend's connection (not this one: SKIPME)
+            assert redis_command(redis_server, "CLIENT KILL TYPE normal SKIPME yes") == b":1\r\n"
+            await trio.sleep(0.05)
+            assert await read(backend) == "kept"  # not "unavailable": it connected again
+
+
+async def test_a_password_and_a_database_from_the_url(redis_server):
+    assert redis_command(redis_server, "CONFIG SET requirepass s3cret") == b"+OK\r\n"
+    base = f"127.0.0.1:{redis_server.port}"
+    with trio.fail_after(TIME_LIMIT):
+        async with open_backend(f"redis://:s3cret@{base}/3", command_timeout=1) as backend:
+            await write(backend, "in db 3")
+        async with open_backend(f"redis://default:s3cret@{base}/3", command_timeout=1) as again:
+            assert await read(again) == "in db 3"
+        async with open_backend(f"redis://:s3cret@{base}/0", command_timeout=1) as db0:
+            assert await read(db0) is None
+        with pytest.raises(BackendUnavailable, match="refused") as refused:
+            await open_and_close(open_backend(f"redis://:wrong@{base}/0", command_timeout=1))
+        assert "wrong" not in str(refused.value)
+        assert not refused.value.sent
 
 
 async def test_messages_raise_when_redis_is_killed(redis_server):

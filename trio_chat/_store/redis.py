@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
-from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -27,9 +26,10 @@ from coredis.retry import NoRetryPolicy
 
 from .._errors import BackendUnavailable, ConfigError, first_leaf, single_error
 from .._messages import now_ms
-from . import keys
+from . import keys, resp
 from .history import APPEND_SCRIPT, APPEND_SHA
 from .keys import hash_slot, is_shard_channel
+from .resp import NotConnected
 from .rooms import (
     COUNT_AFTER_SHA,
     COUNT_SHA,
@@ -42,12 +42,12 @@ from .rooms import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-    from coredis.patterns.pipeline import Pipeline
     from coredis.typing import RedisValueT
 
     from .interface import Batch, Command
+    from .resp import Arg
 
 # What "Redis did not answer" looks like: coredis's ConnectionError (also raised for a server
 # still loading its data), OSError (TimeoutError is one), our own trio.fail_after, and anyio's
@@ -59,15 +59,12 @@ _UNAVAILABLE = (
     trio.TooSlowError,
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
+    trio.BrokenResourceError,  # our own connection's (.resp)
 )
 
 _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
-
-
-class NotConnected(RedisConnectionError):
-    """coredis could not connect for a pipeline: nothing of it was sent."""
 
 
 @contextmanager
@@ -115,8 +112,8 @@ def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[Any] | None:
-    """Queue ``command`` on ``pipe``; None when it names nothing to act on (its reply is 0).
+def _args(command: Command, sharded: bool) -> list[Arg] | None:
+    """The Redis command for ``command``; None when it names nothing to act on (its reply is 0).
 
     Redis refuses e.g. ``SREM key`` with no member as a syntax error; the memory backend just
     answers 0, and so do we, without sending it. On a cluster node (``sharded``), room and
@@ -124,140 +121,103 @@ def _queue(pipe: Pipeline[str], command: Command, sharded: bool) -> Awaitable[An
     """
     match command.name, command.args:
         case "get", (key,):
-            return pipe.get(key)
+            return ["GET", key]
         case "set", (key, value, ex, nx):
-            return pipe.set(
+            return [
+                "SET",
                 key,
                 value,
-                px=None if ex is None else _milliseconds(ex),
-                condition=coredis.PureToken.NX if nx else None,
-            )
+                *(() if ex is None else ("PX", _milliseconds(ex))),
+                *(("NX",) if nx else ()),
+            ]
         case (("delete" | "exists"), ()):
             return None
         case "delete", deleted:
-            return pipe.delete(deleted)
+            return ["DEL", *deleted]
         case "exists", probed:
-            return pipe.exists(probed)
+            return ["EXISTS", *probed]
         case "expire", (key, seconds):
-            return pipe.pexpire(key, _milliseconds(seconds))
+            return ["PEXPIRE", key, _milliseconds(seconds)]
         case "ttl", (key,):
-            return pipe.pttl(key)
+            return ["PTTL", key]
         case (("hset" | "zadd"), (_, mapping)) if not mapping:
             return None
         case (("hdel" | "sadd" | "srem" | "zrem"), (_,)):
             return None
         case "hset", (key, mapping):
-            return pipe.hset(key, mapping)
+            return ["HSET", key, *(item for pair in mapping.items() for item in pair)]
         case "hget", (key, field):
-            return pipe.hget(key, field)
+            return ["HGET", key, field]
         case "hgetall", (key,):
-            return pipe.hgetall(key)
+            return ["HGETALL", key]
         case "hdel", (key, *fields):
-            return pipe.hdel(key, fields)
+            return ["HDEL", key, *fields]
         case "hlen", (key,):
-            return pipe.hlen(key)
+            return ["HLEN", key]
         case "hrandfield", (key, count):
-            return pipe.hrandfield(key, count=count, withvalues=True)
+            return ["HRANDFIELD", key, count, "WITHVALUES"]
         case "sadd", (key, *members):
-            return pipe.sadd(key, members)
+            return ["SADD", key, *members]
         case "srem", (key, *members):
-            return pipe.srem(key, members)
+            return ["SREM", key, *members]
         case "smembers", (key,):
-            return pipe.smembers(key)
+            return ["SMEMBERS", key]
         case "scard", (key,):
-            return pipe.scard(key)
+            return ["SCARD", key]
         case "zadd", (key, mapping):
-            return pipe.zadd(key, mapping)
+            return ["ZADD", key, *(item for m, s in mapping.items() for item in (float(s), m))]
         case "zrem", (key, *members):
-            return pipe.zrem(key, members)
+            return ["ZREM", key, *members]
         case "zrangebyscore", (key, low, high):
-            return pipe.zrangebyscore(key, low, high)
+            return ["ZRANGEBYSCORE", key, float(low), float(high)]
         case "zremrangebyscore", (key, low, high):
-            return pipe.zremrangebyscore(key, low, high)
+            return ["ZREMRANGEBYSCORE", key, float(low), float(high)]
         case "zcard", (key,):
-            return pipe.zcard(key)
+            return ["ZCARD", key]
         case "zrevrange", (key, count):
-            return pipe.zrevrange(key, 0, count - 1, withscores=True)
+            return ["ZREVRANGE", key, 0, count - 1, "WITHSCORES"]
         case "publish", (channel, message) if sharded and is_shard_channel(channel):
-            sent: Awaitable[int] = pipe.spublish(channel, message)  # (untyped in coredis 6.9)
-            return sent
+            return ["SPUBLISH", channel, message]
         case "publish", (channel, message):
-            return pipe.publish(channel, message)
+            return ["PUBLISH", channel, message]
         case "append", (key, message, maxlen, ttl):
             publish = "SPUBLISH" if sharded else "PUBLISH"
-            args = (message, maxlen, _milliseconds(ttl), publish)
-            return pipe.evalsha(APPEND_SHA, keys=[key], args=args)
+            return _evalsha(APPEND_SHA, [key], [message, maxlen, _milliseconds(ttl), publish])
         case "occupy", (room, session, user, delta, ttl, event):
             # (a cluster takes this in steps: see .cluster.ClusterBackend)
             names, argv = occupy_call(
                 room, session, user, delta, now_ms(), _milliseconds(ttl), event
             )
-            return pipe.evalsha(OCCUPY_SHA, keys=names, args=argv)
+            return _evalsha(OCCUPY_SHA, names, argv)
         case "renew_room", (room, members, ttl):
             names, argv = renew_call(room, members, now_ms(), _milliseconds(ttl))
-            return pipe.evalsha(RENEW_SHA, keys=names, args=argv)
+            return _evalsha(RENEW_SHA, names, argv)
         case "count", (key, ttl, changes):  # a cluster's step: see .rooms.COUNT_SCRIPT
-            counted: list[str | int] = [_milliseconds(ttl)]
+            counted: list[Arg] = [_milliseconds(ttl)]
             for user, delta in changes:
                 counted += [user, delta]
-            return pipe.evalsha(COUNT_SHA, keys=[key], args=counted)
+            return _evalsha(COUNT_SHA, [key], counted)
         case "zincrby", (key, member, amount):
-            return pipe.zincrby(key, member, amount)
+            return ["ZINCRBY", key, float(amount), member]
         case "mark_read", (room, user, message_id, ttl, ordered, event):
             channel = "" if sharded else keys.room_channel(room)  # a cluster publishes after
             published = "" if sharded or event is None else event
             order = "1" if ordered else "0"
             marked = [user, message_id, _milliseconds(ttl), channel, published, "PUBLISH", order]
-            return pipe.evalsha(MARK_READ_SHA, keys=[keys.read_markers(room)], args=marked)
+            return _evalsha(MARK_READ_SHA, [keys.read_markers(room)], marked)
         case "count_after", (key, after, limit):
-            return pipe.evalsha(COUNT_AFTER_SHA, keys=[key], args=(after, limit))
+            return _evalsha(COUNT_AFTER_SHA, [key], [after, limit])
         case "asking", ():  # the next command is for a slot this node is importing
-            asked: Awaitable[bool] = pipe.asking()
-            return asked
+            return ["ASKING"]
         case "xrange", (key, start, end, count):
-            return pipe.xrange(key, start, end, count)
+            return ["XRANGE", key, start, end, "COUNT", count]
         case "xrevrange", (key, end, start, count):
-            return pipe.xrevrange(key, end, start, count)
+            return ["XREVRANGE", key, end, start, "COUNT", count]
     raise ValueError(f"unsupported command {command.name}{command.args!r}")
 
 
-async def _pipeline(
-    commands: list[Command], sharded: bool, client: coredis.Redis[str]
-) -> list[Any]:
-    """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it with.
-
-    Scripts (history, presence, read markers) are sent by their SHA only; where Redis does not
-    have one (it restarted
-    empty, or SCRIPT FLUSH), it is loaded and those commands, which did not run, are sent again
-    in their order.
-    """
-    try:
-        replies = await _run(commands, sharded, client)
-    except RedisConnectionError as exc:
-        # coredis's words for a connection it could not make (refused, say): then nothing
-        # was written, and BackendUnavailable.sent says so (the outbox need not look for it)
-        if str(exc).startswith("Unable to establish a connection"):
-            raise NotConnected(str(exc)) from exc
-        raise
-    if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
-        for script in sorted({_SCRIPTS[_script_of(commands[n])] for n in missing}):
-            await client.script_load(script)
-        again = await _run([commands[n] for n in missing], sharded, client)
-        for n, reply in zip(missing, again, strict=True):
-            replies[n] = reply
-    return replies
-
-
-async def _run(commands: list[Command], sharded: bool, client: coredis.Redis[str]) -> list[Any]:
-    async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-        requests = [_queue(pipe, command, sharded) for command in commands]
-    replies: list[Any] = []
-    for request in requests:
-        try:
-            replies.append(0 if request is None else await request)
-        except ResponseError as exc:  # e.g. WRONGTYPE: this command's, not the pipeline's
-            replies.append(exc)
-    return replies
+def _evalsha(sha: str, names: Sequence[str], argv: Sequence[Arg]) -> list[Arg]:
+    return ["EVALSHA", sha, len(names), *names, *argv]
 
 
 #: every script, by its SHA
@@ -277,25 +237,35 @@ def _script_of(command: Command) -> str:
     return _SCRIPTED[command.name]
 
 
+def _pairs(flat: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """``[k1, v1, k2, v2...]`` (how RESP2 answers a map) as pairs."""
+    items = iter(flat)
+    return zip(items, items, strict=True)
+
+
 def _reply(name: str, value: Any) -> Any:
-    if name == "ttl":  # PTTL: -2 no such key, -1 no TTL
-        return None if value < 0 else value / 1000
-    if name == "zrangebyscore":
-        return list(value)
-    if name == "zrevrange":
-        return [(member.member, member.score) for member in value]
-    if name == "hrandfield":
-        return dict(value) if value else {}
-    if name == "occupy":
-        return bool(value[0]), int(value[1]), int(value[2])
-    if name == "count":
-        return [int(n) for n in value]
-    if name == "zincrby":
-        return float(value)
-    if name == "mark_read":
-        return bool(value)
-    if name in ("xrange", "xrevrange"):
-        return [(entry.identifier, dict(entry.field_values)) for entry in value]
+    """What :class:`~.interface.Batch` promises for ``name``, from Redis's RESP2 reply."""
+    match name:
+        case "set":
+            return value is not None  # OK; nil: NX and the key existed
+        case "expire" | "mark_read":
+            return bool(value)
+        case "ttl":  # PTTL: -2 no such key, -1 no TTL
+            return None if value < 0 else value / 1000
+        case "hgetall" | "hrandfield":
+            return dict(_pairs(value or []))
+        case "smembers":
+            return set(value)
+        case "zrevrange":
+            return [(member, float(score)) for member, score in _pairs(value)]
+        case "zincrby":
+            return float(value)
+        case "occupy":
+            return bool(value[0]), int(value[1]), int(value[2])
+        case "count":
+            return [int(n) for n in value]
+        case "xrange" | "xrevrange":
+            return [(entry_id, dict(_pairs(fields))) for entry_id, fields in value]
     return value
 
 
@@ -318,16 +288,14 @@ class RedisBackend:
 
     Batches are pipelined together: :meth:`execute` queues its batch, and one task sends
     everything queued as one pipeline while the previous pipeline is out, then the next. Under
-    load, the handshakes, sends and cleanups of many connections share a round trip; coredis
-    spends ~0.2 ms of CPU per pipeline and ~25 µs per command, so this is what keeps Redis work
-    per connection small. Alone, a batch is sent at once.
+    load, the handshakes, sends and cleanups of many connections share a round trip. Alone, a
+    batch is sent at once.
 
-    coredis 6.9's pool never gets back the slot of a connection that dies while in use, nor of
-    one that is cancelled while connecting or awaiting its reply; once every slot is lost it
-    waits forever for a free connection. So a batch is shielded from its caller's cancellation
-    (it is bounded by ``command_timeout`` anyway), and a client whose round trip failed (Redis
-    restarted, paused, slow) is not trusted again: it is replaced before the failure is
-    reported, and closed once the batches that were using it have ended.
+    That task owns the one connection pipelines go over (:mod:`.resp`: written and read by the
+    task itself, not by coredis, whose per-pipeline path cost more CPU than everything else a
+    send does in Redis's client). A round trip is bounded by ``command_timeout`` and shielded
+    from its callers' cancellation; one that failed (Redis restarted, paused, slow) leaves its
+    connection closed, and the next one connects again.
     """
 
     def __init__(
@@ -342,15 +310,16 @@ class RedisBackend:
         #: the URL without its password
         self.url = without_password(url)
         self._secret_url = url
-        self._nursery = nursery  # holds the clients open
+        self._nursery = nursery  # holds the sender task
         self._timeout = command_timeout
         self._ping_interval = ping_interval
         self._sharded = sharded  # a node of a cluster: shard channels are SPUBLISHed
         try:
-            self._client = self._new_client()
+            self._server = resp.target(self._new_client())
         except ValueError as exc:  # e.g. a port or db that is not a number
             raise ConfigError(f"redis.url: {exc}") from exc
-        self._retire = trio.Event()  # set when self._client is replaced
+        self._connection: resp.Connection | None = None
+        self._closed = False
         self._queued: deque[_Queued] = deque()
         self._wake = trio.Event()  # set when a batch is queued
         self._sending = False  # the sender task runs; execute() fails at once without it
@@ -359,44 +328,67 @@ class RedisBackend:
         return make_client(self._secret_url, timeout=self._timeout, **options)
 
     async def _open(self) -> None:
-        await self._nursery.start(self._hold, self._client, self._retire)
-        await self._call(lambda client: client.ping())
+        await self._round_trip([["PING"]])
         await self._nursery.start(self._send_queued)
 
-    async def _hold(
-        self,
-        client: coredis.Redis[str],
-        retire: trio.Event,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        async with client:
-            task_status.started()
-            await retire.wait()
-            # a batch that picked this client before it was replaced ends within the timeout
-            await trio.sleep(self._timeout)
+    async def _round_trip(self, commands: list[list[resp.Arg]]) -> list[Any]:
+        """Send ``commands`` as one pipeline on our connection, opened first if there is none;
+        shielded and bounded (see the class docs).
 
-    async def _call(self, request: Callable[[coredis.Redis[str]], Awaitable[_T]]) -> _T:
-        """One round trip on the current client, shielded and bounded (see the class docs)."""
-        client = self._client
+        Raises:
+            BackendUnavailable: Redis could not be reached or did not answer in time.
+        """
+        deadline = trio.current_time() + self._timeout
         try:
-            with (
-                unavailable(f"Redis at {self.url}"),
-                trio.fail_after(self._timeout, shield=True),
-            ):
-                return await request(client)
-        except BackendUnavailable:
-            if client is self._client:  # not replaced by another failed call meanwhile
-                await self._replace()
+            with unavailable(f"Redis at {self.url}"):
+                if self._closed:
+                    raise NotConnected("the backend is closed")
+                if self._connection is not None and self._connection.closed():
+                    self._drop()
+                if self._connection is None:
+                    # apart from the round trip: a handshake unanswered means nothing was sent
+                    with trio.move_on_at(deadline, shield=True):
+                        self._connection = await resp.connect(self._server)
+                    if self._connection is None:
+                        raise NotConnected(f"no answer to the handshake in {self._timeout}s")
+                with trio.fail_at(deadline, shield=True):
+                    return await self._connection.round_trip(commands)
+        except BaseException:
+            self._drop()  # in an unknown state: never used again
             raise
 
-    async def _replace(self) -> None:
-        client, retire = self._new_client(), trio.Event()
-        # starting a client does no I/O, but it must not be skipped by a cancelled caller
-        with trio.move_on_after(self._timeout, shield=True):
-            await self._nursery.start(self._hold, client, retire)
-            self._retire.set()
-            self._client, self._retire = client, retire
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _close(self) -> None:
+        """Close the connection (a round trip on it ends at once) and open no other."""
+        self._closed = True
+        self._drop()
+
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
+        """Run ``commands`` as one pipeline: each one's reply, or the error Redis answered it
+        with.
+
+        Scripts (history, presence, read markers) are sent by their SHA only; where Redis does
+        not have one (it restarted empty, or SCRIPT FLUSH), it is loaded and those commands,
+        which did not run, are sent again in their order.
+        """
+        requests = [_args(command, self._sharded) for command in commands]
+        sent = [request for request in requests if request is not None]
+        answers = iter(await self._round_trip(sent) if sent else ())
+        replies = [0 if request is None else next(answers) for request in requests]
+        if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
+            scripts = sorted({_SCRIPTS[_script_of(commands[n])] for n in missing})
+            loading: list[list[resp.Arg]] = [["SCRIPT", "LOAD", script] for script in scripts]
+            again = await self._round_trip(loading + [requests[n] or [] for n in missing])
+            for reply in again[: len(scripts)]:
+                if isinstance(reply, ResponseError):
+                    raise reply
+            for n, reply in zip(missing, again[len(scripts) :], strict=True):
+                replies[n] = reply
+        return replies
 
     async def execute(self, batch: Batch, *, each: bool = False) -> None:
         """Send ``batch`` in the next pipeline and fill in its replies.
@@ -468,7 +460,7 @@ class RedisBackend:
     async def _send(self, taken: list[_Queued]) -> None:
         commands = [command for queued in taken for command in queued.batch.commands]
         try:
-            replies = await self._call(partial(_pipeline, commands, self._sharded))
+            replies = await self._pipeline(commands)
         except BackendUnavailable as exc:
             for queued in taken:
                 queued.error = BackendUnavailable(str(exc), sent=exc.sent)
@@ -840,6 +832,9 @@ async def open_redis_backend(
                 ping_interval=ping_interval,
                 sharded=sharded,
             )
-            await backend._open()
-            yield backend
-            nursery.cancel_scope.cancel()
+            try:
+                await backend._open()
+                yield backend
+            finally:
+                backend._close()
+                nursery.cancel_scope.cancel()
