@@ -256,6 +256,25 @@ class Stream:
         return last == self.acks[-1]["id"]
 
 
+async def read_to_end(
+    chat: ChatClient, frames: list[Frame], stream: Stream, since: str | None = None
+) -> None:
+    """Append what ``chat`` receives to ``frames`` until ``stream.done``. A receiver may get
+    the last message before its sender gets the ack that marks the stream sent, so waiting
+    for the next frame also ends when the stream is marked sent."""
+
+    async def until_sent(scope: trio.CancelScope) -> None:
+        await stream.sent.wait()
+        scope.cancel()
+
+    while not stream.done(frames, since):
+        async with trio.open_nursery() as nursery:
+            if not stream.sent.is_set():
+                nursery.start_soon(until_sent, nursery.cancel_scope)
+            frames.append(await chat.receive())
+            nursery.cancel_scope.cancel()
+
+
 class Comebacks:
     """A receiver that disconnects and comes back ``count`` times (on ``urls`` in turn), each
     time joining with ``since`` = the last id it saw, then reads to the end of the stream."""
@@ -276,8 +295,7 @@ class Comebacks:
                 assert before == []  # nothing of the room before the reply
                 self.joins.append(joined)
                 with trio.move_on_after(math.inf if last else self.rng.uniform(0.02, 0.12)):
-                    while not stream.done(self.seen):
-                        self.seen.append(await chat.receive())
+                    await read_to_end(chat, self.seen, stream)
                 if last:
                     await assert_quiet(chat)  # no duplicate after the last one either
             if not last:
@@ -335,8 +353,7 @@ class Rejoins:
             self.segments.append((since, []))
             frames = self.segments[-1][1]
             with trio.move_on_after(math.inf if last else self.rng.uniform(0.02, 0.12)):
-                while not stream.done(frames, since):
-                    frames.append(await chat.receive())
+                await read_to_end(chat, frames, stream, since)
             candidates = [since] + [f["id"] for f in frames]
             since = self.rng.choice(candidates[-20:])
         await assert_quiet(chat)
@@ -438,8 +455,7 @@ async def test_members_get_every_message_once_when_the_pubsub_connections_are_ki
                 assert (await chat.receive())["id"] == stream.origin
 
             async def member(name: str) -> None:
-                while not stream.done(got[name]):
-                    got[name].append(await chats[name].receive())
+                await read_to_end(chats[name], got[name], stream)
                 await assert_quiet(chats[name])
 
             async def killer() -> None:

@@ -43,7 +43,7 @@ from coredis.exceptions import AskError, ClusterDownError, MovedError, ResponseE
 
 from .._errors import BackendUnavailable, ConfigError, single_error
 from .._messages import now_ms
-from . import keys
+from . import keys, resp
 from .interface import Batch, Command, Reply
 from .redis import (
     make_client,
@@ -56,8 +56,6 @@ from .rooms import is_transition
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
-
-    import coredis
 
     from .redis import RedisBackend, RedisSubscription
 
@@ -430,9 +428,8 @@ class ClusterBackend:
             current = self._map or slot_map
             return current.owner(channel) if keys.is_shard_channel(channel) else home
 
-        def connect(address: str) -> coredis.Redis[str]:
-            url = self._cluster.node(address)
-            return make_client(url, timeout=self._timeout, max_connections=1)
+        def connect(address: str) -> resp.Target:
+            return resp.target(make_client(self._cluster.node(address), timeout=self._timeout))
 
         async with open_subscription(
             connect,

@@ -18,10 +18,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import anyio
 import coredis
 import trio
-from coredis.commands.constants import CommandName
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import NoScriptError, ResponseError
-from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
 from .._errors import BackendUnavailable, ConfigError, first_leaf, single_error
@@ -44,8 +42,6 @@ from .rooms import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-    from coredis.typing import RedisValueT
-
     from .interface import Batch, Command
     from .resp import Arg
 
@@ -59,7 +55,8 @@ _UNAVAILABLE = (
     trio.TooSlowError,
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
-    trio.BrokenResourceError,  # our own connection's (.resp)
+    trio.BrokenResourceError,  # our own connections' (.resp)
+    trio.ClosedResourceError,  # ... and one that was closed meanwhile (lost or given up)
 )
 
 _T = TypeVar("_T")
@@ -493,18 +490,11 @@ class RedisBackend:
     async def subscription(self) -> AsyncIterator[RedisSubscription]:
         """Open a Pub/Sub connection of its own, read by a task of this context; see Backend.
 
-        Its own client too: replacing the batch client never disturbs it, and whatever coredis's
-        pool loses goes away with the subscription.
-
         Raises:
             BackendUnavailable: on entry, when Redis cannot be reached within the timeout.
         """
-
-        def connect(node: str) -> coredis.Redis[str]:
-            return self._new_client(max_connections=1)
-
         async with open_subscription(
-            connect,
+            lambda node: self._server,
             lambda channel: self.url,
             self.url,
             command_timeout=self._timeout,
@@ -515,7 +505,7 @@ class RedisBackend:
 
 @asynccontextmanager
 async def open_subscription(
-    connect: Callable[[str], coredis.Redis[str]],
+    connect: Callable[[str], resp.Target],
     route: Callable[[str], str],
     first: str,
     *,
@@ -527,7 +517,7 @@ async def open_subscription(
     with every connection it opened, when the context exits.
 
     Args:
-        connect: a new client (of one connection, failing at once) for a node.
+        connect: where a node is and how to log in there.
         route: the node whose connection subscribes a channel.
         sharded: the nodes form a cluster, where room and control channels are shard channels.
 
@@ -565,7 +555,7 @@ class RedisSubscription:
     def __init__(
         self,
         nursery: trio.Nursery,
-        connect: Callable[[str], coredis.Redis[str]],
+        connect: Callable[[str], resp.Target],
         route: Callable[[str], str],
         *,
         timeout: float,
@@ -581,9 +571,14 @@ class RedisSubscription:
         self._connections: dict[str, _Connection] = {}
         self._subscribed: dict[str, _Connection] = {}  # channel -> the connection holding it
         self._opening = trio.Lock()
-        # unbuffered: messages wait in coredis's own unbounded buffers until messages() reads
-        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](0)
+        # what the connections read and messages() did not take yet. Unbounded: left in the
+        # socket, a backlog would get us closed by Redis as a slow subscriber (its
+        # client-output-buffer-limit); the hub's probe tells a backlog from a dead pump.
+        self._pending: deque[tuple[str, str]] = deque()
+        self._arrived = trio.Event()
+        self._taken = 0  # messages() taken since its last checkpoint
         self._lost: BaseException | None = None
+        self._closed = False
 
     async def connection(self, node: str) -> _Connection:
         """The open connection to ``node``, opened now if there is none.
@@ -598,7 +593,7 @@ class RedisSubscription:
                 connection = _Connection(
                     self._connect(node),
                     node,
-                    self._send.clone(),
+                    self._deliver,
                     self._lose,
                     timeout=self._timeout,
                     ping_interval=self._ping_interval,
@@ -617,7 +612,11 @@ class RedisSubscription:
         """One connection is lost, so is the subscription: end ``messages()`` now."""
         if self._lost is None:
             self._lost = error
-            self._receive.close()  # wakes messages() and every connection waiting to hand over
+            self._arrived.set()  # wakes messages()
+
+    def _deliver(self, messages: list[tuple[str, str]]) -> None:
+        self._pending.extend(messages)
+        self._arrived.set()
 
     def keep_only(self, nodes: set[str]) -> None:
         """Lose the subscription if it holds a connection to a node not among ``nodes``: on a
@@ -627,12 +626,10 @@ class RedisSubscription:
             self._lose(BackendUnavailable(f"{', '.join(gone)} no longer a master"))
 
     def close(self) -> None:
-        """Drop every connection, before the tasks that use them are cancelled.
-
-        Closed, a connection drops its subscriptions at once, where coredis would unsubscribe
-        and wait out its whole unsubscription timeout; and it is marked closed before coredis's
-        cleanup runs, which otherwise may write to it while it is being torn down.
-        """
+        """Drop every connection, before the tasks that use them are cancelled: Redis drops
+        their subscriptions at once, and ``messages()`` ends."""
+        self._closed = True
+        self._arrived.set()
         for connection in self._connections.values():
             connection.close()
 
@@ -679,129 +676,170 @@ class RedisSubscription:
         return self
 
     def backlog(self) -> bool:
-        """A message is waiting: a reading task is blocked handing it over."""
-        return self._receive.statistics().tasks_waiting_send > 0
+        """A message is waiting: read, not yet taken."""
+        return bool(self._pending)
 
     def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
         return self
 
+    #: messages taken without a checkpoint at most: a burst must not hold up every other task
+    _BURST = 32
+
     async def __anext__(self) -> tuple[str, str]:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._lost is None:  # the subscription was closed
-                raise StopAsyncIteration from None
-            raise BackendUnavailable(
-                f"lost the Pub/Sub connection: {_describe(self._lost)}"
-            ) from self._lost
+        while not self._pending:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._lost is not None:
+                raise BackendUnavailable(
+                    f"lost the Pub/Sub connection: {_describe(self._lost)}"
+                ) from self._lost
+            self._taken = 0
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        self._taken += 1
+        if self._taken >= self._BURST:
+            self._taken = 0
+            await trio.lowlevel.checkpoint()
+        return self._pending.popleft()
 
 
 class _SlotMoved(Exception):
     """The server unsubscribed a shard channel by itself: its slot moved to another node."""
 
 
+#: Redis's words for a message and for the acknowledgements, classic and sharded
+_MESSAGES = frozenset({"message", "smessage"})
+_SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
+_UNSUBSCRIBED = frozenset({"unsubscribe", "sunsubscribe"})
+
+
 class _Connection:
-    """One coredis Pub/Sub connection of a :class:`RedisSubscription`, to one node."""
+    """One Pub/Sub connection of a :class:`RedisSubscription`, to one node (:mod:`.resp`).
+
+    Its task reads what Redis pushes and hands the messages that arrived together over as one
+    list. The subscriber's tasks write (SUBSCRIBE, UNSUBSCRIBE, PING) in turns, and wait for
+    the acknowledgements the reader sees.
+    """
 
     def __init__(
         self,
-        client: coredis.Redis[str],
+        server: resp.Target,
         node: str,
-        send: trio.MemorySendChannel[tuple[str, str]],
+        deliver: Callable[[list[tuple[str, str]]], None],
         lose: Callable[[BaseException], None],
         *,
         timeout: float,
         ping_interval: float,
         sharded: bool,
     ) -> None:
-        self._client = client
+        self._server = server
         self._node = node
-        self._send = send
+        self._deliver = deliver
         self._lose = lose
-        kind: type[PubSub[str]] = _ShardedPubSub if sharded else PubSub[str]
-        self._pubsub = kind(
-            client.connection_pool,
-            retry_policy=None,
-            subscription_timeout=timeout,
-            unsubscription_timeout=timeout,
-            # a silent connection is checked with a PING (answered within the stream timeout),
-            # so a paused or vanished server is noticed even when nothing is published
-            max_idle_seconds=ping_interval,
-        )
-        self._leaving: set[str] = set()  # shard channels we unsubscribe
+        self._timeout = timeout
+        self._ping_interval = ping_interval
+        self._sharded = sharded
+        self._connection: resp.Connection | None = None
+        self._closed = False
+        self._writing = trio.Lock()
+        self._subscribing: dict[str, trio.Event] = {}  # channel -> set once acknowledged
+        self._leaving: dict[str, trio.Event] = {}  # the same for UNSUBSCRIBE
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Hold the connection open and pass its messages on, until cancelled or lost."""
-        opened = False
+        """Hold the connection open and pass its messages on, until cancelled or lost.
+
+        A connection silent for ``ping_interval`` is sent a PING, which must be answered
+        within the timeout, so a paused or vanished server is noticed even when nothing is
+        published.
+        """
+        self._connection = connection = await resp.connect(self._server)
+        task_status.started()
         try:
-            async with self._client, self._pubsub:
-                task_status.started()
-                opened = True
-                while True:
-                    message = await self._pubsub.get_message()
-                    if message is None:
-                        continue
-                    kind, channel = message["type"], message["channel"]
-                    assert isinstance(channel, str)  # decode_responses=True
-                    if kind == "message":
-                        data = message["data"]
-                        assert isinstance(data, str)
-                        await self._send.send((channel, data))
-                    elif kind == "sunsubscribe" and channel not in self._leaving:
-                        raise _SlotMoved(f"{self._node} unsubscribed {channel}: its slot moved")
-                    else:
-                        self._leaving.discard(channel)
-        except* (*_UNAVAILABLE, _SlotMoved) as group:
-            if not opened:
-                raise
-            self._lose(group)
-        except* trio.BrokenResourceError:
-            pass  # the subscription was lost through another connection
+            silence = self._ping_interval
+            while True:
+                with trio.move_on_after(silence) as quiet:
+                    pushed = await connection.receive()
+                if not quiet.cancelled_caught:
+                    silence = self._ping_interval
+                    if messages := self._read(pushed):
+                        self._deliver(messages)
+                elif silence == self._ping_interval:
+                    await self._write([["PING"]])
+                    silence = self._timeout
+                else:
+                    raise trio.TooSlowError(f"no answer to PING in {self._timeout}s")
+        except* (*_UNAVAILABLE, _SlotMoved, ResponseError) as group:
+            if not self._closed:  # (closed by the subscription: it ends, nothing is lost)
+                self._lose(group)
         finally:
-            self._send.close()
+            connection.close()
+
+    def _read(self, pushed: list[Any]) -> list[tuple[str, str]]:
+        """The messages among ``pushed``; acknowledgements are noted."""
+        messages: list[tuple[str, str]] = []
+        for push in pushed:
+            if isinstance(push, ResponseError):
+                raise push  # e.g. MOVED: SSUBSCRIBE on a node that no longer owns the slot
+            if not isinstance(push, list):
+                continue  # PONG, to a PING before the first SUBSCRIBE
+            kind, channel = push[0], push[1]
+            if kind in _MESSAGES:
+                messages.append((channel, push[2]))
+            elif kind in _SUBSCRIBED:
+                if (event := self._subscribing.pop(channel, None)) is not None:
+                    event.set()
+            elif kind in _UNSUBSCRIBED:
+                if (event := self._leaving.pop(channel, None)) is not None:
+                    event.set()
+                elif kind == "sunsubscribe":
+                    raise _SlotMoved(f"{self._node} unsubscribed {channel}: its slot moved")
+        return messages
+
+    async def _write(self, commands: list[list[resp.Arg]]) -> None:
+        assert self._connection is not None
+        async with self._writing:
+            await self._connection.send(commands)
+
+    def _commands(self, verb: str, channels: list[str]) -> list[list[resp.Arg]]:
+        """``verb`` (SUBSCRIBE or UNSUBSCRIBE) of ``channels``; on a cluster node, the shard
+        channels are SSUBSCRIBEd (or SUNSUBSCRIBEd), one command per slot."""
+        if not self._sharded:
+            return [[verb, *channels]]
+        classic: list[resp.Arg] = [c for c in channels if not is_shard_channel(c)]
+        slots: dict[int, list[resp.Arg]] = {}
+        for channel in channels:
+            if is_shard_channel(channel):
+                slots.setdefault(hash_slot(channel), []).append(channel)
+        commands = [[verb, *classic]] if classic else []
+        return commands + [["S" + verb, *mine] for mine in slots.values()]
+
+    async def _ask(
+        self, verb: str, channels: list[str], waiting: dict[str, trio.Event]
+    ) -> list[str]:
+        """Send ``verb`` for ``channels`` and wait for their acknowledgements; the channels
+        still unacknowledged after the timeout."""
+        events = [waiting.setdefault(channel, trio.Event()) for channel in channels]
+        with trio.move_on_after(self._timeout):
+            await self._write(self._commands(verb, channels))
+            for event in events:
+                await event.wait()
+        return [channel for channel in channels if channel in waiting]
 
     def close(self) -> None:
-        self._pubsub.connection.invalidate()
+        """Close the connection at once: Redis drops its subscriptions without a word."""
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
 
     async def subscribe(self, channels: list[str]) -> None:
         with unavailable(f"cannot subscribe at {self._node}"):
-            await self._pubsub.subscribe(*channels)
+            if missing := await self._ask("SUBSCRIBE", channels, self._subscribing):
+                raise trio.TooSlowError(f"no acknowledgement of SUBSCRIBE {missing[0]}")
 
     async def unsubscribe(self, channels: list[str]) -> None:
-        self._leaving.update(channels)
         with unavailable(f"cannot unsubscribe at {self._node}"):
-            await self._pubsub.unsubscribe(*channels)
-        # coredis only logs a missing acknowledgement; a channel still listed had none
-        if not self._pubsub.channels.keys().isdisjoint(channels):
-            raise BackendUnavailable(f"no acknowledgement of UNSUBSCRIBE from {self._node}")
-
-
-class _ShardedPubSub(PubSub[str]):
-    """coredis's single-connection Pub/Sub, on a cluster node: room and control channels are
-    shard channels (SSUBSCRIBE, one command per slot), the others classic ones.
-
-    coredis's own sharded Pub/Sub holds every master of its slot map at once and does not
-    survive a failover (docs/cluster-notes.md); this one speaks to one node, and its owner
-    replaces it when the node goes.
-    """
-
-    def _execute_command(self, command: bytes, *args: RedisValueT) -> None:
-        shard: dict[bytes, bytes] = {
-            CommandName.SUBSCRIBE: CommandName.SSUBSCRIBE,
-            CommandName.UNSUBSCRIBE: CommandName.SUNSUBSCRIBE,
-        }
-        if command not in shard or not args:
-            super()._execute_command(command, *args)
-            return
-        classic = [a for a in args if not is_shard_channel(str(a))]
-        if classic:
-            super()._execute_command(command, *classic)
-        slots: dict[int, list[RedisValueT]] = {}
-        for channel in args:
-            if is_shard_channel(str(channel)):
-                slots.setdefault(hash_slot(str(channel)), []).append(channel)
-        for channels in slots.values():
-            super()._execute_command(shard[command], *channels)
+            if await self._ask("UNSUBSCRIBE", channels, self._leaving):
+                raise BackendUnavailable(f"no acknowledgement of UNSUBSCRIBE from {self._node}")
 
 
 @asynccontextmanager

@@ -123,14 +123,28 @@ class Connection:
                 not RESP, or answered that it cannot serve (``LOADING``).
             trio.BrokenResourceError, OSError: the connection broke.
         """
-        await self._stream.send_all(pack(commands))
+        await self.send(commands)
         replies: list[Any] = []
         while len(replies) < len(commands):
+            replies += await self.receive(len(commands) - len(replies))
+        return replies
+
+    async def send(self, commands: Sequence[Sequence[Arg]]) -> None:
+        """Write ``commands``; one task at a time (trio raises BusyResourceError otherwise)."""
+        await self._stream.send_all(pack(commands))
+
+    async def receive(self, most: int = 1 << 30) -> list[Any]:
+        """At least one reply, and at most ``most``: those that came together (a Pub/Sub
+        connection's messages arrive so). Raises as :meth:`round_trip`."""
+        replies: list[Any] = []
+        while len(replies) < most:
             try:
                 parsed = self._parser.parse(True, "utf-8")
             except InvalidResponse as exc:
                 raise RedisConnectionError(f"not RESP: {exc}") from exc
             if isinstance(parsed, NotEnoughData):
+                if replies:
+                    break
                 data = await self._stream.receive_some(_RECEIVE)
                 if not data:
                     raise RedisConnectionError("Redis closed the connection")
