@@ -408,16 +408,17 @@ class RedisBackend:
         queued = _Queued(batch, each)
         self._queued.append(queued)
         self._wake.set()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._timeout):
-                await queued.done.wait()
-            if not queued.done.is_set():
-                if not queued.taken:
-                    queued.abandoned = True
-                    raise BackendUnavailable(
-                        f"Redis at {self.url}: not sent within {self._timeout}s (busy)",
-                        sent=False,
-                    )
+        # (one scope, shielded and bounded: this runs for every batch)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self._timeout):
+            await queued.done.wait()
+        if not queued.done.is_set():
+            if not queued.taken:
+                queued.abandoned = True
+                raise BackendUnavailable(
+                    f"Redis at {self.url}: not sent within {self._timeout}s (busy)",
+                    sent=False,
+                )
+            with trio.CancelScope(shield=True):
                 await queued.done.wait()  # bounded: the pipeline has its own timeout
         if queued.error is not None:
             raise queued.error
