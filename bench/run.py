@@ -83,6 +83,8 @@ from _run.systems import (
     trio_chat_server,
 )
 from _run.workloads import (
+    B_PEAK_RATES,
+    b_passed,
     describe_connects,
     describe_handshakes,
     one_pass,
@@ -154,12 +156,22 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="A: seconds per rate (10)")
     parser.add_argument("--drain", type=float, default=2.0, help="A/B: seconds after last send (2)")
     parser.add_argument("--subscribers", type=int, default=400, help="A: subscribers (400)")
-    parser.add_argument("--rooms", type=int, help="B: rooms (500)")
+    parser.add_argument(
+        "--rooms",
+        help="B: rooms (500); a list runs B once per count (how the cost grows with the work)",
+    )
     parser.add_argument("--members", type=int, default=4, help="B: members per room (4)")
     parser.add_argument(
         "--member-rate", default="1", help="B: msg/s per member; a list runs B once per rate (1)"
     )
     parser.add_argument("--room-duration", type=float, help="B: seconds of sending (10)")
+    parser.add_argument(
+        "--b-peak",
+        action="store_true",
+        help=f"B: also climb the member rates {B_PEAK_RATES} at the first --rooms count, each "
+        "system until a rate loses a message or has p99 >= --p99-limit; the report gives "
+        "the highest rate that passed",
+    )
     parser.add_argument(
         "--rooms-traffic",
         action="store_true",
@@ -307,7 +319,7 @@ def main() -> int:
     for name in wanted:
         if name not in ("A", "B", "C", "D"):
             parser.error(f"unknown workload {name}")
-    workloads = [key for name in wanted for key in plans if key.split("@")[0] == name]
+    workloads = [key for name in wanted for key in plans if key[0] == name]
     for name in systems:
         if name not in SYSTEMS:
             parser.error(f"unknown system {name}")
@@ -336,13 +348,31 @@ def main() -> int:
     }
     cluster_results: dict[str, dict[str, dict[str, object]]] = {"trio": {}}
     failed: list[str] = []
+
+    def past_peak(name: str, system: str, redis: str) -> bool:
+        """A lower member rate of the same B failed the peak's limits for this system."""
+        rooms, rate = name[1:].split("@")
+        done = (cluster_results if redis == "cluster" else results).get(system, {})
+        return any(
+            key.startswith(f"B{rooms}@")
+            and float(key.split("@")[1]) < float(rate)
+            and not b_passed(result, args.p99_limit)
+            for key, result in done.items()
+        ) or any(
+            f"{system_label(system)} on {REDIS_LABELS[redis]} B{rooms}@" in failure
+            for failure in failed
+        )
+
     for name in workloads:
         workload, options = plans[name]
         for system in systems:
             for redis in redis_modes if system == "trio" else ["single"]:
                 where = f"{system_label(system)} on {REDIS_LABELS[redis]} {name}"
+                if args.b_peak and name.startswith("B") and past_peak(name, system, redis):
+                    print(f"\n== {where}: skipped, a lower rate failed", file=sys.stderr)
+                    continue
                 try:
-                    budget = budgets[name.split("@")[0]]
+                    budget = budgets[name[0]]
                     result = one_pass(system, workload, options, budget, logs, redis=redis)
                     (cluster_results if redis == "cluster" else results)[system][name] = result
                 except BenchError as exc:

@@ -76,6 +76,35 @@ def peak(steps: list[dict[str, object]], p99_limit: float) -> object:
     return max(good) if good else None  # type: ignore[type-var]
 
 
+def cpu_per_send(result: dict[str, object]) -> float | None:
+    """B: server CPU microseconds per message sent (every member sends at the member rate)."""
+    cores, rooms, members = result.get("server_cpu"), result.get("rooms"), result.get("members")
+    rate = result.get("member_rate")
+    if not all(isinstance(v, (int, float)) for v in (cores, rooms, members, rate)):
+        return None
+    return round(cores / (rooms * members * float(rate)) * 1e6)  # type: ignore[operator]
+
+
+def b_peak(
+    results: dict[str, dict[str, dict[str, object]]],
+    result: dict[str, object],
+    keys: list[str],
+    p99_limit: float,
+) -> object:
+    """The highest member rate among B passes ``keys`` of the system ``result`` belongs to
+    that lost nothing with p99 under the limit (None when none did)."""
+    system = next(s for s, by in results.items() if result in by.values())
+    good = [
+        float(key.split("@")[1])
+        for key in keys
+        if key in results[system]
+        and results[system][key].get("lost") == 0
+        and isinstance(p99 := results[system][key].get("p99_ms"), (int, float))
+        and p99 < p99_limit
+    ]
+    return max(good) if good else None
+
+
 def present(results: dict[str, dict[str, dict[str, object]]]) -> list[str]:
     """The systems with results, in SYSTEMS' order (trio-chat first)."""
     return [s for s in SYSTEMS if results.get(s)]
@@ -138,7 +167,7 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         )
     b_keys = sorted(
         {k for r in results.values() for k in r if k.startswith("B")},
-        key=lambda k: -float(k.split("@")[1]) if "@" in k else 0,
+        key=lambda k: (int(k[1:].split("@")[0]), -float(k.split("@")[1])),
     )
     for key in b_keys:
         any_b = cast("dict[str, Any]", first(results, key))
@@ -152,7 +181,19 @@ def table(results: dict[str, dict[str, dict[str, object]]], p99_limit: float) ->
         row(label, "max ms", key, lambda r: r.get("max_ms"), "↓")
         row(label, "lost msgs", key, lambda r: r.get("lost"), "↓")
         row(label, "server CPU s/s", key, lambda r: r.get("server_cpu"), "↓")
+        row(label, "server CPU µs/send", key, cpu_per_send, "↓")
         row(label, "Redis CPU s/s", key, lambda r: r.get("redis_cpu"), "↓")
+    for rooms in sorted({int(k[1:].split("@")[0]) for k in b_keys}):
+        mine = [k for k in b_keys if k.startswith(f"B{rooms}@")]
+        if len(mine) < 2:
+            continue
+        row(
+            f"B peak, {rooms} rooms (0 loss, p99 < {p99_limit:g} ms)",
+            "msg/s per member",
+            mine[0],
+            lambda r, mine=mine: b_peak(results, r, mine, p99_limit),
+            "↑",
+        )
     if (any_c := first(results, "C")) is not None:
         label = f"C {any_c['connections']:,} idle, {any_c['concurrency']} in flight"
         row(label, "connections opened/s", "C", lambda r: r.get("opened_per_s"), "↑")
@@ -335,7 +376,7 @@ def conditions(results: dict[str, dict[str, dict[str, object]]]) -> str:
                 if workload == "A":
                     where = f"A {part['rate']}/s"
                 elif workload.startswith("B"):
-                    where = f"B {part['member_rate']}/s each"
+                    where = f"B {part['rooms']} rooms, {part['member_rate']}/s each"
                 elif workload == "D":
                     where = "D opening + joining"
                 else:

@@ -182,6 +182,21 @@ def one_pass(
     return result
 
 
+#: B's member rates climbed by --b-peak (msg/s per member)
+B_PEAK_RATES = "0.5,1,2,4,8"
+
+
+def b_key(rooms: int, member_rate: float) -> str:
+    """The plan key of one B pass: ``B<rooms>@<member rate>``."""
+    return f"B{rooms}@{member_rate:g}"
+
+
+def b_passed(result: dict[str, object], p99_limit: float) -> bool:
+    """A B pass within the peak's limits: nothing lost, p99 under ``p99_limit``."""
+    p99 = result.get("p99_ms")
+    return result.get("lost") == 0 and isinstance(p99, (int, float)) and p99 < p99_limit
+
+
 def plan(
     args: argparse.Namespace,
 ) -> tuple[dict[str, tuple[str, dict[str, object]]], dict[str, float], dict[str, object]]:
@@ -221,18 +236,25 @@ def plan(
             },
         ),
     }
-    for member_rate in str(args.member_rate).split(","):
-        plans[f"B@{member_rate}"] = (
-            "rooms",
-            {
-                **common,
-                "rooms": rooms,
-                "members": args.members,
-                "member-rate": member_rate,
-                "duration": room_duration,
-                "drain": args.drain,
-                **({"rooms-traffic": "both"} if args.rooms_traffic else {}),
-            },
+    counts = str(rooms).split(",")
+    passes = [(count, rate) for count in counts for rate in str(args.member_rate).split(",")]
+    if args.b_peak:  # the climb, at the first room count
+        passes += [(counts[0], rate) for rate in B_PEAK_RATES.split(",")]
+    for count, member_rate in passes:
+        plans.setdefault(
+            b_key(int(count), float(member_rate)),
+            (
+                "rooms",
+                {
+                    **common,
+                    "rooms": count,
+                    "members": args.members,
+                    "member-rate": member_rate,
+                    "duration": room_duration,
+                    "drain": args.drain,
+                    **({"rooms-traffic": "both"} if args.rooms_traffic else {}),
+                },
+            ),
         )
     n_rates = len(rates.split(","))
     budgets = {
