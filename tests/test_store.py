@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -611,6 +612,31 @@ async def test_opening_an_unreachable_redis_fails_naming_it(redis_server, url, s
         await open_and_close(open_backend(url.format(**where), command_timeout=1))
     assert shown.format(**where) in str(info.value)
     assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"!not a RESP type\r\n", "not RESP"),
+        (b"-LOADING Redis is loading the dataset in memory\r\n", "loading"),
+        (b"", "closed the connection"),
+    ],
+)
+async def test_a_server_that_does_not_speak_redis_is_unavailable(answer, said):
+    # what a port that is not Redis (or a Redis still loading) answers to the handshake's PING
+    async def serve(stream):
+        async with stream:
+            await stream.receive_some()
+            if answer:
+                await stream.send_all(answer)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(TIME_LIMIT), pytest.raises(BackendUnavailable, match=said) as info:
+            await open_and_close(open_backend(f"redis://127.0.0.1:{port}/0", command_timeout=1))
+        assert not info.value.sent  # the handshake failed: nothing of a batch was written
+        nursery.cancel_scope.cancel()
 
 
 # --- Redis going away

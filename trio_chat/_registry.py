@@ -184,8 +184,8 @@ async def renew(
 ) -> None:
     """One heartbeat round: the instance's records, then every local session's, ``batch_size``
     sessions per round trip, the round trips spaced over ``spread`` seconds. Small batches,
-    spread out, keep each pipeline's CPU (coredis spends 15-25 µs per command, building and
-    reading) from stalling every socket of the instance at once, every round."""
+    spread out, keep each pipeline's CPU (packing and reading a few µs per command) from
+    stalling every socket of the instance at once, every round."""
     config = hub.config
     ttl = config.session.ttl
     instance = Batch()

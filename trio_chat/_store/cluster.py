@@ -2,7 +2,7 @@
 
 coredis 6.9's cluster client does not survive a failover: its pipelines keep the old slot map,
 and its sharded Pub/Sub goes silent on every shard when one master dies (measured in
-docs/cluster-notes.md). So this backend routes by itself, over coredis's single-node clients:
+docs/cluster-notes.md). So this backend routes by itself, over single-node connections:
 
 - **Batches.** A batch is split by the slot of each command's key (a command on several keys,
   one command per key); each master's share goes to a :class:`~trio_chat._store.redis.RedisBackend`

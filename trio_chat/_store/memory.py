@@ -284,7 +284,7 @@ class _MemorySubscription:
     """A subscriber's channels and the messages published to them since it subscribed.
 
     The buffer is unbounded so that a publisher never blocks (nor waits for a slow reader), like
-    coredis's buffer behind a Redis subscription: the reader, one per instance, must keep up.
+    the buffer behind a Redis subscription: the reader, one per instance, must keep up.
     """
 
     def __init__(self) -> None:

@@ -1,10 +1,11 @@
-"""The Redis backend, over coredis (an anyio-based client that runs on trio).
+"""The Redis backend: our own RESP connections (:mod:`.resp`), with coredis's URL parsing,
+parser and error classes.
 
-A batch is one non-transactional pipeline on a pooled connection; a subscription is a connection
-of its own. Every round trip is bounded by ``command_timeout``, and every way of not getting an
-answer (connection refused or lost, timeout, a paused server) becomes
-:class:`~trio_chat._errors.BackendUnavailable`. Nothing retries in the background: the next call
-after a failure connects again, so the backend recovers by itself once Redis is back.
+A batch is one non-transactional pipeline on the backend's connection; a subscription is a
+connection of its own. Every round trip is bounded by ``command_timeout``, and every way of not
+getting an answer (connection refused or lost, timeout, a paused server) becomes
+:class:`~trio_chat._errors.BackendUnavailable`. Nothing retries in the background: the next
+call after a failure connects again, so the backend recovers by itself once Redis is back.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ if TYPE_CHECKING:
     from .interface import Batch, Command
     from .resp import Arg
 
-# What "Redis did not answer" looks like: coredis's ConnectionError (also raised for a server
-# still loading its data), OSError (TimeoutError is one), our own trio.fail_after, and anyio's
-# stream errors, which coredis lets through when a connection closes under a pending command
-# (its Pub/Sub cleanup, racing the close, is one).
+# What "Redis did not answer" looks like: coredis's ConnectionError (ours for a connection Redis
+# closed or that could not be made, and a server still loading its data), OSError (TimeoutError
+# is one), our own trio.fail_after, trio's stream errors, and anyio's, which coredis lets
+# through (the cluster's slot map is still read by a coredis client).
 _UNAVAILABLE = (
     RedisConnectionError,
     OSError,
