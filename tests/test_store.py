@@ -20,6 +20,7 @@ from trio_chat._store.backends import open_backend
 from trio_chat._store.interface import Batch
 from trio_chat._store.memory import MemoryBackend
 from trio_chat._store.redis import RedisBackend, open_redis_backend
+from trio_chat._store.resp import pack
 
 TIME_LIMIT = 5  # seconds, for any one test
 
@@ -894,3 +895,20 @@ async def test_memory_sweeps_expired_keys_nobody_reads(autojump_clock):
     await trio.sleep(2)
     await backend.execute(Batch())
     assert not backend._keyspace._values  # private, but it is what would leak
+
+
+def test_commands_are_packed_as_resp2_bulk_strings():
+    packed = pack(
+        [
+            ["ZADD", "z", 1.5, b"\xffm"],
+            ["EXPIRE", "z", 10],
+            ["ZRANGEBYSCORE", "z", -math.inf, math.inf],
+        ]
+    )
+    assert packed == (
+        b"*4\r\n$4\r\nZADD\r\n$1\r\nz\r\n$3\r\n1.5\r\n$2\r\n\xffm\r\n"
+        b"*3\r\n$6\r\nEXPIRE\r\n$1\r\nz\r\n$2\r\n10\r\n"
+        b"*4\r\n$13\r\nZRANGEBYSCORE\r\n$1\r\nz\r\n$4\r\n-inf\r\n$3\r\ninf\r\n"
+    )
+    # a non-ASCII string is counted in bytes
+    assert pack([["PUBLISH", "c", "é"]]).endswith(b"$2\r\n\xc3\xa9\r\n")

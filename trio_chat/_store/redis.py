@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
@@ -59,8 +59,6 @@ _UNAVAILABLE = (
     trio.BrokenResourceError,  # our own connections' (.resp)
     trio.ClosedResourceError,  # ... and one that was closed meanwhile (lost or given up)
 )
-
-_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +378,8 @@ class RedisBackend:
         if missing := [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]:
             scripts = sorted({_SCRIPTS[_script_of(commands[n])] for n in missing})
             loading: list[list[resp.Arg]] = [["SCRIPT", "LOAD", script] for script in scripts]
-            again = await self._round_trip(loading + [requests[n] or [] for n in missing])
+            retried = [request for n in missing if (request := requests[n]) is not None]
+            again = await self._round_trip(loading + retried)
             for reply in again[: len(scripts)]:
                 if isinstance(reply, ResponseError):
                     raise reply
@@ -757,17 +756,17 @@ class _Connection:
         self._connection = connection = await resp.connect(self._server)
         task_status.started()
         try:
-            silence = self._ping_interval
+            pinged = False
             while True:
-                with trio.move_on_after(silence) as quiet:
+                with trio.move_on_after(self._timeout if pinged else self._ping_interval) as quiet:
                     pushed = await connection.receive()
                 if not quiet.cancelled_caught:
-                    silence = self._ping_interval
+                    pinged = False
                     if messages := self._read(pushed):
                         self._deliver(messages)
-                elif silence == self._ping_interval:
+                elif not pinged:
                     await self._write([["PING"]])
-                    silence = self._timeout
+                    pinged = True
                 else:
                     raise trio.TooSlowError(f"no answer to PING in {self._timeout}s")
         except* (*_UNAVAILABLE, _SlotMoved, ResponseError) as group:

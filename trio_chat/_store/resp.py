@@ -1,17 +1,17 @@
-"""One connection to Redis spoken to directly: commands packed in RESP2, replies read by
-coredis's parser, on a trio stream, with no task of its own.
+"""Connections to Redis spoken to directly: commands packed in RESP2, replies read by
+coredis's parser, on a trio stream, in the task that waits for them.
 
-This is the batch path of :class:`~trio_chat._store.redis.RedisBackend`, where coredis's
-pipelines cost more than the round trip they make: each one builds a command object per
-command through its argument checks, opens an anyio task group and a cancel scope, and hands
-the bytes to a writer task and the replies back from a reader task, three task switches and
-~0.2 ms of CPU per pipeline (bench/README "Round 4"). Here the caller's own task writes the
-packed pipeline and reads its replies. The URL is still read by coredis (:func:`target`), its
-parser reads the replies (compiled, with its error classes: ``MOVED``, ``NOSCRIPT``...), and
-Pub/Sub stays on coredis.
+These carry the batches of :class:`~trio_chat._store.redis.RedisBackend` and its Pub/Sub, where
+coredis's own paths cost more than the round trips they make: a coredis pipeline builds a
+command object per command through its argument checks, opens an anyio task group and cancel
+scopes, and hands the bytes to a writer task and the replies back from a reader task (three task
+switches and ~0.3 ms of CPU per pipeline), and its PubSub hands each message over two more
+(bench/README "Round 4"). The URL is still read by coredis (:func:`target`), and its compiled
+parser reads the replies, with its error classes (``MOVED``, ``NOSCRIPT``, ``WRONGTYPE``...).
 
-A connection has one user at a time, and a round trip that did not end (a timeout, a
-cancellation, a lost connection) leaves it unusable: its owner closes it and opens another.
+A connection has one reader and one writer at a time, and a round trip that did not end (a
+timeout, a cancellation, a lost connection) leaves it unusable: its owner closes it and opens
+another.
 """
 
 from __future__ import annotations
