@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server chromium systemd-analyze clean bench soak
+.PHONY: run test lint typecheck check redis-server chromium systemd-analyze prometheus clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,14 @@ systemd-analyze:
 	  echo "systemd-analyze not found: installing Debian's systemd"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
 
-test: $(STAMP) redis-server chromium systemd-analyze
+# tests/test_prometheus.py checks config/prometheus with promtool and scrapes two instances
+# with a real Prometheus (Debian's prometheus brings both).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  echo "prometheus not found: installing Debian's prometheus"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: $(STAMP) redis-server chromium systemd-analyze prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -497,3 +497,27 @@ async def test_metrics_move_as_traffic_flows(redis_server, nursery):
     grew("trio_chat_publish_seconds_count", 5)
     assert during["trio_chat_connections"] == 2
     assert during["trio_chat_sessions"] == 2
+
+
+async def test_redis_up_follows_the_heartbeat(redis_server, nursery):
+    config = make_config(
+        redis_server.url, admin=ADMIN, session={"ttl": 0.6}, redis={"command_timeout": 0.2}
+    )
+    server = await start(nursery, config)
+
+    async def redis_up() -> float:
+        return _samples((await http.get("/metrics")).text)["trio_chat_redis_up"]
+
+    async def until(value: float) -> None:
+        while await redis_up() != value:
+            await trio.sleep(0.05)
+
+    with trio.fail_after(10):
+        async with admin_client(server, key=None) as http:
+            assert await redis_up() == 1
+            redis_server.pause()
+            try:
+                await until(0)  # the next heartbeat round (every 0.2 s) could not reach Redis
+            finally:
+                redis_server.resume()
+            await until(1)

@@ -27,6 +27,7 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 class FakeHub:
     sessions: dict[str, object] = attrs.Factory(dict)
     reconnects: int = 0
+    redis_up: bool = True
 
 
 def test_two_instances_do_not_clash_and_leave_the_global_registry_alone() -> None:
@@ -158,6 +159,9 @@ def test_connections_sessions_slow_consumers_and_reconnects() -> None:
     hub.sessions.update(a=1, b=2)
     hub.reconnects = 3
     metrics.slow_consumer()
+    assert value(metrics, "trio_chat_redis_up") == 1
+    hub.redis_up = False
+    assert value(metrics, "trio_chat_redis_up") == 0
     assert value(metrics, "trio_chat_sessions") == 2
     assert value(metrics, "trio_chat_redis_reconnects_total") == 3
     assert value(metrics, "trio_chat_slow_consumer_closes_total") == 1

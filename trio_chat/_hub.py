@@ -116,6 +116,8 @@ class Hub:
         self._received = 0  # Pub/Sub messages read, for telling a stale pump from a busy one
         #: Pub/Sub reconnections since start (lost or stale connections)
         self.reconnects = 0
+        #: whether the last heartbeat round reached the store (``trio_chat_redis_up``)
+        self.redis_up = True
         #: one task's worth of timers for every session (token expiry)
         self.timers = Timers()
         self._logout_waiters: dict[str, _Acknowledgements] = {}

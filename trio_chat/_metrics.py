@@ -157,6 +157,9 @@ class HubLike(Protocol):
     @property
     def reconnects(self) -> int: ...
 
+    @property
+    def redis_up(self) -> bool: ...
+
 
 class ClusterLike(Protocol):
     """What :meth:`Metrics.bind_cluster` reads from a cluster backend at scrape time."""
@@ -248,6 +251,11 @@ class Metrics:
             buckets=HOOK_BUCKETS,
             registry=registry,
         )
+        self.redis_up = Gauge(
+            "trio_chat_redis_up",
+            "1 when this instance's last heartbeat round reached Redis, 0 when it could not",
+            registry=registry,
+        )
         self._reconnects = _CallbackCounter(
             "trio_chat_redis_reconnects",
             "Pub/Sub reconnections since start (lost or stale connections)",
@@ -276,9 +284,11 @@ class Metrics:
     # --- wiring ------------------------------------------------------------------------------
 
     def bind_hub(self, hub: HubLike) -> None:
-        """Read ``trio_chat_sessions`` and ``trio_chat_redis_reconnects_total`` from ``hub``
-        at scrape time (``len(hub.sessions)``, ``hub.reconnects``)."""
+        """Read ``trio_chat_sessions``, ``trio_chat_redis_reconnects_total`` and
+        ``trio_chat_redis_up`` from ``hub`` at scrape time (``len(hub.sessions)``,
+        ``hub.reconnects``, ``hub.redis_up``)."""
         self.sessions.set_function(lambda: len(hub.sessions))
+        self.redis_up.set_function(lambda: 1 if hub.redis_up else 0)
         self._reconnects.source = lambda: hub.reconnects
 
     def bind_cluster(self, backend: ClusterLike) -> None:

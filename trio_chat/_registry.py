@@ -176,6 +176,9 @@ async def heartbeat(hub: Hub, port: int) -> None:
             await renew(hub, hub.backend, port, spread=interval / 2)
         except BackendUnavailable as exc:
             logger.warning("heartbeat: redis unreachable: %s", exc)
+            hub.redis_up = False
+        else:
+            hub.redis_up = True
         await trio.sleep(interval)
 
 
