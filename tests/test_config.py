@@ -384,3 +384,11 @@ def test_cli_token_carries_the_rooms_and_publish_claims() -> None:
     assert (claims["rooms"], claims["publish"]) == (["talk-*", "news"], ["talk-*"])
     silent = run_cli("token", "bob", "--publish", env=env)  # may post nowhere
     assert jwt.decode(silent.stdout.strip(), "s" * 32, algorithms=["HS256"])["publish"] == []
+
+
+def test_trusted_proxies_are_networks() -> None:
+    config = load_config(env={"TRIO_CHAT_SERVER_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1, ::1"})
+    assert config.server.trusted_proxies == ("10.0.0.0/8", "192.0.2.1", "::1")
+    message = error_of(env={"TRIO_CHAT_SERVER_TRUSTED_PROXIES": "10.0.0.0/8,proxy.local"})
+    assert message.startswith("config error: server.trusted_proxies: ")
+    assert "'proxy.local' is not a network" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import ipaddress
 import json
 from contextlib import AsyncExitStack
 
@@ -13,7 +14,7 @@ from _chat import SECRET, make_config, make_token, open_backend, read_hash, snap
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from trio_chat._auth import AuthRecord
-from trio_chat._connection import ConnectionHandler
+from trio_chat._connection import ConnectionHandler, forwarded_client
 from trio_chat._hub import Hub
 from trio_chat._store.interface import Batch
 from trio_chat.client import ServerError, open_client
@@ -651,3 +652,39 @@ async def test_first_joins_at_once_share_subscribe_round_trips(redis_server, nur
                     assert (await chat.receive())["id"] == sent["id"]
     assert sum(first_joins) == len(rooms)
     assert len(first_joins) <= 4, first_joins  # 40 joins, a handful of round trips
+
+
+PROXIES = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "10.0.0.0/8")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("127.0.0.1", ["203.0.113.7"], "203.0.113.7"),
+        # what the client wrote itself (left of the last untrusted hop) proves nothing
+        ("127.0.0.1", ["6.6.6.6, 203.0.113.7, 10.1.2.3"], "203.0.113.7"),
+        ("10.0.0.5", ["6.6.6.6", "203.0.113.7"], "203.0.113.7"),  # two headers: one list
+        ("127.0.0.1", [" 2001:db8::1 "], "2001:db8::1"),
+        ("127.0.0.1", ["10.0.0.9, 10.0.0.8"], "10.0.0.9"),  # only proxies: the first
+        ("192.0.2.1", ["203.0.113.7"], None),  # a peer we do not trust: its header is ignored
+        ("127.0.0.1", [], None),
+        ("127.0.0.1", ["203.0.113.7, not-an-address"], None),
+    ],
+)
+def test_the_client_address_from_x_forwarded_for(peer, forwarded, client):
+    headers = [(b"host", b"chat"), *((b"X-Forwarded-For", v.encode()) for v in forwarded)]
+    assert forwarded_client(peer, headers, PROXIES) == client
+
+
+async def test_a_trusted_proxy_names_the_session_remote_and_no_one_else_does(redis_server, nursery):
+    proxied = await start(
+        nursery, make_config(redis_server.url, "inst-1", server={"trusted_proxies": ["127.0.0.1"]})
+    )
+    direct = await start(nursery, make_config(redis_server.url, "inst-2"))
+    header = [("X-Forwarded-For", "198.51.100.4, 203.0.113.7")]
+    async with open_backend(redis_server.url, command_timeout=1) as backend:
+        for server, remote in ((proxied, "203.0.113.7"), (direct, "127.0.0.1:")):
+            async with open_client(server.url, make_token("alice"), headers=header) as chat:
+                record = await read_hash(backend, f"ws:session:{chat.welcome['session_id']}")
+                assert record["remote"].startswith(remote), record["remote"]
+                assert record["remote"] != "198.51.100.4"

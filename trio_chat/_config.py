@@ -8,6 +8,7 @@ naming the key.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import logging
 import os
@@ -82,6 +83,14 @@ def _jwt_algorithms(
             )
 
 
+def _networks(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not a network (an address or a CIDR)") from None
+
+
 def _ws_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None and not value.startswith(("ws://", "wss://")):
         raise ValueError(f"must be a ws:// or wss:// URL, got {value!r}")
@@ -108,6 +117,9 @@ class ServerConfig:
     #: the WebSocket URL pages and demo tokens point clients to; None: ``ws://<host>:<port><path>``
     #: (behind a proxy, set the public one)
     public_url: str | None = attrs.field(default=None, validator=_ws_url)
+    #: networks (CIDR) of the proxies in front: from a peer in one of them, the session's
+    #: ``remote`` is the client's address in ``X-Forwarded-For``
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
 
 
 @attrs.frozen(kw_only=True)

@@ -8,6 +8,7 @@ session's records are removed in a shielded, time-bounded ``finally``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -146,6 +147,9 @@ class ConnectionHandler:
         # a failover of a Redis Cluster can fork a room's history (_store.history.recover)
         self._forks = isinstance(hub.backend, ClusterBackend)
         self.verifier = verifier
+        self._proxies = [
+            ipaddress.ip_network(entry, strict=False) for entry in config.server.trusted_proxies
+        ]
         self.metrics = hub.metrics
         #: the application's hooks (SPEC §14); None: nothing is asked
         self.hooks = hooks
@@ -165,7 +169,7 @@ class ConnectionHandler:
                 logger.exception("connection handler failed")
 
     async def _serve(self, request: WebSocketRequest) -> None:
-        remote = _remote(request)
+        remote = _remote(request, self._proxies)
         try:
             info = HandshakeInfo.from_request(
                 request.path, request.headers, request.proposed_subprotocols
@@ -983,12 +987,52 @@ def _too_big(raw: str | bytes, limit: int) -> bool:
     return len(raw) * 4 > limit and len(raw.encode("utf-8", "surrogatepass")) > limit
 
 
-def _remote(request: WebSocketRequest) -> str:
+def _remote(request: WebSocketRequest, proxies: Sequence[Network]) -> str:
+    """The peer as ``address:port``; from a trusted proxy, the client it names instead."""
     try:
         remote = request.remote
     except OSError:  # the client reset the connection before we looked (ENOTCONN)
         return "gone"
-    return str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+    if isinstance(remote, str):  # a unix socket
+        return remote
+    if proxies and (client := forwarded_client(str(remote.address), request.headers, proxies)):
+        return client
+    return f"{remote.address}:{remote.port}"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def forwarded_client(
+    peer: str, headers: Sequence[tuple[bytes, bytes]], proxies: Sequence[Network]
+) -> str | None:
+    """The client's address by ``X-Forwarded-For``, when ``peer`` is one of ``proxies``.
+
+    Each proxy appends the address it got the request from, so the list is read from the
+    right, and the first address that is not a trusted proxy is the client: anything left of
+    it was written by the client itself and proves nothing. None when the peer is not trusted,
+    the header is missing, or an entry read is not an IP address.
+    """
+    if not _within(peer, proxies):
+        return None
+    forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
+    hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return None
+        if not any(address in network for network in proxies):
+            return str(address)
+    return hops[0] if hops else None  # every hop a proxy of ours: the first one
+
+
+def _within(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in networks)
 
 
 async def _reject(request: WebSocketRequest, error: AuthError) -> None:
