@@ -43,4 +43,5 @@ from ._operations import PayloadTooLarge as PayloadTooLarge
 from ._server import Server as Server
 from ._server import serve as serve
 
+#: the one version source: pyproject.toml reads it, ``trio-chat --version`` prints it
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 
 import trio
 
+from .. import __version__
 from .._auth import NoSigningKey, mint_token
 from .._config import load_config
 from .._errors import BackendUnavailable, ConfigError, first_leaf
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-chat", description="Trio WebSocket chat server")
+    parser.add_argument("--version", action="version", version=f"trio-chat {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run one chat server instance")
