@@ -111,20 +111,20 @@ def test_verifier_needs_a_key_for_each_algorithm():
         TokenVerifier(AuthConfig(jwt_secret=SECRET, jwt_algorithms=("HS256", "RS256")))
 
 
-def test_verifier_accepts_and_reads_rooms():
+async def test_verifier_accepts_and_reads_rooms():
     verifier = TokenVerifier(AuthConfig(jwt_secret=SECRET))
-    identity = verifier.verify(make_token("alice", rooms=["team-*", "lobby"]))
+    identity = await verifier.verify(make_token("alice", rooms=["team-*", "lobby"]))
     assert identity.user_id == "alice"
     assert identity.may_join("team-red")
     assert identity.may_join("lobby")
     assert not identity.may_join("admins")
 
 
-def test_leeway_applies_to_expiry():
+async def test_leeway_applies_to_expiry():
     token = make_token("alice", ttl=-3)
-    assert TokenVerifier(AuthConfig(jwt_secret=SECRET, leeway=5)).verify(token)
+    assert await TokenVerifier(AuthConfig(jwt_secret=SECRET, leeway=5)).verify(token)
     with pytest.raises(AuthError) as info:
-        TokenVerifier(AuthConfig(jwt_secret=SECRET, leeway=0)).verify(token)
+        await TokenVerifier(AuthConfig(jwt_secret=SECRET, leeway=0)).verify(token)
     assert (info.value.status, info.value.code) == (401, "token_expired")
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
     from ._config import AuthConfig
+    from ._jwks import Jwks
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +123,18 @@ def origin_allowed(info: HandshakeInfo, config: AuthConfig) -> bool:
 class TokenVerifier:
     """Verifies JWTs with the configured algorithms and keys only (never ``none``).
 
+    The keys are ``auth.jwt_secret`` (HS*), and for RS*/PS*/ES*/EdDSA the PEM file
+    ``auth.jwt_public_key_file`` or the identity provider's key set ``jwks`` (from
+    ``auth.jwks_url``, :mod:`._jwks`), where the token's ``kid`` picks the key.
+
     Raises:
         ConfigError: at construction, when an allowed algorithm has no key configured.
     """
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, jwks: Jwks | None = None) -> None:
         self._config = config
-        self._keys: dict[str, Any] = {}
+        self._jwks = jwks
+        self._keys: dict[str, Any] = {}  # the static keys, by algorithm
         public_key: str | None = None
         if config.jwt_public_key_file is not None:
             try:
@@ -136,34 +142,49 @@ class TokenVerifier:
             except OSError as exc:
                 raise ConfigError(f"auth.jwt_public_key_file: cannot read: {exc}") from exc
         for alg in config.jwt_algorithms:
+            if alg not in _HMAC and jwks is not None:
+                continue  # the key set's
             key = config.jwt_secret if alg in _HMAC else public_key
             if not key:
                 which = "auth.jwt_secret" if alg in _HMAC else "auth.jwt_public_key_file"
                 raise ConfigError(f"{which}: required to verify {alg} tokens")
             self._keys[alg] = key
 
-    def verify(self, token: str) -> Identity:
+    async def verify(self, token: str) -> Identity:
         """Return the token's identity, or raise :class:`AuthError` (401)."""
-        return self.verify_claims(token)[0]
+        return (await self.verify_claims(token))[0]
 
-    def verify_claims(self, token: str) -> tuple[Identity, dict[str, Any]]:
+    async def verify_claims(self, token: str) -> tuple[Identity, dict[str, Any]]:
         """Return the token's identity and its verified claims, or raise :class:`AuthError`.
 
-        Only the header's ``alg`` is read before the signature is checked, and only to pick
-        one of the configured keys: ``kid``, ``jku``, ``x5u`` and ``jwk`` never choose a key,
-        and a ``crit`` header (extensions we would have to understand) refuses the token.
+        Only the header's ``alg`` (and, with a key set, its ``kid``) is read before the
+        signature is checked, and only to pick one of the configured keys: ``jku``, ``x5u``
+        and ``jwk`` never choose a key, and a ``crit`` header (extensions we would have to
+        understand) refuses the token. With a key set, an unknown ``kid`` may wait up to 2 s
+        for the set to be fetched again; before the first set, the answer is 503.
         """
-        config = self._config
         try:
             header = jwt.get_unverified_header(token)
-            alg = header.get("alg")
-            if not isinstance(alg, str) or alg not in self._keys:
-                raise AuthError(401, "invalid_token", "token algorithm not accepted")
-            if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension
-                raise AuthError(401, "invalid_token", "critical header extensions not supported")
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(401, "invalid_token", f"invalid token: {exc}") from exc
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._config.jwt_algorithms:
+            raise AuthError(401, "invalid_token", "token algorithm not accepted")
+        if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension
+            raise AuthError(401, "invalid_token", "critical header extensions not supported")
+        if alg in self._keys:
+            key = self._keys[alg]
+        else:
+            assert self._jwks is not None  # (every other algorithm has a static key)
+            key = await self._jwks.key(header.get("kid"), alg)
+        return self._decode(token, alg, key)
+
+    def _decode(self, token: str, alg: str, key: Any) -> tuple[Identity, dict[str, Any]]:
+        config = self._config
+        try:
             claims = jwt.decode(
                 token,
-                self._keys[alg],
+                key,
                 algorithms=[alg],
                 issuer=config.issuer,
                 audience=config.audience,

@@ -91,6 +91,11 @@ def _networks(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[str,
             raise ValueError(f"{entry!r} is not a network (an address or a CIDR)") from None
 
 
+def _http_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+
+
 def _ws_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None and not value.startswith(("ws://", "wss://")):
         raise ValueError(f"must be a ws:// or wss:// URL, got {value!r}")
@@ -136,6 +141,12 @@ class AuthConfig:
         default=("HS256",), converter=tuple, validator=[v.min_len(1), _jwt_algorithms]
     )
     jwt_public_key_file: str | None = None
+    #: an identity provider's JWKS (http/https): the keys of RS*/PS*/ES*/EdDSA tokens, by kid
+    jwks_url: str | None = attrs.field(default=None, validator=_http_url)
+    #: seconds between fetches of the key set
+    jwks_refresh: float = attrs.field(default=300.0, validator=_positive)
+    #: seconds at least between the fetches an unknown ``kid`` asks for
+    jwks_min_refetch: float = attrs.field(default=10.0, validator=_non_negative)
     issuer: str | None = None
     audience: str | None = None
     leeway: float = attrs.field(default=5.0, validator=_non_negative)
@@ -195,11 +206,6 @@ class AdminConfig:
     #: serve the demo chat page (/demo/) and its token endpoint: for trying it out, never in
     #: production (anyone who reaches the admin port gets a token for any user)
     demo: bool = False
-
-
-def _http_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
 
 
 def _hook_names(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -350,6 +356,9 @@ def load_config(
     if config.hooks.url is not None and not config.hooks.secret:
         source = sources.get("hooks.url", "in the configuration")
         raise _error("hooks.secret", "required with hooks.url", source)
+    if config.auth.jwks_url is not None and config.auth.jwt_public_key_file is not None:
+        source = sources.get("auth.jwks_url", "in the configuration")
+        raise _error("auth.jwks_url", "set auth.jwt_public_key_file or this, not both", source)
     return attrs.evolve(config, rooms=rooms) if rooms else config
 
 

@@ -320,7 +320,7 @@ class ConnectionHandler:
         if (opaque := opaque_session_id(token, config.auth)) is not None:
             identity = await self._resolve_session(opaque)
         else:
-            identity, claims = self.verifier.verify_claims(token)
+            identity, claims = await self.verifier.verify_claims(token)
         batch = Batch()
         record_fields = batch.hgetall(keys.auth(identity.user_id))
         live_sessions = batch.scard(keys.user_sessions(identity.user_id))
@@ -852,7 +852,7 @@ class ConnectionHandler:
         session.refreshes_in_flight += 1
         try:
             try:
-                identity = self.verifier.verify(message.token)
+                identity = await self.verifier.verify(message.token)
             except AuthError as exc:
                 raise self._end_expired(session, message.ref, exc.message) from exc
             if identity.user_id != session.user_id:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
 
     from ._config import Config
+    from ._jwks import Jwks
     from ._session import Session
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class Hub:
         self.reconnects = 0
         #: whether the last heartbeat round reached the store (``trio_chat_redis_up``)
         self.redis_up = True
+        #: the identity provider's key set, with ``auth.jwks_url`` (``/readyz`` waits for it)
+        self.jwks: Jwks | None = None
         #: one task's worth of timers for every session (token expiry)
         self.timers = Timers()
         self._logout_waiters: dict[str, _Acknowledgements] = {}

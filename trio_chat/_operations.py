@@ -558,7 +558,8 @@ async def readiness(hub: Hub) -> tuple[list[str], dict[str, object] | None]:
     Cluster the cluster's state as a master reports it (None elsewhere).
 
     ``redis_unreachable`` (a cheap EXISTS failed), ``pubsub_stale`` (the pump is reconnecting or
-    its probe did not come back), ``cluster_not_ok`` (a master says the cluster is not ``ok``:
+    its probe did not come back), ``signing_keys_missing`` (``auth.jwks_url``'s key set not
+    fetched yet), ``cluster_not_ok`` (a master says the cluster is not ``ok``:
     some slot has no master, e.g. during a failover), ``draining`` (shutting down).
     """
     reasons = []
@@ -575,6 +576,8 @@ async def readiness(hub: Hub) -> tuple[list[str], dict[str, object] | None]:
         cluster = await hub.backend.state()
         if cluster["state"] != "ok":
             reasons.append("cluster_not_ok")
+    if hub.jwks is not None and not hub.jwks.ready:
+        reasons.append("signing_keys_missing")
     if hub.draining:
         reasons.append("draining")
     return reasons, cluster

@@ -35,6 +35,7 @@ from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hooks import check_hooks, open_hooks
 from ._hub import Hub
+from ._jwks import Jwks
 from ._messages import DEFAULT_HISTORY_PAGE, JSONValue
 from ._metrics import Metrics
 from ._operations import Operator
@@ -187,7 +188,16 @@ async def serve(
             misconfigured.
         BackendUnavailable: the store is unreachable at start-up.
     """
-    verifier = TokenVerifier(config.auth)
+    auth = config.auth
+    jwks = None
+    if auth.jwks_url is not None:
+        jwks = Jwks(
+            auth.jwks_url,
+            auth.jwt_algorithms,
+            refresh=auth.jwks_refresh,
+            min_refetch=auth.jwks_min_refetch,
+        )
+    verifier = TokenVerifier(auth, jwks)
     check_hooks(config, hooks)
     instance_id = config.server.instance_id
     async with trio.open_nursery() as root:
@@ -195,6 +205,7 @@ async def serve(
         backend: Backend = await root.start(_hold_backend, config, release)
         metrics = Metrics()
         hub = Hub(config, backend, metrics)
+        hub.jwks = jwks
         metrics.bind_hub(hub)
         if isinstance(backend, ClusterBackend):
             metrics.bind_cluster(backend)
@@ -205,6 +216,8 @@ async def serve(
                 trio.open_nursery() as services,
             ):
                 await services.start(hub.run)
+                if jwks is not None:  # its first fetch goes on in the background: 503 until then
+                    await services.start(jwks.run)
                 handler = ConnectionHandler(config, hub, verifier, caller)
                 await _serve_connections(
                     config, hub, handler, services, handle_signals, notifier, task_status
