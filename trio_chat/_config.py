@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,21 @@ def _http_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str
         raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS context with the certificate chain ``cert`` and its private key ``key``.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, or they are no PEM certificate and key
+            that belong together.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load {cert} and {key}: {exc}") from None
+    return context
+
+
 def _ws_url(_inst: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None and not value.startswith(("ws://", "wss://")):
         raise ValueError(f"must be a ws:// or wss:// URL, got {value!r}")
@@ -125,6 +141,9 @@ class ServerConfig:
     #: networks (CIDR) of the proxies in front: from a peer in one of them, the session's
     #: ``remote`` is the client's address in ``X-Forwarded-For``
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
+    #: PEM certificate chain and key: the listener speaks ``wss://`` (reloaded on SIGHUP)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -206,6 +225,9 @@ class AdminConfig:
     #: serve the demo chat page (/demo/) and its token endpoint: for trying it out, never in
     #: production (anyone who reaches the admin port gets a token for any user)
     demo: bool = False
+    #: PEM certificate chain and key: the admin API speaks HTTPS
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def _hook_names(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -356,6 +378,18 @@ def load_config(
     if config.hooks.url is not None and not config.hooks.secret:
         source = sources.get("hooks.url", "in the configuration")
         raise _error("hooks.secret", "required with hooks.url", source)
+    for section in ("server", "admin"):
+        cert, key = getattr(config, section).tls_cert, getattr(config, section).tls_key
+        if (cert is None) != (key is None):
+            given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+            source = sources.get(f"{section}.{given}", "in the configuration")
+            raise _error(f"{section}.{missing}", f"required with {section}.{given}", source)
+        if cert is not None and key is not None:
+            try:
+                tls_context(cert, key)
+            except ConfigError as exc:
+                source = sources.get(f"{section}.tls_cert", "in the configuration")
+                raise _error(f"{section}.tls_cert", str(exc), source) from None
     if config.auth.jwks_url is not None and config.auth.jwt_public_key_file is not None:
         source = sources.get("auth.jwks_url", "in the configuration")
         raise _error("auth.jwks_url", "set auth.jwt_public_key_file or this, not both", source)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from trio_websocket import WebSocketServer
 from . import _reaper as reaper
 from . import _registry as registry
 from ._auth import TokenVerifier
+from ._config import tls_context
 from ._connection import CLEANUP_TIMEOUT, ConnectionHandler
 from ._errors import BackendUnavailable
 from ._hooks import check_hooks, open_hooks
@@ -71,11 +73,15 @@ class Server:
     admin_port: int | None = None
     admin_host: str = "127.0.0.1"
     _operator: Operator | None = attrs.field(default=None, repr=False, eq=False, alias="operator")
+    #: the WebSocket listener speaks TLS (``server.tls_cert``): ``wss://``
+    tls: bool = False
+    #: the admin listener speaks TLS (``admin.tls_cert``): ``https://``
+    admin_tls: bool = False
 
     @property
     def url(self) -> str:
         """The WebSocket URL clients connect to."""
-        return f"ws://{self.host}:{self.port}{self.path}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{self.path}"
 
     @property
     def admin_url(self) -> str | None:
@@ -83,7 +89,7 @@ class Server:
         if self.admin_port is None:
             return None
         host = f"[{self.admin_host}]" if ":" in self.admin_host else self.admin_host
-        return f"http://{host}:{self.admin_port}"
+        return f"{'https' if self.admin_tls else 'http'}://{host}:{self.admin_port}"
 
     @property
     def _ops(self) -> Operator:
@@ -278,10 +284,19 @@ async def _serve_connections(
     task_status: trio.TaskStatus[Server],
 ) -> None:
     """Accept until cancelled or signalled, then drain the connections (1001, deadline)."""
+    server = config.server
+    tls, reload = None, None
+    if server.tls_cert is not None and server.tls_key is not None:
+        tls = tls_context(server.tls_cert, server.tls_key)
+        reload = partial(_reload_on_sighup, tls, server.tls_cert, server.tls_key)
+    scheme = "ws" if tls is None else "wss"
     async with trio.open_nursery() as handlers:
         try:
             async with trio.open_nursery() as front:
+                listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
                 listeners = await _listen(config)
+                if tls is not None:
+                    listeners = [trio.SSLListener(tcp, tls) for tcp in listeners]
                 ws_server = await front.start(
                     WebSocketServer(
                         handler,
@@ -303,7 +318,7 @@ async def _serve_connections(
                 # Among the services, so /readyz still answers (503, draining) while the
                 # connections drain, for the load balancer's sake.
                 admin_port: int | None = None
-                bound_url = f"ws://{config.server.host}:{port}{config.server.path}"
+                bound_url = f"{scheme}://{config.server.host}:{port}{config.server.path}"
                 public_url = config.server.public_url or bound_url
                 if config.admin.enabled:
                     admin_port = await services.start(
@@ -314,12 +329,12 @@ async def _serve_connections(
                 if handle_signals:
                     # before READY=1: a SIGTERM right after it must drain, not kill
                     await front.start(_cancel_on_signal, front.cancel_scope)
+                    if reload is not None:
+                        front.start_soon(reload)
                 logger.info(
-                    "instance %s listening on ws://%s:%d%s (store %s)",
+                    "instance %s listening on %s (store %s)",
                     hub.instance_id,
-                    config.server.host,
-                    port,
-                    config.server.path,
+                    bound_url,
                     hub.backend.url,
                 )
                 task_status.started(
@@ -331,12 +346,14 @@ async def _serve_connections(
                         admin_port,
                         config.admin.host,
                         operator=Operator(hub),
+                        tls=tls is not None,
+                        admin_tls=config.admin.tls_cert is not None,
                     )
                 )
                 if notifier is not None:
                     # The watchdog is fed only while the pump (and so Redis) is healthy.
                     services.start_soon(notifier.keep_alive, lambda: hub.pump_healthy)
-                    await notifier.ready(f"listening on ws://{config.server.host}:{port}")
+                    await notifier.ready(f"listening on {bound_url}")
         finally:
             # The accept loop is gone, so no new handshake can arrive. Ask the open sockets
             # to close themselves with 1001 (a cancelled handler would leave clients 1006),
@@ -350,6 +367,20 @@ async def _serve_connections(
             timeout = config.server.shutdown_timeout
             drain = max(timeout / 2, timeout - 3 * config.redis.command_timeout)
             handlers.cancel_scope.deadline = trio.current_time() + drain
+
+
+async def _reload_on_sighup(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load ``cert`` and ``key`` into ``context`` again on each SIGHUP: handshakes from then on
+    present the new certificate, and the connections made before keep theirs (a rotation
+    drops nobody). A pair that cannot be loaded is logged, and the old one kept."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                context.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("SIGHUP: TLS certificate not reloaded, the old one stays: %s", exc)
+            else:
+                logger.info("SIGHUP: TLS certificate reloaded from %s", cert)
 
 
 async def _listen(config: Config) -> list[trio.SocketListener]:

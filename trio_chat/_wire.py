@@ -3,7 +3,8 @@
 This is the one module that relies on trio-websocket internals (pinned to 0.12.x;
 ``tests/test_wire.py`` fails loudly if they change):
 
-- ``WebSocketConnection._stream`` is the connection's ``trio.SocketStream``;
+- ``WebSocketConnection._stream`` is the connection's ``trio.SocketStream`` (a
+  ``trio.SSLStream`` over one with ``server.tls_cert``);
 - ``WebSocketConnection._stream_lock`` serializes every write trio-websocket makes itself
   (pongs, pings, close frames), and ``_send`` is its only user;
 - ``WebSocketConnection._pings`` maps a ping's payload to the event its pong sets;
@@ -20,7 +21,10 @@ built once (:func:`text_frame`) and handed to each connection's :class:`FrameWri
 writes it with one non-blocking ``os.write`` when the socket can take it and nothing else is
 being written, with no task switch; otherwise it queues the frame for a drain task. A frame
 partly written that way is finished by the drain before anything else goes out: the drain
-inherits the stream lock, which is why ours can be handed from one task to another.
+inherits the stream lock, which is why ours can be handed from one task to another. Under TLS
+(``server.tls_cert``) the socket's bytes are the TLS stream's to make, so there is no direct
+write: every frame is queued for the drain, which sends what waits together through the stream
+(bench/README "TLS" measures the difference).
 """
 
 from __future__ import annotations
@@ -234,11 +238,11 @@ class FrameWriter:
 
     def __init__(self, ws: WebSocketConnection, limit: int) -> None:
         stream = ws._stream
-        if not isinstance(stream, trio.SocketStream):
-            raise TypeError(f"direct writes need a SocketStream, not {type(stream).__name__}")
         self._ws = ws
-        self._stream = stream
-        self._fd = stream.socket.fileno()
+        self._stream: trio.abc.Stream = stream
+        # Direct writes go to a plain socket's descriptor. Under TLS the bytes on the socket
+        # are the TLS stream's to make: every frame goes through it, by the drain task.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._lock = HandoffLock()
         ws._stream_lock = self._lock  # type: ignore[assignment]
         self._nursery: trio.Nursery | None = None  # where drains run, once attached
@@ -283,6 +287,12 @@ class FrameWriter:
             self._write(data)  # never over the limit: the queue was empty when they were held
 
     def _write(self, frame: bytes) -> bool:
+        if self._fd is None:  # TLS: through the stream
+            if self._queue is not None and len(self._queue) >= self._limit:
+                return False
+            self._enqueue(frame)
+            self._start_drain()
+            return True
         if not self._queue and self._ws.closed is None and self._lock.acquire_nowait():
             try:
                 sent = os.write(self._fd, frame)

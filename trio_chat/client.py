@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import random
+import ssl
 from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -197,24 +198,39 @@ async def open_client(
     subprotocols: list[str] | None = None,
     max_message_size: int = 1 << 20,
     connect_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ChatClient]:
     """Connect, wait for ``welcome``, and yield a :class:`ChatClient`; close on exit.
 
     The token goes in the ``Authorization`` header. Raises trio-websocket's
     ``ConnectionRejected`` (with ``status_code`` and the JSON ``body``) when refused.
 
+    ``wss://`` URLs speak TLS, checked with ``ssl_context`` (default: the system's CAs); a
+    certificate it does not trust raises ``trio.BrokenResourceError`` from the
+    ``ssl.SSLCertVerificationError``.
+
     The TCP stream is ours and always closed on exit: trio-websocket's own ``open_websocket``
     leaves it open when the server refuses the upgrade or closes first.
     """
     parts = urlsplit(url)
-    if parts.scheme != "ws" or parts.hostname is None:
-        raise ValueError(f"not a ws:// URL: {url!r}")
-    port = parts.port or 80
+    if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     extra = [(k.encode(), v.encode()) for k, v in headers or []]
     if token is not None:
         extra.append((b"Authorization", f"Bearer {token}".encode()))
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     stream = await trio.open_tcp_stream(parts.hostname, port)
+    if parts.scheme == "wss":
+        context = ssl_context or ssl.create_default_context()
+        stream = trio.SSLStream(stream, context, server_hostname=parts.hostname)
+        try:  # now, so that a certificate we do not trust fails here, not as a silent close
+            with trio.fail_after(connect_timeout):
+                await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
     try:
         with single_error():
             async with trio.open_nursery() as nursery:

@@ -146,6 +146,8 @@ async def serve_admin(
     settings.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     settings.errorlog = _server_logger  # a logger object: Hypercorn adds no handler of its own
     settings.include_server_header = False
+    if config.admin.tls_cert is not None and config.admin.tls_key is not None:
+        settings.certfile, settings.keyfile = config.admin.tls_cert, config.admin.tls_key
     if not config.admin.api_key:
         logger.warning("admin.api_key is not set: every /v1 request is refused with 401")
     # Starlette's ASGI type hints are looser than Hypercorn's; the protocol is the same.
