@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck check redis-server chromium systemd-analyze prometheus clean bench soak
+.PHONY: run test lint typecheck check redis-server chromium systemd-analyze prometheus nginx clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ prometheus:
 	  echo "prometheus not found: installing Debian's prometheus"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: $(STAMP) redis-server chromium systemd-analyze prometheus
+# tests/test_nginx.py runs Debian's nginx with config/nginx/trio-chat.conf.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  echo "nginx not found: installing Debian's nginx"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; }
+
+test: $(STAMP) redis-server chromium systemd-analyze prometheus nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

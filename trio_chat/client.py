@@ -301,9 +301,11 @@ class ReconnectingClient:
         min_delay: float = 0.05,
         max_delay: float = 5.0,
         inbox_size: float = math.inf,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self._token = token
+        self._ssl_context = ssl_context
         self._delays = (min_delay, max_delay)
         #: joined rooms -> the last message id seen in each (None: none yet)
         self.rooms: dict[str, str | None] = {}
@@ -469,11 +471,17 @@ class ReconnectingClient:
                 token = self._token if isinstance(self._token, str) else await self._token()
                 code = None
                 try:
-                    async with open_client(self.url, token) as chat:
+                    async with open_client(self.url, token, ssl_context=self._ssl_context) as chat:
                         delay = 0.0
                         code = await self._serve(chat, task_status if not started else None)
                         started = True
-                except (ConnectionClosed, OSError, ConnectionRejected, trio.TooSlowError) as exc:
+                except (
+                    ConnectionClosed,
+                    OSError,
+                    ConnectionRejected,
+                    trio.TooSlowError,
+                    trio.BrokenResourceError,  # (a TLS handshake that failed)
+                ) as exc:
                     if not started and isinstance(exc, ConnectionRejected):
                         raise  # the first connection tells the caller at once
                     logger.info("connection to %s lost or refused: %r", self.url, exc)
@@ -543,10 +551,11 @@ async def open_reconnecting_client(
     on exit, close it.
 
     Args:
-        url: the ``ws://`` URL.
+        url: the ``ws://`` (or ``wss://``) URL.
         token: a JWT, or an async function returning one, called before every connection
             (a token function also lets it reconnect after a 4401, token expired).
-        options: ``min_delay``/``max_delay`` (seconds) of the backoff, ``inbox_size``.
+        options: ``min_delay``/``max_delay`` (seconds) of the backoff, ``inbox_size``,
+            ``ssl_context`` (for ``wss://``).
 
     Raises:
         ConnectionRejected: the first connection was refused.

@@ -104,7 +104,7 @@ def trio_chat_server(
             def ready() -> bool:
                 text = log.read_text(errors="replace")
                 matches = [
-                    re.search(rf"instance {re.escape(i)} listening on (ws://\S+)", text)
+                    re.search(rf"instance {re.escape(i)} listening on (wss?://\S+)", text)
                     for i in ids
                 ]
                 if not all(matches):
