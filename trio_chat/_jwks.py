@@ -158,7 +158,7 @@ class Jwks:
                     if len(body) > MAX_BYTES:
                         raise JwksError(f"over {MAX_BYTES} bytes")
             self._by_kid, self._unnamed = parse_key_set(bytes(body), self._algorithms)
-        except (httpx.HTTPError, JwksError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, JwksError) as exc:
             logger.warning(
                 "jwks: %s: %s; %s",
                 self.url,
