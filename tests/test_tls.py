@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 import trustme
-from _chat import ADMIN, SECRET, make_config, make_token, start
+from _chat import ADMIN, SECRET, make_config, make_token, spawn, start
 from _redis_server import free_port
 
 from trio_chat._config import ConfigError, load_config
@@ -152,3 +152,18 @@ def test_a_certificate_that_cannot_be_loaded_is_refused_at_start(ca, tmp_path, f
     }
     with pytest.raises(ConfigError, match=message):
         load_config(env=env)
+
+
+async def test_sighup_without_tls_stops_nothing(tmp_path):
+    # the unit's ExecReload sends SIGHUP whatever the configuration: it must not kill
+    process, _ = await spawn(tmp_path / "serve.log", "memory://", "plain-1")
+    try:
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while b"nothing to reload" not in (tmp_path / "serve.log").read_bytes():
+                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                await trio.sleep(0.05)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0

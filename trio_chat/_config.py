@@ -136,7 +136,7 @@ class ServerConfig:
     #: socket that sends half a request (slowloris) holds its memory no longer than this
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: the WebSocket URL pages and demo tokens point clients to; None: ``ws://<host>:<port><path>``
-    #: (behind a proxy, set the public one)
+    #: (``wss://`` with TLS; behind a proxy, set the public one)
     public_url: str | None = attrs.field(default=None, validator=_ws_url)
     #: networks (CIDR) of the proxies in front: from a peer in one of them, the session's
     #: ``remote`` is the client's address in ``X-Forwarded-For``

@@ -285,10 +285,9 @@ async def _serve_connections(
 ) -> None:
     """Accept until cancelled or signalled, then drain the connections (1001, deadline)."""
     server = config.server
-    tls, reload = None, None
+    tls = None
     if server.tls_cert is not None and server.tls_key is not None:
         tls = tls_context(server.tls_cert, server.tls_key)
-        reload = partial(_reload_on_sighup, tls, server.tls_cert, server.tls_key)
     scheme = "ws" if tls is None else "wss"
     async with trio.open_nursery() as handlers:
         try:
@@ -329,8 +328,7 @@ async def _serve_connections(
                 if handle_signals:
                     # before READY=1: a SIGTERM right after it must drain, not kill
                     await front.start(_cancel_on_signal, front.cancel_scope)
-                    if reload is not None:
-                        front.start_soon(reload)
+                    front.start_soon(_reload_on_sighup, tls, server.tls_cert, server.tls_key)
                 logger.info(
                     "instance %s listening on %s (store %s)",
                     hub.instance_id,
@@ -369,12 +367,18 @@ async def _serve_connections(
             handlers.cancel_scope.deadline = trio.current_time() + drain
 
 
-async def _reload_on_sighup(context: ssl.SSLContext, cert: str, key: str) -> None:
+async def _reload_on_sighup(
+    context: ssl.SSLContext | None, cert: str | None, key: str | None
+) -> None:
     """Load ``cert`` and ``key`` into ``context`` again on each SIGHUP: handshakes from then on
     present the new certificate, and the connections made before keep theirs (a rotation
-    drops nobody). A pair that cannot be loaded is logged, and the old one kept."""
+    drops nobody). A pair that cannot be loaded is logged, and the old one kept. Without TLS
+    there is nothing to reload, and SIGHUP (``systemctl reload``) still stops nothing."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            if context is None or cert is None or key is None:
+                logger.info("SIGHUP: nothing to reload (no server.tls_cert)")
+                continue
             try:
                 context.load_cert_chain(cert, key)
             except (OSError, ssl.SSLError) as exc:
