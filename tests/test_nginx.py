@@ -1,6 +1,6 @@
 """config/nginx/trio-chat.conf in front of two ``trio-chat serve`` instances, with Debian's
-nginx (``make test`` installs it when missing; this skips, saying so, only where it is not on
-PATH): TLS terminated by nginx, reconnecting clients through it, one instance drained with
+nginx (``make test`` installs it when missing; without it the test fails, saying so):
+TLS terminated by nginx, reconnecting clients through it, one instance drained with
 SIGTERM. Every client comes back through nginx on the other instance, nothing acknowledged is
 lost, and the sessions log the clients' addresses from ``X-Forwarded-For``."""
 
@@ -67,7 +67,7 @@ async def test_clients_through_nginx_come_back_on_the_other_instance_after_a_dra
 ):
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if nginx is None:
-        pytest.skip("nginx is not on PATH (`make test` installs Debian's nginx)")
+        pytest.fail("nginx is not on PATH: `make test` installs Debian's nginx")
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
