@@ -1013,7 +1013,10 @@ def forwarded_client(
     it was written by the client itself and proves nothing. None when the peer is not trusted,
     the header is missing, or an entry read is not an IP address.
     """
-    if not _within(peer, proxies):
+    try:
+        if not _trusted(ipaddress.ip_address(peer), proxies):
+            return None
+    except ValueError:
         return None
     forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
     hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",") if hop.strip()]
@@ -1022,17 +1025,15 @@ def forwarded_client(
             address = ipaddress.ip_address(hop)
         except ValueError:
             return None
-        if not any(address in network for network in proxies):
+        if not _trusted(address, proxies):
             return str(address)
     return hops[0] if hops else None  # every hop a proxy of ours: the first one
 
 
-def _within(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(parsed in network for network in networks)
+def _trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: Sequence[Network]
+) -> bool:
+    return any(address in network for network in proxies)
 
 
 async def _reject(request: WebSocketRequest, error: AuthError) -> None:

@@ -305,13 +305,13 @@ class RedisBackend:
     ) -> None:
         #: the URL without its password
         self.url = without_password(url)
-        self._secret_url = url
         self._nursery = nursery  # holds the sender task
         self._timeout = command_timeout
         self._ping_interval = ping_interval
         self._sharded = sharded  # a node of a cluster: shard channels are SPUBLISHed
         try:
-            self._server = resp.target(self._new_client())
+            # coredis reads the URL (no I/O): where to connect and how to log in
+            self._server = resp.target(make_client(url, timeout=command_timeout))
         except ValueError as exc:  # e.g. a port or db that is not a number
             raise ConfigError(f"redis.url: {exc}") from exc
         self._connection: resp.Connection | None = None
@@ -319,9 +319,6 @@ class RedisBackend:
         self._queued: deque[_Queued] = deque()
         self._wake = trio.Event()  # set when a batch is queued
         self._sending = False  # the sender task runs; execute() fails at once without it
-
-    def _new_client(self, **options: Any) -> coredis.Redis[str]:
-        return make_client(self._secret_url, timeout=self._timeout, **options)
 
     async def _open(self) -> None:
         await self._round_trip([["PING"]])
