@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from trio_chat._store.interface import Backend, Batch
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import trustme
 
     from trio_chat.client import ChatClient
 
@@ -107,6 +110,23 @@ async def spawn(
     return process, match.group(1)
 
 
+def tls_files(ca: trustme.CA, directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost issued by ``ca``, as PEM files (the chain,
+    the key) in ``directory``: written again, a call gives the same paths a new certificate."""
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    return cert, key
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A client's TLS context that trusts ``ca``."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
 async def closed_with(chat: ChatClient) -> tuple[list[dict[str, Any]], int]:
     """Read until the server closes; return the frames read and the close code."""
     frames = []
@@ -130,4 +150,6 @@ __all__ = [
     "snapshot",
     "spawn",
     "start",
+    "tls_files",
+    "trusting",
 ]

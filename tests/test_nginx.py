@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from _chat import make_token, spawn
+from _chat import make_token, spawn, tls_files, trusting
 from _redis_server import free_port
 from trio_websocket import ConnectionClosed
 
@@ -69,12 +68,8 @@ async def test_clients_through_nginx_come_back_on_the_other_instance_after_a_dra
     if nginx is None:
         pytest.fail("nginx is not on PATH: `make test` installs Debian's nginx")
     ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    issued.private_key_pem.write_to_path(str(key))
-    cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+    cert, key = tls_files(ca, tmp_path)
+    context = trusting(ca)
 
     config = tmp_path / "instances.toml"
     config.write_text('[server]\ntrusted_proxies = ["127.0.0.1"]\n[limits]\nsend_rate = 1000\n')

@@ -10,20 +10,16 @@ import signal
 import ssl
 import subprocess
 import sys
-from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import trio
 import trustme
-from _chat import ADMIN, SECRET, make_config, make_token, spawn, start
+from _chat import ADMIN, SECRET, make_config, make_token, spawn, start, tls_files, trusting
 from _redis_server import free_port
 
 from trio_chat._config import ConfigError, load_config
 from trio_chat.client import open_client
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 @pytest.fixture(scope="module")
@@ -31,31 +27,14 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def _files(ca: trustme.CA, directory: Path, name: str = "server") -> tuple[Path, Path]:
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    issued.private_key_pem.write_to_path(str(key))
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    for extra in issued.cert_chain_pems[1:]:
-        with cert.open("ab") as chain:
-            chain.write(extra.bytes())
-    return cert, key
-
-
-def _client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 async def test_wss_carries_the_chat_and_the_admin_api_speaks_https(ca, tmp_path, nursery):
-    cert, key = _files(ca, tmp_path)
+    cert, key = tls_files(ca, tmp_path)
     tls = {"tls_cert": str(cert), "tls_key": str(key)}
     limits = {"send_rate": 1000, "send_burst": 1000}
     config = make_config(server=tls, admin={**ADMIN, **tls}, limits=limits)
     server = await start(nursery, config)
     assert server.url.startswith("wss://")
-    context = _client_context(ca)
+    context = trusting(ca)
     with trio.fail_after(10):
         async with (
             open_client(server.url, make_token("alice"), ssl_context=context) as alice,
@@ -79,7 +58,7 @@ async def test_wss_carries_the_chat_and_the_admin_api_speaks_https(ca, tmp_path,
 
 
 async def test_sighup_loads_a_new_certificate_and_keeps_the_connections(ca, tmp_path):
-    cert, key = _files(ca, tmp_path)
+    cert, key = tls_files(ca, tmp_path)
     config = tmp_path / "tls.toml"
     config.write_text(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
     log = tmp_path / "serve.log"
@@ -101,7 +80,7 @@ async def test_sighup_loads_a_new_certificate_and_keeps_the_connections(ca, tmp_
     ]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, env=environ, stderr=sink)
-    url, context = f"wss://127.0.0.1:{port}/", _client_context(ca)
+    url, context = f"wss://127.0.0.1:{port}/", trusting(ca)
 
     def served(client) -> bytes:
         """The certificate the server presented to ``client`` (DER)."""
@@ -115,7 +94,7 @@ async def test_sighup_loads_a_new_certificate_and_keeps_the_connections(ca, tmp_
             async with open_client(url, make_token("alice"), ssl_context=context) as alice:
                 await alice.join("room")
                 first = served(alice)
-                _files(ca, tmp_path)  # a new certificate in the same files
+                tls_files(ca, tmp_path)  # a new certificate in the same files
                 process.send_signal(signal.SIGHUP)
                 while b"reloaded" not in log.read_bytes():
                     await trio.sleep(0.05)
@@ -143,7 +122,7 @@ async def test_sighup_loads_a_new_certificate_and_keeps_the_connections(ca, tmp_
     ],
 )
 def test_a_certificate_that_cannot_be_loaded_is_refused_at_start(ca, tmp_path, fields, message):
-    cert, key = _files(ca, tmp_path)
+    cert, key = tls_files(ca, tmp_path)
     env = {
         f"TRIO_CHAT_SERVER_{name.upper()}": value.replace("CERT", str(cert)).replace(
             "KEY", str(key)
